@@ -1,0 +1,275 @@
+"""Typed model configurations, named presets and their JSON form.
+
+A config is plain data: every choice (head type, presets) is a string or a number, so a run folder's
+``config.json`` fully describes the model beside its safetensors weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from .errors import ConfigError
+
+C = TypeVar("C", bound="_Config")
+
+
+class _Config:
+    """JSON (de)serialisation shared by all configs; ``kind`` names the model family on disk."""
+
+    kind: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if isinstance(value, _Config) else value
+        return out
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        data = dict(data)
+        kind = data.pop("kind", cls.kind)
+        if kind != cls.kind:
+            raise ConfigError(f"config is for a {kind!r} model, expected {cls.kind!r}")
+        known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(known)}")
+        if "autoencoder" in data and isinstance(data["autoencoder"], dict):
+            data["autoencoder"] = AutoencoderConfig.from_dict(data["autoencoder"])
+        return cls(**data)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def replace(self: C, **changes: Any) -> C:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+@dataclass
+class AutoencoderConfig(_Config):
+    """The chunk autoencoder of paper §2: K tokens <-> one latent vector of size ``latent_size``."""
+
+    kind: ClassVar[str] = "autoencoder"
+
+    vocab_size: int = 8192
+    chunk_size: int = 4  # K, tokens per latent vector
+    hidden_size: int = 512
+    intermediate_size: int = 1280
+    latent_size: int = 128
+    num_encoder_layers: int = 2  # half before the squeeze, half after
+    num_decoder_layers: int = 2  # half before the expand, half after
+    rms_norm_eps: float = 1e-6
+    kl_weight: float = 1e-3  # beta
+    kl_clamp: float = 0.5  # per-dimension KL floor against posterior collapse
+    token_dropout: float = 0.15  # probability of replacing an input token by mask_token_id
+    latent_dropout: float = 0.15  # dropout on z
+    mask_token_id: int = 0
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "chunk_size", "hidden_size", "intermediate_size", "latent_size")
+        if self.num_encoder_layers < 2 or self.num_encoder_layers % 2 or self.num_decoder_layers < 2 or self.num_decoder_layers % 2:
+            raise ConfigError("num_encoder_layers and num_decoder_layers must be even and >= 2 "
+                              "(half run before the squeeze/expand, half after)")
+        for name in ("token_dropout", "latent_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ConfigError(f"mask_token_id {self.mask_token_id} outside the vocabulary [0, {self.vocab_size})")
+
+
+@dataclass
+class BackboneConfig(_Config):
+    """The Llama-style decoder shared by CALM and the baseline."""
+
+    vocab_size: int = 8192
+    hidden_size: int = 512
+    intermediate_size: int = 1376
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048  # in backbone positions: chunks for CALM, tokens for the baseline
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                  "num_kv_heads", "max_position_embeddings")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ConfigError("the head dimension hidden_size/num_heads must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class BaselineConfig(BackboneConfig):
+    """A standard next-token Transformer: the discrete counterpart CALM is compared with."""
+
+    kind: ClassVar[str] = "baseline"
+
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+
+@dataclass
+class CALMConfig(BackboneConfig):
+    """The next-vector model of paper §3: backbone over chunks + energy generative head + frozen autoencoder."""
+
+    kind: ClassVar[str] = "calm"
+
+    chunk_size: int = 4  # K; must equal the autoencoder's
+    latent_size: int = 128  # l; must equal the autoencoder's
+    head: str = "energy"
+    noise_size: int = 64
+    num_head_blocks: int = 4  # residual MLP blocks of the generative head
+    num_samples: int = 8  # N model samples per position for the energy loss
+    num_targets: int = 100  # M targets drawn from the autoencoder posterior
+    energy_alpha: float = 1.0  # exponent of the distances in the energy score, in (0, 2)
+    layer_norm_eps: float = 1e-6  # LayerNorms of the input compression and of the head
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "chunk_size", "latent_size", "noise_size", "num_head_blocks", "num_samples", "num_targets")
+        if self.head != "energy":
+            raise ConfigError(f"unknown generative head {self.head!r}; available: 'energy'")
+        if self.num_samples < 2:
+            raise ConfigError("num_samples must be >= 2: the energy score's diversity term needs two samples")
+        if not 0.0 < self.energy_alpha < 2.0:
+            raise ConfigError(f"energy_alpha must be in (0, 2) for a strictly proper score, got {self.energy_alpha}")
+        if isinstance(self.autoencoder, dict):
+            self.autoencoder = AutoencoderConfig.from_dict(self.autoencoder)
+        check_compatible(self, self.autoencoder)
+
+
+def check_compatible(model: CALMConfig, ae: AutoencoderConfig) -> None:
+    """A CALM model only works with an autoencoder of the same K, latent size and vocabulary."""
+    problems = []
+    if model.chunk_size != ae.chunk_size:
+        problems.append(f"chunk size K: model {model.chunk_size}, autoencoder {ae.chunk_size}")
+    if model.latent_size != ae.latent_size:
+        problems.append(f"latent size: model {model.latent_size}, autoencoder {ae.latent_size}")
+    if model.vocab_size != ae.vocab_size:
+        problems.append(f"vocabulary: model {model.vocab_size}, autoencoder {ae.vocab_size}")
+    if problems:
+        raise ConfigError("the CALM model does not match its autoencoder (" + "; ".join(problems) + "). "
+                          "Train the model with this autoencoder's chunk_size/latent_size/vocab_size, "
+                          "or pass the autoencoder it was built for.")
+
+
+def _positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{type(cfg).__name__}.{name} must be positive, got {getattr(cfg, name)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Presets. The paper's shapes (Table 1) use the Llama 3 vocabulary of 128256 tokens; head counts for
+# the L/XL sizes are not published and do not change parameters or FLOPs.
+
+LLAMA3_VOCAB = 128256
+
+AUTOENCODER_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(vocab_size=LLAMA3_VOCAB),  # 75M parameters, l=128, K=4
+    "default": dict(),  # paper shape with an 8192 BPE vocabulary
+    "small": dict(hidden_size=256, intermediate_size=640, latent_size=64),
+    "debug": dict(hidden_size=64, intermediate_size=128, latent_size=16, vocab_size=512),
+}
+
+_S = dict(hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=16, num_kv_heads=16)
+_M = dict(hidden_size=1024, intermediate_size=2752, num_layers=16, num_heads=16, num_kv_heads=16)
+_L = dict(hidden_size=1536, intermediate_size=4096, num_layers=16, num_heads=16, num_kv_heads=16)
+_XL = dict(hidden_size=2560, intermediate_size=6880, num_layers=16, num_heads=20, num_kv_heads=20)
+_SMALL = dict(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=4)
+_DEBUG = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=4,
+              max_position_embeddings=256)
+
+BASELINE_PRESETS: dict[str, dict[str, Any]] = {
+    "transformer-s": dict(_S, vocab_size=LLAMA3_VOCAB),  # 281M
+    "transformer-m": dict(_M, vocab_size=LLAMA3_VOCAB),  # 465M
+    "transformer-l": dict(_L, vocab_size=LLAMA3_VOCAB),  # 849M
+    "base": dict(hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, num_kv_heads=8),
+    "small": dict(_SMALL),
+    "debug": dict(_DEBUG, vocab_size=512),
+}
+
+CALM_PRESETS: dict[str, dict[str, Any]] = {
+    "calm-m": dict(_M, vocab_size=LLAMA3_VOCAB, autoencoder="paper"),  # 371M (+75M autoencoder)
+    "calm-l": dict(_L, vocab_size=LLAMA3_VOCAB, autoencoder="paper"),  # 735M
+    "calm-xl": dict(_XL, vocab_size=LLAMA3_VOCAB, autoencoder="paper"),  # 1.82B
+    "base": dict(hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, num_kv_heads=8,
+                 autoencoder="default"),
+    "small": dict(_SMALL, latent_size=64, noise_size=32, num_head_blocks=2, autoencoder="small"),
+    "debug": dict(_DEBUG, vocab_size=512, latent_size=16, noise_size=16, num_head_blocks=2, autoencoder="debug"),
+}
+
+
+def _preset(table: dict[str, dict[str, Any]], name: str, what: str) -> dict[str, Any]:
+    key = name.lower()
+    if key not in table:
+        raise ConfigError(f"unknown {what} preset {name!r}; available: {', '.join(sorted(table))}")
+    return dict(table[key])
+
+
+def autoencoder_preset(name: str, **overrides: Any) -> AutoencoderConfig:
+    return AutoencoderConfig(**{**_preset(AUTOENCODER_PRESETS, name, "autoencoder"), **overrides})
+
+
+def baseline_preset(name: str, **overrides: Any) -> BaselineConfig:
+    return BaselineConfig(**{**_preset(BASELINE_PRESETS, name, "baseline"), **overrides})
+
+
+def calm_preset(name: str, autoencoder: AutoencoderConfig | None = None, **overrides: Any) -> CALMConfig:
+    """A CALM preset; its autoencoder defaults to the matching autoencoder preset (same K, l, vocab)."""
+    values = _preset(CALM_PRESETS, name, "CALM")
+    ae_name = values.pop("autoencoder")
+    values.update(overrides)
+    if autoencoder is None:
+        ae_over = {k: values[k] for k in ("vocab_size", "chunk_size", "latent_size") if k in values}
+        autoencoder = autoencoder_preset(ae_name, **ae_over)
+    values.setdefault("chunk_size", autoencoder.chunk_size)
+    values.setdefault("latent_size", autoencoder.latent_size)
+    values.setdefault("vocab_size", autoencoder.vocab_size)
+    return CALMConfig(autoencoder=autoencoder, **values)
+
+
+CONFIG_CLASSES: dict[str, type[_Config]] = {
+    "autoencoder": AutoencoderConfig,
+    "calm": CALMConfig,
+    "baseline": BaselineConfig,
+}
+
+
+def config_from_dict(data: dict[str, Any]) -> AutoencoderConfig | CALMConfig | BaselineConfig:
+    kind = data.get("kind")
+    if kind not in CONFIG_CLASSES:
+        raise ConfigError(f"config has no known 'kind' (got {kind!r}); expected one of {sorted(CONFIG_CLASSES)}")
+    return CONFIG_CLASSES[kind].from_dict(data)  # type: ignore[return-value]
+
+
+def load_config(path: str | Path) -> AutoencoderConfig | CALMConfig | BaselineConfig:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no config file at {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); the file is corrupt") from None
+    return config_from_dict(data)
