@@ -1,0 +1,42 @@
+"""The discrete baseline: the same backbone over tokens with an LM head, trained by cross-entropy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .autoencoder import ModelOutput
+from .backbone import KVCache, Transformer
+from .config import BaselineConfig
+from .layers import init_linear_and_embedding
+
+
+class BaselineLM(nn.Module):
+    def __init__(self, config: BaselineConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = Transformer(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        init_linear_and_embedding(self, config.initializer_range)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embed_tokens.weight
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        return self.backbone(self.backbone.embed_tokens(input_ids), cache)
+
+    def logits(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, V) next-token logits."""
+        return self.lm_head(self.hidden_states(input_ids, cache))
+
+    def forward(self, input_ids: torch.Tensor) -> ModelOutput:
+        logits = self.logits(input_ids[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), input_ids[:, 1:].flatten())
+        return ModelOutput(loss, {"ce": loss.detach()})
+
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """See :func:`calmlm.generation.generate`."""
+        from .generation import generate
+        return generate(self, input_ids, **kwargs)

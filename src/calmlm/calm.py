@@ -1,0 +1,98 @@
+"""The CALM next-vector language model (paper §3).
+
+Each step reads the previous chunks as *discrete* tokens (the K token embeddings of a chunk are
+concatenated and compressed by an MLP into one input vector), the backbone emits a hidden state, and the
+generative head draws the next chunk's latent in one step. The frozen autoencoder is part of the model:
+its encoder gives the training targets, its decoder turns generated latents back into K tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .autoencoder import Autoencoder, ModelOutput
+from .backbone import KVCache, Transformer
+from .config import CALMConfig, check_compatible
+from .errors import ConfigError
+from .heads import HEADS
+from .layers import init_linear_and_embedding
+from .losses import energy_loss
+
+
+class CALM(nn.Module):
+    def __init__(self, config: CALMConfig, autoencoder: Autoencoder | None = None) -> None:
+        super().__init__()
+        self.config = config
+        d, k = config.hidden_size, config.chunk_size
+        self.backbone = Transformer(config)
+        self.input_proj = nn.Sequential(  # K*d -> 2d -> d, then LayerNorm
+            nn.Linear(k * d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d), nn.LayerNorm(d, eps=config.layer_norm_eps))
+        self.head = HEADS[config.head](config)
+        init_linear_and_embedding(self, config.initializer_range)
+        self.head.zero_init_output()
+        if autoencoder is None:
+            autoencoder = Autoencoder(config.autoencoder)
+        else:
+            check_compatible(config, autoencoder.config)
+        self.autoencoder = autoencoder
+        self.autoencoder.requires_grad_(False)
+        self.autoencoder.eval()
+
+    def train(self, mode: bool = True) -> "CALM":
+        super().train(mode)
+        self.autoencoder.eval()  # frozen: no dropout, no masking, ever
+        return self
+
+    # -- public computations ------------------------------------------------------------------------
+    def embed_chunks(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, N*K) ids -> (B, N, d) compressed chunk input vectors."""
+        b, length = input_ids.shape
+        k = self.config.chunk_size
+        if length % k:
+            raise ConfigError(f"CALM input length {length} is not a multiple of K={k}")
+        e = self.backbone.embed_tokens(input_ids).view(b, length // k, -1)  # (B, N, K*d), chunk tokens in order
+        return self.input_proj(e)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """(B, N*K) ids -> (B, N, d) backbone hidden states (after the final norm) at every chunk."""
+        return self.backbone(self.embed_chunks(input_ids), cache)
+
+    def sample_latents(self, hidden: torch.Tensor, num_samples: int | None = None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.head.sample(hidden, num_samples, generator)
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., l) -> (..., K) token ids (argmax of the frozen decoder)."""
+        return self.autoencoder.decode_tokens(z.to(self.autoencoder.decoder.expand_layer.weight.dtype))
+
+    def sample_chunks(self, hidden: torch.Tensor, num_samples: int | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Black-box sampler of the next chunk: hidden (..., d) -> tokens (..., K) or (S, ..., K)."""
+        return self.decode_latents(self.sample_latents(hidden, num_samples, generator))
+
+    # -- training -------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, noise: torch.Tensor | None = None,
+                target_eps: torch.Tensor | None = None) -> ModelOutput:
+        """Energy loss for predicting chunks 1..N-1 from the hidden states of chunks 0..N-2.
+
+        ``noise`` (S, B*(N-1), noise_size) and ``target_eps`` (M, B*(N-1), l) pin the random draws
+        (rows batch-major), e.g. to compare with the reference implementation."""
+        cfg = self.config
+        hidden = self.hidden_states(input_ids)[:, :-1]  # (B, N-1, d)
+        with torch.no_grad():
+            mean, log_std = self.autoencoder.encode(input_ids)
+        mean, log_std = mean[:, 1:].flatten(0, 1), log_std[:, 1:].flatten(0, 1)  # (P, l)
+        hidden = hidden.flatten(0, 1)  # (P, d)
+        if noise is None:
+            noise = self.head.noise((cfg.num_samples, hidden.shape[0]), hidden.device, hidden.dtype)
+        x = self.head(hidden, noise)  # (S, P, l)
+        loss = energy_loss(x, mean, log_std, cfg.num_targets, cfg.energy_alpha, target_eps)
+        return ModelOutput(loss, {"energy_loss": loss.detach()})
+
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """See :func:`calmlm.generation.generate`."""
+        from .generation import generate
+        return generate(self, input_ids, **kwargs)
