@@ -1,0 +1,80 @@
+"""`calm generate`: stream text from a CALM model or the baseline."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ..errors import CalmError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from a CALM or baseline checkpoint",
+                       description="Generate text, streaming it as chunks are produced. CALM prompts whose length "
+                                   "is not a multiple of K are left-padded with EOS.")
+    p.add_argument("--model", required=True, help="checkpoint folder (native or reference format) or Hub repo id")
+    p.add_argument("--prompt", default="", help="prompt text (default: empty)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="CALM: in (0, 1], likelihood-free; baseline: softmax temperature, 0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="baseline only")
+    p.add_argument("--sampler", choices=["batch", "exact"], default="batch", help="CALM temperature sampler (T<1)")
+    p.add_argument("--pool-size", type=int, default=200, help="CALM batch sampler: draws per step")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file/folder if the checkpoint has none")
+    p.set_defaults(func=run)
+
+
+def load_model_and_tokenizer(path: str, device: str | None = None, tokenizer: str | None = None):
+    from ..loading import load
+    from ..tokenizer import Tokenizer
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.startswith("cuda") else None
+    model = load(path, device=dev, dtype=dtype)
+    tok = Tokenizer.load(tokenizer) if tokenizer else getattr(model, "tokenizer", None)
+    if tok is None:
+        raise CalmError(f"{path} holds no tokenizer; pass --tokenizer PATH (tokenizer.json or tokenizer.model)")
+    return model.eval(), tok
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..generation import iter_generate
+
+    model, tok = load_model_and_tokenizer(args.model, args.device, args.tokenizer)
+    if model.config.kind == "autoencoder":
+        raise CalmError(f"{args.model} is an autoencoder; generation needs a CALM or baseline model")
+    prompt = tok.encode(args.prompt)
+    stream = args.num_samples == 1  # several samples are printed one after another at the end
+    rows: list[list[int]] = [[] for _ in range(args.num_samples)]
+    printed = ""
+    eos = model.config.eos_token_id if model.config.eos_token_id is not None else tok.eos_id
+    if stream:
+        sys.stdout.write(args.prompt)
+    for new in iter_generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             sampler=args.sampler, pool_size=args.pool_size, num_samples=args.num_samples,
+                             eos_token_id=eos, seed=args.seed):
+        for row, toks in zip(rows, new.tolist()):
+            row.extend(toks)
+        if stream:
+            text = tok.decode(_until_eos(rows[0], eos))
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    if stream:
+        sys.stdout.write("\n")
+    else:
+        for i, row in enumerate(rows):
+            print(f"--- sample {i + 1} ---")
+            print(args.prompt + tok.decode(_until_eos(row, eos)))
+    return 0
+
+
+def _until_eos(ids: list[int], eos: int | None) -> list[int]:
+    if eos is not None and eos in ids:
+        return ids[: ids.index(eos)]
+    return ids
