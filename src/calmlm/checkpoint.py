@@ -1,0 +1,513 @@
+"""Native checkpoints: a directory with ``config.json`` + safetensors weights (+ tokenizer, + training state).
+
+Layout::
+
+    config.json                         model config (its "kind": autoencoder | calm | baseline) + metadata
+    model.safetensors                   all weights, or when larger than max_shard_size:
+    model-00001-of-0000N.safetensors    shards, with model.safetensors.index.json (Hugging Face index format)
+    tokenizer.json, tokenizer_config.json   when a tokenizer was given
+    trainer_state.json, optimizer.pt, rng_state.pt   when saved by the trainer (exact resume)
+
+Every save writes a hidden temporary sibling directory, fsyncs it, and renames it into place (an existing
+checkpoint is renamed aside first and deleted last), so a crash never leaves a half-written checkpoint.
+Tied weights (e.g. the baseline's ``lm_head.weight`` = ``backbone.embed_tokens.weight``) are stored once
+and re-tied on load. A CALM checkpoint holds its frozen autoencoder under ``autoencoder.*``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng_state.pt"
+REFERENCE_WEIGHTS = "pytorch_model.bin"
+DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
+KIND_NAMES = {"autoencoder": "an autoencoder", "calm": "a CALM", "baseline": "a baseline"}
+
+
+# -- atomic directory writes ---------------------------------------------------------------------------
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes the renames inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; durability is best effort there
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def _stale_siblings(directory: Path) -> list[Path]:
+    parent = directory.parent
+    if not parent.is_dir():
+        return []
+    prefixes = (f".{directory.name}.tmp-", f".{directory.name}.old-")
+    return [p for p in parent.iterdir() if p.name.startswith(prefixes)]
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | Path) -> Iterator[Path]:
+    """Yield an empty hidden temporary directory; on success it replaces ``directory`` atomically.
+
+    On an exception the temporary directory is deleted and ``directory`` is left as it was."""
+    directory = Path(directory).expanduser().absolute()
+    parent = directory.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create the checkpoint folder {parent} ({e.strerror}); "
+                              "choose a writable output directory") from None
+    if not os.access(parent, os.W_OK):
+        raise CheckpointError(f"{parent} is not writable, so no checkpoint can be saved there; "
+                              "choose a writable output directory")
+    for stale in _stale_siblings(directory):  # leftovers of an earlier crash
+        if stale.name.startswith(f".{directory.name}.old-") and not directory.exists():
+            stale.rename(directory)  # the crash hit between the two renames: the old one is the latest
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = parent / f".{directory.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        old = parent / f".{directory.name}.old-{tag}"
+        if directory.exists():
+            directory.rename(old)
+        tmp.rename(directory)
+        _fsync_path(parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# -- saving ----------------------------------------------------------------------------------------------
+
+def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor stored once (safetensors refuses aliases).
+
+    Identical aliases (tied weights) keep their first name; the model built from the config re-ties them on
+    load. Other overlapping views are copied, so the file never depends on memory sharing."""
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    storages: set[int] = set()
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            continue
+        seen[key] = name
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and (ptr in storages or not t.is_contiguous()):
+            t = t.contiguous().clone()
+        storages.add(ptr)
+        out[name] = t.cpu() if t.device.type != "cpu" else t
+    return out
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[dict[str, torch.Tensor]]:
+    """Greedy split in key order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def write_weights(model: nn.Module, directory: Path, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> None:
+    """Write the weights into an existing directory (not atomic by itself; see ``save_model``)."""
+    from safetensors.torch import save_file
+
+    if max_shard_size <= 0:
+        raise CheckpointError(f"max_shard_size must be positive, got {max_shard_size}")
+    tensors = _unique_state_dict(model)
+    shards = _shards(tensors, max_shard_size)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / WEIGHTS_FILE), metadata=meta)
+        return
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file(shard, str(directory / name), metadata=meta)
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    _write_json(directory / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def save_model(model: nn.Module, directory: str | Path, tokenizer: Any = None,
+               metadata: dict[str, Any] | None = None, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+               training_state: dict[str, Any] | None = None) -> Path:
+    """Save ``model`` (its config, weights, optionally a tokenizer) as a checkpoint directory, atomically.
+
+    ``metadata`` is merged into ``config.json`` (model config keys win). ``training_state`` holds the keyword
+    arguments of :func:`save_training_state`, written in the same atomic step."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise CheckpointError(f"{type(model).__name__} has no calmlm config (.config.to_dict()); only calmlm "
+                              "models (autoencoder, CALM, baseline) can be saved as checkpoints")
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        _write_json(tmp / CONFIG_FILE, {**(metadata or {}), **config.to_dict()})
+        write_weights(model, tmp, max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if training_state is not None:
+            save_training_state(tmp, **training_state)
+    return directory
+
+
+# -- loading ---------------------------------------------------------------------------------------------
+
+def _did_you_mean(directory: Path) -> str:
+    """A hint for a directory that is not a checkpoint: a checkpoint inside it, or an interrupted save."""
+    candidates = []
+    if directory.is_dir():
+        candidates = [p for p in sorted(directory.iterdir()) if p.is_dir() and (p / CONFIG_FILE).is_file()]
+    for stale in _stale_siblings(directory):
+        if stale.name.startswith(f".{directory.name}.old-") and (stale / CONFIG_FILE).is_file():
+            return f"; a save was interrupted and the previous checkpoint is at {stale} (rename it to {directory.name})"
+    if candidates:  # a run folder: its latest checkpoint lives in ./checkpoint
+        best = next((c for c in candidates if c.name == "checkpoint"), candidates[0])
+        return f"; did you mean {best}?"
+    return ""
+
+
+def is_checkpoint(directory: str | Path) -> bool:
+    d = Path(directory)
+    return (d / CONFIG_FILE).is_file() and ((d / WEIGHTS_FILE).is_file() or (d / INDEX_FILE).is_file())
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a checkpoint, with clear errors for a missing or corrupt one."""
+    directory = Path(directory).expanduser()
+    if not directory.exists():
+        raise CheckpointError(f"no checkpoint at {directory}: the directory does not exist{_did_you_mean(directory)}")
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is a file, not a checkpoint directory; pass the folder holding "
+                              "config.json and model.safetensors")
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        if (directory / REFERENCE_WEIGHTS).is_file():
+            raise CheckpointError(f"{directory} holds a reference-format checkpoint ({REFERENCE_WEIGHTS}), not a "
+                                  "native calmlm one; load it with calmlm.load, which detects the format")
+        hint = _did_you_mean(directory) or "; pass a folder written by calmlm (config.json + model.safetensors)"
+        raise CheckpointError(f"{directory} is not a calmlm checkpoint (no {CONFIG_FILE}){hint}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt (not valid JSON: {e}); restore it or re-save the checkpoint") from None
+    if not isinstance(data, dict) or "kind" not in data:
+        raise CheckpointError(f"{path} has no model 'kind'; it is not a calmlm config (expected one of "
+                              f"{sorted(KIND_NAMES)})")
+    return data
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    if (directory / INDEX_FILE).is_file():
+        try:
+            index = json.loads((directory / INDEX_FILE).read_text())
+            names = sorted(set(index["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{directory / INDEX_FILE} is corrupt ({type(e).__name__}: {e}); "
+                                  "re-save the checkpoint") from None
+        missing = [n for n in names if not (directory / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{directory} is missing weight shard(s) {missing} listed in {INDEX_FILE}; "
+                                  "the checkpoint is incomplete, copy the missing files or re-save it")
+        return [directory / n for n in names]
+    if (directory / WEIGHTS_FILE).is_file():
+        return [directory / WEIGHTS_FILE]
+    if (directory / REFERENCE_WEIGHTS).is_file():
+        raise CheckpointError(f"{directory} holds {REFERENCE_WEIGHTS} (the reference format) but no {WEIGHTS_FILE}; "
+                              "load it with calmlm.load, which detects the format")
+    raise CheckpointError(f"{directory} is not a calmlm checkpoint: it has {CONFIG_FILE} but no weights "
+                          f"({WEIGHTS_FILE} or {INDEX_FILE}); the save was incomplete or the files were moved")
+
+
+def read_weights(directory: str | Path, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint (single file or shards), floating ones cast to ``dtype`` if given."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    out: dict[str, torch.Tensor] = {}
+    for path in _weight_files(directory):
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for truncated/garbage files
+            raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); "
+                                  "restore it or re-save the checkpoint") from None
+    return out
+
+
+def _tie_groups(model: nn.Module) -> list[list[str]]:
+    """Names that refer to one parameter (tied weights), the canonical (first) name first."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _summarise(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Strict key and shape check against ``model``; tied aliases may be absent. Returns the full state dict
+    (aliases filled in) or raises a CheckpointError listing missing/unexpected keys and shape mismatches."""
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    state = dict(state)
+    for group in _tie_groups(model):
+        present = [n for n in group if n in state]
+        if present:
+            for n in group:
+                state.setdefault(n, state[present[0]])
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_summarise(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_summarise(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches {_summarise(mismatched, 3)}")
+    if problems:
+        raise CheckpointError(f"the weights in {where} do not match the {type(model).__name__} model of its config: "
+                              + "; ".join(problems) + ". The checkpoint was written by another model version or "
+                              "its config.json was edited; re-save it or fix config.json")
+    return state
+
+
+@contextlib.contextmanager
+def _params_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device (no memory, no init cost) while buffers stay real.
+
+    Non-persistent buffers (RoPE frequencies) are computed in constructors and are not in the file, so
+    they must be real; building entirely under ``torch.device("meta")`` would lose them."""
+    original = nn.Module.register_parameter
+
+    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(self, name, param)
+        if param is not None and param.device.type != "meta":
+            self._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(module_name) if module_name else model, leaf, param)
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], where: str, assign: bool = False) -> None:
+    """Strictly load ``state`` into ``model`` (copying, or assigning the tensors) and keep ties intact."""
+    groups = _tie_groups(model)
+    full = check_state_dict(model, state, where)
+    for group in groups:  # load each tied parameter through its canonical name only
+        for alias in group[1:]:
+            full.pop(alias, None)
+    model.load_state_dict(full, strict=False, assign=assign)
+    if assign:
+        for group in groups:  # assign replaced the canonical Parameter object; point the aliases at it
+            canonical = model.get_parameter(group[0])
+            for alias in group[1:]:
+                _set_param(model, alias, canonical)
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               expect: str | None = None) -> nn.Module:
+    """Build the model of a checkpoint directory and load its weights (strictly), in eval mode.
+
+    ``expect`` ("autoencoder", "calm" or "baseline") rejects a checkpoint of another kind. Parameters are
+    created on the meta device and the loaded tensors assigned, so only one copy of the weights exists."""
+    from .config import config_from_dict
+    from .models import build_model
+
+    directory = Path(directory).expanduser()
+    if expect is not None and expect not in KIND_NAMES:
+        raise CheckpointError(f"unknown model kind {expect!r}; expected one of {sorted(KIND_NAMES)}")
+    data = read_config(directory)
+    kind = data.get("kind")
+    if expect is not None and kind != expect:
+        raise CheckpointError(f"{directory} is {KIND_NAMES.get(kind, repr(kind))} checkpoint, expected "
+                              f"{KIND_NAMES[expect]} one; pass the right checkpoint directory")
+    cls_fields = _config_fields(kind)
+    try:
+        config = config_from_dict({k: v for k, v in data.items() if k in cls_fields or k == "kind"})
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{directory / CONFIG_FILE} is not a valid {kind} config: {e}") from None
+    state = read_weights(directory, device, dtype)
+    with _params_on_meta():
+        model = build_model(config)
+    load_state_into(model, state, str(directory), assign=True)
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftover:  # cannot happen after the strict check, but a meta tensor would fail much later and obscurely
+        raise CheckpointError(f"{directory}: parameters {leftover[:5]} were not loaded")
+    model.to(device)  # moves the (real) buffers; parameters are already there
+    if hasattr(model, "autoencoder"):  # CALM: the autoencoder stays frozen
+        model.autoencoder.requires_grad_(False)
+    return model.eval()
+
+
+def _config_fields(kind: Any) -> set[str]:
+    """Fields of the config class of ``kind`` (extra keys in config.json are metadata, not config)."""
+    import dataclasses
+
+    from .config import CONFIG_CLASSES
+
+    if kind not in CONFIG_CLASSES:
+        raise CheckpointError(f"config.json names an unknown model kind {kind!r}; expected one of "
+                              f"{sorted(CONFIG_CLASSES)}")
+    return {f.name for f in dataclasses.fields(CONFIG_CLASSES[kind])}  # type: ignore[arg-type]
+
+
+def read_metadata(directory: str | Path) -> dict[str, Any]:
+    """The keys of ``config.json`` that are not model-config fields (what ``save_model(metadata=...)`` added)."""
+    data = read_config(directory)
+    fields = _config_fields(data.get("kind"))
+    return {k: v for k, v in data.items() if k not in fields and k != "kind"}
+
+
+# -- training state --------------------------------------------------------------------------------------
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator training touches: torch CPU, CUDA (if available), numpy, Python ``random``."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        # numpy/python states as plain lists/ints so torch.load(weights_only=True) can read them
+        "numpy": [np_state[0], torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "python": _py_state_to_lists(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _py_state_to_lists(state: tuple[Any, ...]) -> list[Any]:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:  # another GPU count: restore what matches
+            for i, s in enumerate(cuda[:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(s, i)
+
+
+def save_training_state(directory: str | Path, optimizer: torch.optim.Optimizer | None = None,
+                        scheduler: Any = None, step: int = 0, rng: Any = None,
+                        data_state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+    """Write ``trainer_state.json`` (step, data position, extra — JSON) and ``optimizer.pt`` (optimizer +
+    scheduler state) and ``rng_state.pt`` into ``directory``. ``rng`` is a state from :func:`rng_state` or a
+    list of them (one per rank). Pass it through ``save_model(training_state=...)`` for an atomic write."""
+    directory = Path(directory)
+    _write_json(directory / TRAINER_STATE_FILE,
+                {"step": int(step), "data_state": data_state, "extra": extra or {}})
+    torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None},
+               directory / OPTIMIZER_FILE)
+    if rng is not None:
+        torch.save({"rng": rng}, directory / RNG_FILE)
+
+
+def has_training_state(directory: str | Path) -> bool:
+    d = Path(directory)
+    return (d / TRAINER_STATE_FILE).is_file() and (d / OPTIMIZER_FILE).is_file()
+
+
+def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer | None = None,
+                        scheduler: Any = None) -> dict[str, Any]:
+    """Restore optimizer/scheduler state in place; returns {"step", "data_state", "extra", "rng"} (rng is
+    what was saved — a state or a list of per-rank states — or None; apply it with :func:`set_rng_state`)."""
+    directory = Path(directory)
+    path = directory / TRAINER_STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no training state ({TRAINER_STATE_FILE}); it holds weights only, "
+                              "so training cannot resume from it exactly (start a new run initialised from it)")
+    try:
+        info = json.loads(path.read_text())
+        step = int(info["step"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e}); resume from another checkpoint") from None
+    opt = _torch_load(directory / OPTIMIZER_FILE)
+    try:
+        if optimizer is not None and opt.get("optimizer") is not None:
+            optimizer.load_state_dict(opt["optimizer"])
+        if scheduler is not None and opt.get("scheduler") is not None:
+            scheduler.load_state_dict(opt["scheduler"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"the optimizer state in {directory / OPTIMIZER_FILE} does not fit this model's "
+                              f"parameters ({e}); resume with the same model and trainable parameters") from None
+    rng = _torch_load(directory / RNG_FILE)["rng"] if (directory / RNG_FILE).is_file() else None
+    return {"step": step, "data_state": info.get("data_state"), "extra": info.get("extra") or {}, "rng": rng}
+
+
+def _torch_load(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint's training state is incomplete")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is corrupt or unreadable ({type(e).__name__}: {e}); "
+                              "resume from another checkpoint") from None

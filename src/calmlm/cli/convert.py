@@ -1,0 +1,69 @@
+"""``calm convert SRC DST``: any checkpoint calmlm can read (reference or native format, local folder or
+Hugging Face repo id) -> a native calmlm checkpoint (config.json + safetensors, sharded when large, + tokenizer)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from ..errors import CheckpointError
+
+DTYPES = ("keep", "float32", "bfloat16", "float16")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> 2e9 bytes, '500MiB' -> 500*2^20, '1048576' -> bytes."""
+    m = _SIZE.match(text)
+    unit = (m.group(2) or "").upper() if m else ""
+    if unit and not unit.endswith("B"):
+        unit += "B"  # "2G" means 2GB
+    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise CheckpointError(f"--max-shard-size {text!r} is not a size; write e.g. 2GB, 500MB or 1GiB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "convert", help="convert a checkpoint (reference format or repo id) to calmlm's safetensors format",
+        description="Read SRC (a calmlm or CALM-reference checkpoint folder, or a Hugging Face repo id such as "
+                    "cccczshao/CALM-M) and write DST in calmlm's native format: config.json, model.safetensors "
+                    "(sharded above --max-shard-size) and the tokenizer when one is available.")
+    p.add_argument("src", metavar="SRC", help="checkpoint folder or Hugging Face repo id")
+    p.add_argument("dst", metavar="DST", help="output folder (replaced atomically if it exists)")
+    p.add_argument("--dtype", choices=DTYPES, default="keep",
+                   help="weight dtype to write (default: keep the stored dtype)")
+    p.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
+                   help="largest weight file before sharding, e.g. 2GB, 500MB (default 2GB)")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer.json / tokenizer.model (or its folder) to bundle; default: SRC's own")
+    p.add_argument("--autoencoder", metavar="PATH",
+                   help="reference CALM only: the autoencoder folder whose config to use (default: inferred "
+                        "from the ae_model.* weights in SRC)")
+    p.add_argument("--revision", metavar="REV", help="Hub branch, tag or commit of SRC")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..checkpoint import save_model
+    from ..loading import load
+
+    max_shard = parse_size(args.max_shard_size)
+    dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
+    model = load(args.src, dtype=dtype, autoencoder=args.autoencoder, revision=args.revision)
+    tokenizer = model.tokenizer
+    if args.tokenizer:
+        from ..tokenizer import Tokenizer, check_vocab
+
+        tokenizer = Tokenizer.load(args.tokenizer)
+        check_vocab(tokenizer, model.config.vocab_size)
+    save_model(model, args.dst, tokenizer=tokenizer, metadata={"converted_from": str(args.src)},
+               max_shard_size=max_shard)
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    print(f"wrote {args.dst}: {model.config.kind}, {n:,} parameters, dtype "
+          f"{next(model.parameters()).dtype}, tokenizer {'included' if tokenizer is not None else 'none'}")
+    return 0

@@ -1,0 +1,181 @@
+"""``calm eval``: BrierLM (paper §4) of a CALM or baseline checkpoint.
+
+Evaluation data, in this order:
+
+* ``--data SPEC`` (any spec of :func:`calmlm.data.open_corpus`, e.g. the paper's set
+  ``../shared/data/wikitext103_test_documents.jsonl``): every document is tokenised with the model's own
+  tokenizer (EOS after each), concatenated and cut into ``--block-size`` blocks, the remainder dropped.
+* otherwise the model's own validation split, when the checkpoint records its training data: a ``data``
+  entry in config.json's metadata, ``{"spec", "val_data", "val_fraction", "seed", "text_field",
+  "cache_dir"}`` as passed to :func:`calmlm.data.prepare_corpus` (the same call rebuilds, or reuses from
+  the cache, the identical split);
+* otherwise an error asking for ``--data``.
+
+The report always states the block size and the number of tokens evaluated: BrierLM moves by about 30 %
+with the context length, so a score without them cannot be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CalmError, DataError, TokenizerError
+
+DEFAULT_BLOCK_SIZE = 1024  # the reference's evaluation default (train_calm.py --block_size)
+DEFAULT_CACHE = "~/.cache/calmlm/tokens"
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by ``calm eval`` and ``calm plot``."""
+    p.add_argument("--data", metavar="SPEC",
+                   help="evaluation text: a .jsonl/.txt file, folder, glob or hf:NAME (default: the model's "
+                        "validation split, when its checkpoint records its data)")
+    p.add_argument("--text-field", default="text", help="JSON/dataset field holding the text (default: text)")
+    p.add_argument("--block-size", type=int, metavar="L",
+                   help=f"tokens per evaluation block (default: {DEFAULT_BLOCK_SIZE}, capped at the model's "
+                        "context); BrierLM depends on it, so keep it fixed when comparing models")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="blocks per forward pass (default 8)")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="evaluate only the first N tokens' blocks")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model's draws (default 0)")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer file/folder, if the checkpoint has none")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help=f"where tokenised data is cached (default: {DEFAULT_CACHE})")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval", help="BrierLM of a CALM or baseline model (paper §4)",
+        description="Estimate Brier-1..4 and BrierLM = 100·(Brier-1·...·Brier-4)^(1/4) from two samples per "
+                    "position (CALM: whole chunks, continued across chunk boundaries for K < 4; baseline: exact "
+                    "probabilities for accuracy, sampled continuations for the collision term). The paper's "
+                    "evaluation set is WikiText-103 test: --data wikitext103_test_documents.jsonl.")
+    p.add_argument("--model", required=True, metavar="PATH", help="checkpoint folder (or anything calm can load)")
+    add_data_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+# -- shared with `calm plot` ------------------------------------------------------------------------------
+
+def load_model(path: str, device: str | None = None, tokenizer: str | None = None) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer or None). Uses calmlm.loading.load when present (any format)."""
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        from ..loading import load
+    except ImportError:
+        load = None
+    if load is not None:
+        model = load(path, device=dev)
+    else:
+        from ..checkpoint import load_model as load_checkpoint
+        model = load_checkpoint(path, device=dev)
+    kind = getattr(getattr(model, "config", None), "kind", None)
+    if kind not in ("calm", "baseline"):
+        raise CalmError(f"{path} is {'an autoencoder' if kind == 'autoencoder' else f'a {kind!r} model'}; "
+                        "BrierLM needs a CALM or baseline language model (use `calm eval-ae` for autoencoders)")
+    tok = None
+    if tokenizer:
+        from ..tokenizer import Tokenizer
+        tok = Tokenizer.load(tokenizer)
+    else:
+        tok = getattr(model, "tokenizer", None)
+        folder = Path(path).expanduser()
+        if tok is None and folder.is_dir() and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            from ..tokenizer import Tokenizer
+            tok = Tokenizer.load(folder)
+    return model.eval(), tok
+
+
+def _metadata(path: str) -> dict[str, Any]:
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        return {}
+    try:
+        from ..checkpoint import read_metadata
+        return read_metadata(folder)
+    except CalmError:
+        return {}
+
+
+def default_block_size(model: Any, requested: int | None) -> int:
+    cfg = model.config
+    context = cfg.max_position_embeddings * (cfg.chunk_size if cfg.kind == "calm" else 1)
+    if requested is not None:
+        if requested <= 0:
+            raise CalmError(f"--block-size must be positive, got {requested}")
+        return requested
+    return min(DEFAULT_BLOCK_SIZE, context)
+
+
+def evaluation_data(model: Any, tok: Any, args: argparse.Namespace, block_size: int) -> tuple[Any, str]:
+    """(TokenDataset of ``block_size`` blocks, a description of where it came from)."""
+    from ..data import prepare_corpus
+
+    if tok is None:
+        raise TokenizerError(f"{args.model} holds no tokenizer to tokenise the evaluation text; "
+                             "pass --tokenizer PATH (the tokenizer the model was trained with)")
+    if tok.vocab_size > model.config.vocab_size:
+        raise TokenizerError(f"the tokenizer has {tok.vocab_size} ids but the model only {model.config.vocab_size}; "
+                             "pass the tokenizer the model was trained with (--tokenizer)")
+    cache = args.cache_dir or DEFAULT_CACHE
+    if args.data is not None:
+        data, _, info = prepare_corpus(args.data, tok, cache, block_size, val_fraction=0.0,
+                                       text_field=args.text_field)
+        return data, info["source"]
+    record = _metadata(args.model).get("data")
+    if isinstance(record, str):
+        record = {"spec": record}
+    if not isinstance(record, dict):
+        raise DataError(f"{args.model} does not record the data it was trained on, so it has no validation split "
+                        "to evaluate; pass --data (the paper's set: --data wikitext103_test_documents.jsonl)")
+    spec = record.get("spec", record.get("data"))
+    _, val, info = prepare_corpus(spec, tok, args.cache_dir or record.get("cache_dir") or cache, block_size,
+                                  val_fraction=float(record.get("val_fraction", 0.01)),
+                                  seed=int(record.get("seed", 0)), val_data=record.get("val_data"),
+                                  text_field=record.get("text_field", args.text_field))
+    if val is None:
+        raise DataError(f"{args.model} was trained without a validation split; pass --data")
+    return val, f"validation split of {info['source']} ({info['split']})"
+
+
+# -- the command --------------------------------------------------------------------------------------------
+
+def format_report(r: dict[str, Any], model: str, source: str) -> str:
+    unit = f"chunks of K={r['chunk_size']}" if r["kind"] == "calm" else "tokens"
+    lines = [f"BrierLM of {model} ({r['kind']})",
+             f"data: {source}",
+             f"block size {r['block_size']} tokens, {r['num_tokens']:,} tokens evaluated (of {r['available_tokens']:,}) "
+             f"({r['num_blocks']} blocks, {r['num_positions']:,} positions over {unit}), seed {r['seed']}",
+             "",
+             f"{'n':>3}  {'Brier-n':>9}  {'accuracy':>9}  {'collision':>9}  {'positions':>10}"]
+    for n in range(1, 5):
+        lines.append(f"{n:>3}  {r[f'brier_{n}']:>9.4f}  {r[f'accuracy_{n}']:>9.4f}  {r[f'collision_{n}']:>9.4f}  "
+                     f"{r[f'count_{n}']:>10,}")
+    if r["kind"] == "calm":
+        lines.append(f"chunk accuracy {r['chunk_accuracy']:.4f}, chunk collision rate {r['chunk_collision']:.4f}")
+    lines += ["", f"BrierLM {r['brierlm']:.3f}"]
+    if "brierlm_note" in r:
+        lines.append(f"  ({r['brierlm_note']})")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..metrics import evaluate_brierlm
+
+    model, tok = load_model(args.model, args.device, args.tokenizer)
+    block_size = default_block_size(model, args.block_size)
+    data, source = evaluation_data(model, tok, args, block_size)
+    r = evaluate_brierlm(model, data, block_size, args.batch_size, args.max_tokens, seed=args.seed,
+                         progress=not args.no_progress and not args.json)
+    if args.json:
+        print(json.dumps({"model": args.model, "data": source, **r}, indent=2))
+    else:
+        print(format_report(r, args.model, source))
+    return 0

@@ -1,0 +1,539 @@
+"""Load checkpoints written by the CALM reference implementation (github.com/shaochenze/calm).
+
+The released models (Hugging Face ``cccczshao/CALM-M``, ``-L``, ``-XL``, ``CALM-Autoencoder``) are
+transformers ``save_pretrained`` folders: ``config.json`` plus ``pytorch_model.bin`` (a plain torch state
+dict; large ones sharded as ``pytorch_model-0000i-of-0000n.bin`` + ``pytorch_model.bin.index.json``, or the
+safetensors equivalents). Three architectures are understood, named by ``config.json["architectures"]``:
+
+* ``Autoencoder``        -> :class:`calmlm.autoencoder.Autoencoder`
+* ``EnergyTransformer``  -> :class:`calmlm.calm.CALM` (energy head; the frozen autoencoder is in the weights)
+* ``LlamaForCausalLM``   -> :class:`calmlm.baseline.BaselineLM`
+
+Nothing here imports or subclasses reference code: the translation is the explicit table ``KEY_MAP`` (state
+dict keys) and the field tables below (``config.json``). Loading never holds two copies of the weights: the
+model is built on the meta device, every file is memory-mapped (``torch.load(mmap=True)`` or safetensors),
+shards are read one at a time, and tensors are assigned into the model (``load_state_dict(assign=True)``), so
+with ``dtype=None`` on CPU the parameters *are* the mapped file pages.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AutoencoderConfig, BaselineConfig, CALMConfig, config_from_dict
+from .errors import CheckpointError, ConfigError
+
+# ---------------------------------------------------------------------------------------------------
+# State-dict keys. Rules are tried in order; a rule whose reference side ends with "." renames a prefix,
+# any other rule renames one exact key. Several reference keys may land on the same calmlm key: those are
+# aliases of one tensor (the reference stores them once); the loader checks they are equal and keeps one.
+
+KEY_MAP: dict[str, tuple[tuple[str, str], ...]] = {
+    "autoencoder": (
+        ("decoder.lm_head_weight", "encoder.embed_tokens.weight"),  # output projection tied to the embedding
+        ("encoder.", "encoder."),
+        ("decoder.", "decoder."),
+    ),
+    "calm": (
+        ("transformer.", "backbone."),  # a transformers LlamaModel; same submodule names as ours
+        ("embed_proj.", "input_proj."),  # Linear K*d->2d, SiLU, Linear 2d->d, LayerNorm
+        ("mlp_generator.", "head."),  # the energy generative head
+        ("generative_head.", "head."),  # alias: the same module under a second attribute name
+        ("ae_model.decoder.lm_head_weight", "autoencoder.encoder.embed_tokens.weight"),  # tied alias
+        ("ae_model.", "autoencoder."),  # the frozen autoencoder, whole
+    ),
+    "baseline": (
+        ("model.", "backbone."),
+        ("lm_head.", "lm_head."),
+    ),
+}
+# With tie_word_embeddings the Llama output matrix is the embedding (transformers may or may not store it).
+TIED_BASELINE_RULE = ("lm_head.weight", "backbone.embed_tokens.weight")
+# Reference keys whose tensor is stored again under another key (documentation and tests).
+ALIASES: dict[str, tuple[str, ...]] = {
+    "autoencoder": ("decoder.lm_head_weight",),
+    "calm": ("generative_head.", "ae_model.decoder.lm_head_weight"),
+    "baseline": (),
+}
+# Buffers that old transformers versions saved and that calmlm recomputes.
+IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+ARCHITECTURES = {"Autoencoder": "autoencoder", "EnergyTransformer": "calm", "LlamaForCausalLM": "baseline"}
+
+# ---------------------------------------------------------------------------------------------------
+# config.json fields: reference name -> calmlm field(s). Missing fields fall back to calmlm's defaults
+# (which are the reference's) or, for shapes, to what the weights say.
+
+BACKBONE_FIELDS: dict[str, tuple[str, ...]] = {
+    "vocab_size": ("vocab_size",),
+    "hidden_size": ("hidden_size",),
+    "intermediate_size": ("intermediate_size",),
+    "num_hidden_layers": ("num_layers",),
+    "num_attention_heads": ("num_heads",),
+    "num_key_value_heads": ("num_kv_heads",),
+    "rope_theta": ("rope_theta",),
+    "rms_norm_eps": ("rms_norm_eps",),
+    # Kept as is. For CALM the reference's LlamaModel counts chunk positions, which is what our backbone's
+    # field means too; RoPE without scaling makes it only a default KV-cache length.
+    "max_position_embeddings": ("max_position_embeddings",),
+    "initializer_range": ("initializer_range",),
+    "bos_token_id": ("bos_token_id",),
+    "eos_token_id": ("eos_token_id",),
+}
+CALM_FIELDS: dict[str, tuple[str, ...]] = {
+    **BACKBONE_FIELDS,
+    "patch_size": ("chunk_size",),
+    "latent_size": ("latent_size",),
+    "noise_size": ("noise_size",),
+    "num_mlp_layers": ("num_head_blocks",),
+    "num_samples": ("num_samples",),
+    "beta": ("energy_alpha",),  # exponent of the distances in the energy score
+    "layer_norm_eps": ("layer_norm_eps",),  # absent in reference configs: it hard-codes 1e-6 (our default)
+}
+BASELINE_FIELDS: dict[str, tuple[str, ...]] = {**BACKBONE_FIELDS, "tie_word_embeddings": ("tie_word_embeddings",)}
+AUTOENCODER_FIELDS: dict[str, tuple[str, ...]] = {
+    "vocab_size": ("vocab_size",),
+    "patch_size": ("chunk_size",),
+    "hidden_size": ("hidden_size",),
+    "intermediate_size": ("intermediate_size",),
+    "latent_size": ("latent_size",),
+    "num_encoder_layers": ("num_encoder_layers",),
+    "num_decoder_layers": ("num_decoder_layers",),
+    "rms_norm_eps": ("rms_norm_eps",),
+    "kl_weight": ("kl_weight",),
+    "kl_clamp": ("kl_clamp",),
+    "ae_dropout": ("token_dropout", "latent_dropout"),  # one rate for both in the reference
+    "initializer_range": ("initializer_range",),
+}
+
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Keys
+
+
+def key_rules(kind: str, tie_word_embeddings: bool = False) -> tuple[tuple[str, str], ...]:
+    rules = KEY_MAP[kind]
+    return ((TIED_BASELINE_RULE,) + rules) if kind == "baseline" and tie_word_embeddings else rules
+
+
+def map_key(key: str, rules: Iterable[tuple[str, str]]) -> str | None:
+    """The calmlm name of a reference key, or None when no rule covers it."""
+    for ref, ours in rules:
+        if ref.endswith("."):
+            if key.startswith(ref):
+                return ours + key[len(ref):]
+        elif key == ref:
+            return ours
+    return None
+
+
+def map_keys(keys: Iterable[str], rules: Iterable[tuple[str, str]]) -> tuple[dict[str, str], list[str]]:
+    """Reference keys -> ({reference key: calmlm key}, [keys no rule covers]); ignorable buffers are dropped."""
+    rules = tuple(rules)
+    mapped, unknown = {}, []
+    for key in keys:
+        if IGNORED_KEY.search(key):
+            continue
+        target = map_key(key, rules)
+        if target is None:
+            unknown.append(key)
+        else:
+            mapped[key] = target
+    return mapped, unknown
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weight files
+
+
+@dataclass
+class WeightFiles:
+    """The weights of a folder: one file or several shards (with the index that names each key's shard)."""
+
+    directory: Path
+    shards: list[str]
+    weight_map: dict[str, str] | None  # key -> shard file name, from the index; None for a single file
+    safetensors: bool
+    _shapes: dict[str, tuple[int, ...]] | None = None
+
+    @classmethod
+    def find(cls, directory: Path) -> WeightFiles | None:
+        """Safetensors are preferred when a folder has both (no pickle, same tensors)."""
+        for name in WEIGHT_FILES:
+            path = directory / name
+            if not path.is_file():
+                continue
+            safe = ".safetensors" in name
+            if name.endswith(".index.json"):
+                try:
+                    weight_map = json.loads(path.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise CheckpointError(f"{path} is not a valid shard index ({type(e).__name__}: {e}); "
+                                          "re-download the checkpoint") from None
+                shards = list(dict.fromkeys(weight_map.values()))
+                absent = [s for s in shards if not (directory / s).is_file()]
+                if absent:
+                    raise CheckpointError(f"{path} names shard files that are not in {directory}: {absent}; "
+                                          "the download is incomplete, fetch the missing files")
+                return cls(directory, shards, weight_map, safe)
+            return cls(directory, [name], None, safe)
+        return None
+
+    def load_shard(self, name: str) -> dict[str, torch.Tensor]:
+        """One shard as CPU tensors backed by the file's pages (no copy is made here)."""
+        path = self.directory / name
+        try:
+            if self.safetensors:
+                from safetensors.torch import load_file
+
+                return load_file(path, device="cpu")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                # Files from torch < 1.6 (legacy format) cannot be mapped; this shard is then read in full.
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"cannot read weights file {path} ({type(e).__name__}: {e}); the file is "
+                                  "corrupt or not a checkpoint, re-download it") from None
+
+    def iter_shards(self) -> Iterator[dict[str, torch.Tensor]]:
+        for name in self.shards:
+            yield self.load_shard(name)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every key's shape, read from headers (safetensors) or from the mapped state dicts (torch)."""
+        if self._shapes is None:
+            shapes: dict[str, tuple[int, ...]] = {}
+            for name in self.shards:
+                if self.safetensors:
+                    from safetensors import safe_open
+
+                    with safe_open(self.directory / name, framework="pt") as f:
+                        for key in f.keys():
+                            shapes[key] = tuple(f.get_slice(key).get_shape())
+                else:
+                    shapes.update({k: tuple(v.shape) for k, v in self.load_shard(name).items()})
+            self._shapes = shapes
+        return self._shapes
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config translation
+
+
+def reference_kind(cfg: dict[str, Any], where: str = "config.json") -> str:
+    """'autoencoder' | 'calm' | 'baseline' from the ``architectures`` field; unsupported variants rejected."""
+    archs = cfg.get("architectures") or ([] if cfg.get("model_type") != "llama" else ["LlamaForCausalLM"])
+    for arch in archs:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    if any("diffusion" in a.lower() or "flow" in a.lower() for a in archs):
+        raise CheckpointError(f"{where} is a CALM model with a {archs[0]} generative head; calmlm implements "
+                              "only the energy head (EnergyTransformer), which the released models use")
+    raise CheckpointError(f"{where} names unknown architectures {archs}; calmlm reads reference checkpoints "
+                          f"of {sorted(ARCHITECTURES)} and its own format (config.json with 'kind')")
+
+
+def _reject_unsupported(cfg: dict[str, Any], where: str) -> None:
+    problems = []
+    if cfg.get("rope_scaling") is not None:
+        problems.append(f"rope_scaling={cfg['rope_scaling']!r} (only plain RoPE is implemented)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            problems.append(f"{flag}=true (calmlm's Llama layers have no biases)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={cfg['hidden_act']!r} (only 'silu' is implemented)")
+    head_dim = cfg.get("head_dim")
+    if head_dim is not None and cfg.get("num_attention_heads") and \
+            head_dim * cfg["num_attention_heads"] != cfg.get("hidden_size"):
+        problems.append(f"head_dim={head_dim} != hidden_size/num_attention_heads")
+    if problems:
+        raise CheckpointError(f"{where} uses features calmlm does not support: " + "; ".join(problems))
+
+
+def _translate(cfg: dict[str, Any], table: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for ref, ours in table.items():
+        value = cfg.get(ref)
+        if value is None:
+            continue
+        if ref == "eos_token_id" and isinstance(value, list):  # Llama 3.1 style: several stop ids
+            value = value[0] if value else None
+        for name in ours:
+            out[name] = value
+    return out
+
+
+def _count(shapes: dict[str, tuple[int, ...]], pattern: str) -> int:
+    """Number of distinct layer indices i among keys matching ``pattern`` (a regex with one (\\d+) group)."""
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in shapes if (m := rx.match(k))})
+
+
+def autoencoder_fields_from_weights(shapes: dict[str, tuple[int, ...]], prefix: str = "") -> dict[str, Any]:
+    """Autoencoder hyper-parameters read off the weight shapes (the released CALM configs lack them)."""
+    p = re.escape(prefix)
+    try:
+        vocab, d = shapes[f"{prefix}encoder.embed_tokens.weight"]
+        inter = shapes[f"{prefix}encoder.encoder_layers.0.mlp.gate_proj.weight"][0]
+        k = shapes[f"{prefix}encoder.squeeze_layer.weight"][1] // d
+        latent = shapes[f"{prefix}decoder.latent_to_hidden.weight"][1]
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"cannot infer the autoencoder's shape: weight {e} is missing or malformed "
+                              f"(expected the reference keys under {prefix or 'the top level'!r}); pass the "
+                              "autoencoder folder explicitly (--autoencoder PATH)") from None
+    return dict(vocab_size=vocab, hidden_size=d, intermediate_size=inter, chunk_size=k, latent_size=latent,
+                num_encoder_layers=_count(shapes, rf"{p}encoder\.encoder_layers\.(\d+)\."),
+                num_decoder_layers=_count(shapes, rf"{p}decoder\.decoder_layers\.(\d+)\."))
+
+
+def _calm_fields_from_weights(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "transformer.embed_tokens.weight" in shapes:
+        out["vocab_size"], d = shapes["transformer.embed_tokens.weight"]
+        if "embed_proj.0.weight" in shapes:
+            out["chunk_size"] = shapes["embed_proj.0.weight"][1] // d
+    if "mlp_generator.noise_embd.weight" in shapes:
+        out["noise_size"] = shapes["mlp_generator.noise_embd.weight"][1]
+    if "mlp_generator.final_layer.linears.2.weight" in shapes:
+        out["latent_size"] = shapes["mlp_generator.final_layer.linears.2.weight"][0]
+    blocks = _count(shapes, r"mlp_generator\.mlp_blocks\.(\d+)\.")
+    if blocks:
+        out["num_head_blocks"] = blocks
+    layers = _count(shapes, r"transformer\.layers\.(\d+)\.")
+    if layers:
+        out["num_layers"] = layers
+    return out
+
+
+def _vocab_from_weights(values: dict[str, Any], rows: int | None, where: str) -> None:
+    """The embedding's row count wins over config.json's vocab_size (the reference sets vocab_size =
+    len(tokenizer) after adding [PAD], so 128256 and 128257 both occur); say so when they differ."""
+    if rows is None:
+        return
+    if values.get("vocab_size") not in (None, rows):
+        warnings.warn(f"{where}: config.json says vocab_size {values['vocab_size']} but the embedding has {rows} "
+                      f"rows; using {rows}", stacklevel=3)
+    values["vocab_size"] = rows
+
+
+def autoencoder_config(cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]] | None = None,
+                       where: str = "config.json") -> AutoencoderConfig:
+    """A reference ``Autoencoder`` config.json (+ the weight shapes, for fields it lacks) -> AutoencoderConfig."""
+    _reject_unsupported(cfg, where)
+    inferred: dict[str, Any] = {}
+    if shapes:
+        try:
+            inferred = autoencoder_fields_from_weights(shapes)
+        except CheckpointError:
+            pass  # config.json has the fields; the key check will name the missing weight
+    values = {**inferred, **_translate(cfg, AUTOENCODER_FIELDS)}
+    if shapes:
+        _vocab_from_weights(values, shapes.get("encoder.embed_tokens.weight", (None,))[0], where)
+    return _build(AutoencoderConfig, values, where)
+
+
+def calm_config(cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]],
+                autoencoder: AutoencoderConfig | None = None, where: str = "config.json") -> CALMConfig:
+    """A reference ``EnergyTransformer`` config.json -> CALMConfig.
+
+    Its ``ae_path`` names the training cluster's folder, so the autoencoder's config comes from ``autoencoder``
+    when given, else from the shapes of the ``ae_model.*`` weights plus the reference defaults."""
+    _reject_unsupported(cfg, where)
+    values = _calm_fields_from_weights(shapes)
+    values.update(_translate(cfg, CALM_FIELDS))
+    values.setdefault("num_kv_heads", values.get("num_heads", CALMConfig.num_kv_heads))
+    _vocab_from_weights(values, shapes.get("transformer.embed_tokens.weight", (None,))[0], where)
+    if autoencoder is None:
+        ae_values = autoencoder_fields_from_weights(shapes, prefix="ae_model.")
+        autoencoder = _build(AutoencoderConfig, ae_values, f"{where} (autoencoder inferred from ae_model.* weights)")
+    return _build(CALMConfig, {**values, "autoencoder": autoencoder}, where)
+
+
+def baseline_config(cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]] | None = None,
+                    where: str = "config.json") -> BaselineConfig:
+    """A transformers ``LlamaForCausalLM`` config.json -> BaselineConfig."""
+    _reject_unsupported(cfg, where)
+    values = _translate(cfg, BASELINE_FIELDS)
+    values.setdefault("num_kv_heads", values.get("num_heads", BaselineConfig.num_kv_heads))
+    if shapes and "model.embed_tokens.weight" in shapes:
+        _vocab_from_weights(values, shapes["model.embed_tokens.weight"][0], where)
+    return _build(BaselineConfig, values, where)
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    try:
+        return cls(**{k: v for k, v in values.items() if k in known})
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except TypeError as e:  # a field of the wrong JSON type, e.g. a string where a number belongs
+        raise ConfigError(f"{where}: invalid value ({e}); fix config.json") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"no config.json in {path.parent}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the file is corrupt, re-download it") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object; it is not a model config")
+    return data
+
+
+def load_reference(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                   autoencoder: str | Path | AutoencoderConfig | None = None) -> nn.Module:
+    """Load a reference-format folder as an Autoencoder, CALM or BaselineLM (in eval mode).
+
+    ``dtype=None`` keeps the stored dtype. ``autoencoder`` (CALM only): a folder (either format) or config
+    that supplies the autoencoder's hyper-parameters instead of inferring them from the ``ae_model.*``
+    weights, and its weights when the CALM checkpoint holds none."""
+    directory = Path(directory)
+    where = str(directory / "config.json")
+    cfg = read_json(directory / "config.json")
+    kind = reference_kind(cfg, where)
+    files = WeightFiles.find(directory)
+    if files is None:
+        raise CheckpointError(f"{directory} has a config.json but no weights (looked for {', '.join(WEIGHT_FILES)}); "
+                              "the download is incomplete")
+    shapes = files.shapes()
+    ae_model: nn.Module | None = None
+    if kind == "autoencoder":
+        config: Any = autoencoder_config(cfg, shapes, where)
+    elif kind == "baseline":
+        config = baseline_config(cfg, shapes, where)
+    else:
+        ae_config = None
+        if autoencoder is not None:
+            ae_config, ae_dir = _autoencoder_config_from(autoencoder)
+            if not any(k.startswith("ae_model.") for k in shapes):
+                if ae_dir is None:
+                    raise CheckpointError(f"{directory} holds no autoencoder weights (ae_model.*); pass the "
+                                          "autoencoder folder, not only its config")
+                from .loading import load  # both formats
+
+                ae_model = load(ae_dir, device=device, dtype=dtype, kind="autoencoder")
+        config = calm_config(cfg, shapes, ae_config, where)
+    model = _load_into(config, files, kind, device, dtype, ae_model)
+    return model.eval()
+
+
+def _autoencoder_config_from(source: str | Path | AutoencoderConfig) -> tuple[AutoencoderConfig, Path | None]:
+    if isinstance(source, AutoencoderConfig):
+        return source, None
+    directory = Path(source).expanduser()
+    cfg = read_json(directory / "config.json")
+    if "kind" in cfg:
+        config = config_from_dict(cfg)
+        if not isinstance(config, AutoencoderConfig):
+            raise CheckpointError(f"{directory} holds a {cfg['kind']!r} model, not an autoencoder")
+        return config, directory
+    if reference_kind(cfg, str(directory / "config.json")) != "autoencoder":
+        raise CheckpointError(f"{directory} is not an autoencoder checkpoint (architectures {cfg.get('architectures')})")
+    files = WeightFiles.find(directory)
+    return autoencoder_config(cfg, files.shapes() if files else None, str(directory / "config.json")), directory
+
+
+def _listing(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _load_into(config: Any, files: WeightFiles, kind: str, device: str | torch.device, dtype: torch.dtype | None,
+               ae_model: nn.Module | None = None) -> nn.Module:
+    from .models import build_model
+
+    with torch.device("meta"):  # no allocation: every tensor will be assigned from the files
+        model = build_model(config)
+    if ae_model is not None:
+        model.autoencoder = ae_model.requires_grad_(False)
+    # Unique tensors only: a tied parameter (baseline lm_head) appears once, under its first name.
+    expected: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            expected[name] = t
+    if ae_model is not None:
+        expected = {k: v for k, v in expected.items() if not k.startswith("autoencoder.")}
+
+    rules = key_rules(kind, getattr(config, "tie_word_embeddings", False))
+    mapped, unexpected = map_keys(files.shapes(), rules)
+    # A key under a known prefix can still name a tensor the model does not have (e.g. an extra layer).
+    unexpected += [f"{k} (-> {t})" for k, t in mapped.items() if t not in expected]
+    missing = sorted(set(expected) - set(mapped.values()))
+    where = files.directory
+    if unexpected:
+        raise CheckpointError(f"{where}: {len(unexpected)} unexpected weight(s) in a {kind} checkpoint, with no "
+                              f"place in the model config.json describes: {_listing(sorted(unexpected))}; check "
+                              "that config.json belongs to these weights")
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} weight(s) missing from the checkpoint (calmlm names): "
+                              f"{_listing(missing)}; the download is incomplete or config.json does not belong "
+                              "to these weights")
+
+    loaded: dict[str, torch.Tensor] = {}
+    for shard in files.iter_shards():
+        batch: dict[str, torch.Tensor] = {}
+        for ref_key, tensor in shard.items():
+            target = mapped.get(ref_key)
+            if target is None:
+                continue  # ignorable buffer
+            want = tuple(expected[target].shape)
+            if tuple(tensor.shape) != want:
+                raise CheckpointError(f"{where}: weight {ref_key!r} (calmlm {target!r}) has shape "
+                                      f"{tuple(tensor.shape)} but the config implies {want}; config.json does "
+                                      "not describe these weights")
+            if target in loaded:  # an alias of a tensor already placed: must be the same values
+                prev = loaded[target]
+                if not (tensor.data_ptr() == prev.data_ptr() or
+                        torch.equal(tensor.to(prev.device, prev.dtype), prev)):
+                    raise CheckpointError(f"{where}: {ref_key!r} should be an alias of the tensor loaded as "
+                                          f"{target!r} but the values differ; the checkpoint is inconsistent")
+                continue
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            tensor = tensor.to(device)
+            loaded[target] = batch[target] = tensor
+        model.load_state_dict(batch, strict=False, assign=True)
+        del shard, batch  # drop this shard's mapping before the next one is opened
+
+    if isinstance(config, BaselineConfig) and config.tie_word_embeddings:
+        model.lm_head.weight = model.backbone.embed_tokens.weight  # assign=True replaced the shared Parameter
+    _materialise_buffers(model, config, device)
+    return model
+
+
+def _materialise_buffers(model: nn.Module, config: Any, device: str | torch.device) -> None:
+    """Recompute the non-persistent buffers (RoPE frequencies), which the meta-device build left empty."""
+    from .backbone import RotaryEmbedding
+
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding) and module.inv_freq.is_meta:
+            fresh = RotaryEmbedding(config.head_dim, config.rope_theta).inv_freq
+            module.register_buffer("inv_freq", fresh.to(device), persistent=False)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"internal error: tensors {left} were not loaded; please report this")

@@ -1,0 +1,526 @@
+"""One training engine for the autoencoder, CALM and the baseline.
+
+Every model's ``forward(input_ids)`` returns ``ModelOutput(loss, metrics)``; the engine only needs that.
+AdamW (fused on CUDA) with warm-up then constant or cosine LR, gradient accumulation, clipping, bf16
+autocast on CUDA, optional ``torch.compile``, DDP under ``torchrun``, periodic evaluation, JSON-lines
+metrics, atomic checkpoints and exact (bit-identical on CPU) resume.
+
+Randomness: ``fit`` seeds torch/numpy/random with ``seed + rank`` at the start of a fresh run, so under DDP
+each rank draws its own dropout masks / noise (different data per rank, independent randomness); resume
+restores every rank's generator state. Evaluation runs under a forked, fixed-seed generator so it neither
+perturbs training randomness nor varies between evaluations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import checkpoint as ckpt
+from .errors import CheckpointError, ConfigError, DataError
+
+EvaluateFn = Callable[[nn.Module, Any], dict[str, float]]
+CHECKPOINT_DIR = "checkpoint"
+METRICS_FILE = "metrics.jsonl"
+TRAIN_CONFIG_FILE = "train_config.json"
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    warmup_steps: int = 0  # linear warm-up from lr/warmup_steps to lr
+    schedule: str = "cosine"  # "constant" | "cosine" (after warm-up)
+    weight_decay: float = 0.1  # on >=2-D weights (matrices and embeddings); never on norms/biases/frozen params
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    batch_size: int = 8  # blocks per micro-batch per rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000
+    eval_every: int = 200  # 0: only at the end
+    eval_batches: int = 20  # validation micro-batches (of batch_size blocks, across all ranks)
+    save_every: int = 500  # 0: only at the end
+    log_every: int = 10
+    seed: int = 0
+    block_size: int | None = None  # tokens per block; None: taken from the data
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
+    compile: bool = False
+    time_budget_s: float | None = None  # stop cleanly (eval + save) before this much wall time
+    out_dir: str = "runs/run"
+    progress: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]  # JSON gives a list
+        for name in ("batch_size", "grad_accum", "max_steps", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"TrainConfig.lr must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"unknown LR schedule {self.schedule!r}; use 'constant' or 'cosine'")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"unknown precision {self.precision!r}; use 'auto', 'fp32' or 'bf16'")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.block_size is not None and self.block_size <= 0:
+            raise ConfigError(f"block_size must be positive, got {self.block_size}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ConfigError(f"time_budget_s must be positive, got {self.time_budget_s}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def lr_multiplier(step: int, config: TrainConfig) -> float:
+    """LR factor for optimizer step ``step`` (0-based): linear warm-up, then constant or cosine to min_lr_ratio
+    (reached at step == max_steps)."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    span = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on trainable tensors with >= 2 dims (linear weights and embeddings, as in Llama /
+    GPT training); no decay on 1-D ones (norm gains, biases). Frozen parameters (CALM's autoencoder) and tied
+    duplicates are excluded."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():  # named_parameters already drops tied duplicates
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+# -- distributed ---------------------------------------------------------------------------------------
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> DistInfo:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU.
+    Returns this process's rank, world size and device; a single process gets rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return DistInfo(rank, world, local, device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+# -- data ------------------------------------------------------------------------------------------------
+
+def _block_size_of(data: Any) -> int:
+    if hasattr(data, "block_size"):
+        return int(data.block_size)
+    return int(data[0].shape[-1])
+
+
+def _get_batch(data: Any, indices: list[int]) -> torch.Tensor:
+    if hasattr(data, "batch"):
+        return data.batch(indices)
+    return torch.stack([torch.as_tensor(data[i]) for i in indices]).long()
+
+
+@contextlib.contextmanager
+def _fixed_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block with freshly seeded generators and restore the previous states afterwards."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+
+
+def evaluate_loss(model: nn.Module, data: Any, batch_size: int, num_batches: int, device: torch.device,
+                  autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
+    """Mean loss and model metrics over the first ``num_batches * batch_size`` validation blocks, in eval
+    mode without gradients; under DDP each rank takes every world_size-th block and results are averaged."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    n = min(len(data), num_batches * batch_size)
+    mine = list(range(rank, n, world))
+    was_training = model.training
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            for s in range(0, len(mine), batch_size):
+                idx = mine[s:s + batch_size]
+                with autocast():
+                    out = model(_get_batch(data, idx).to(device))
+                for k, v in {"loss": out.loss, **out.metrics}.items():
+                    sums[k] = sums.get(k, 0) + v.detach().double() * len(idx)
+                count += len(idx)
+    finally:
+        model.train(was_training)
+    keys = sorted(sums)
+    vec = torch.stack([sums[k] for k in keys] + [count]) if keys else count.view(1)
+    if _distributed():
+        dist.all_reduce(vec)
+    total = vec[-1].item()
+    return {k: vec[i].item() / max(total, 1.0) for i, k in enumerate(keys)}
+
+
+class Trainer:
+    """Train a calmlm model. ``train_data``/``val_data``: sequences of fixed-size blocks (``TokenDataset`` or
+    anything with ``len`` and ``[i] -> (T,)`` token tensors). ``evaluate_fn(model, val_data) -> dict`` adds
+    metrics to each evaluation (e.g. BrierLM). ``resume=True`` continues from ``out_dir/checkpoint``."""
+
+    def __init__(self, model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig,
+                 tokenizer: Any = None, evaluate_fn: EvaluateFn | None = None, resume: bool = False,
+                 device: str | torch.device | None = None, metadata: dict[str, Any] | None = None) -> None:
+        self.config, self.tokenizer, self.evaluate_fn = config, tokenizer, evaluate_fn
+        self.train_data, self.val_data, self.resume, self.metadata = train_data, val_data, resume, metadata
+        self.dist = setup_distributed()
+        self.device = torch.device(device) if device is not None else self.dist.device
+        self.out_dir = Path(config.out_dir).expanduser()
+        self.block_size = self._check_data(model)
+        self.model = model.to(self.device)
+        self._check_out_dir()
+        self.step = 0
+        self.use_bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps,
+            **({"fused": True} if self.device.type == "cuda" else {}))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(s, config))
+        from .data import BlockSampler
+        self.sampler = BlockSampler(len(train_data), config.batch_size, seed=config.seed,
+                                    rank=self.dist.rank, world_size=self.dist.world_size)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.engine: nn.Module = self.model
+        self.ddp: Any = None
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            # every trainable parameter gets a gradient each step (CALM's frozen autoencoder has none to
+            # sync), so find_unused_parameters is not needed; no model has buffers that change
+            self.engine = self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                              broadcast_buffers=False)
+        if config.compile:
+            self.engine = torch.compile(self.engine)  # type: ignore[assignment]
+        self.last_metrics: dict[str, Any] = {}
+
+    # -- validation ------------------------------------------------------------------------------------
+    def _check_data(self, model: nn.Module) -> int:
+        cfg = self.config
+        if self.train_data is None or len(self.train_data) == 0:
+            raise DataError("the training data is empty (no full block); use more data or a smaller block size")
+        block = _block_size_of(self.train_data)
+        if cfg.block_size is not None and cfg.block_size != block:
+            raise ConfigError(f"TrainConfig.block_size={cfg.block_size} but the training data has blocks of "
+                              f"{block} tokens; rebuild the dataset with block_size={cfg.block_size} or drop the setting")
+        if self.val_data is not None and len(self.val_data) and _block_size_of(self.val_data) != block:
+            raise ConfigError(f"validation blocks have {_block_size_of(self.val_data)} tokens but training blocks "
+                              f"{block}; build both with the same block_size")
+        mcfg = getattr(model, "config", None)
+        k = getattr(mcfg, "chunk_size", None)
+        if k and block % k:
+            raise ConfigError(f"block_size {block} is not a multiple of the chunk size K={k}; use a block size "
+                              f"divisible by {k} (e.g. {block - block % k or k})")
+        max_pos = getattr(mcfg, "max_position_embeddings", None)
+        if max_pos:
+            positions = block // k if (k and getattr(mcfg, "kind", "") == "calm") else block - 1
+            if positions > max_pos:
+                raise ConfigError(f"block_size {block} needs {positions} positions but the model has "
+                                  f"max_position_embeddings={max_pos}; use a smaller block size or a larger model context")
+        if self.dist.world_size * cfg.batch_size > len(self.train_data):
+            raise DataError(f"{len(self.train_data)} training blocks cannot fill one global batch of "
+                            f"{self.dist.world_size * cfg.batch_size}; use more data or a smaller batch size")
+        return block
+
+    def _check_out_dir(self) -> None:
+        if not self.dist.is_main:
+            return
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.out_dir / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"the output directory {self.out_dir} is not writable ({e.strerror}); "
+                              "pass a writable out_dir") from None
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def autocast(self) -> Any:
+        if not self.use_bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / CHECKPOINT_DIR
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            with open(self.out_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """On resume, drop records written after the checkpoint (they will be produced again)."""
+        path = self.out_dir / METRICS_FILE
+        if not self.dist.is_main or not path.is_file():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+
+    def _gather_rng(self) -> Any:
+        state = ckpt.rng_state()
+        if not _distributed():
+            return state
+        states: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def save(self) -> None:
+        """Atomic checkpoint of weights + optimizer + scheduler + step + RNG (all ranks) + data position."""
+        rng = self._gather_rng()  # collective: every rank takes part
+        if self.dist.is_main:
+            state = {"optimizer": self.optimizer, "scheduler": self.scheduler, "step": self.step, "rng": rng,
+                     "data_state": self.sampler.state_dict(),
+                     "extra": {"train_config": self.config.to_dict(), "world_size": self.dist.world_size}}
+            meta = {**(self.metadata or {}), "step": self.step}
+            ckpt.save_model(self.model, self.checkpoint_dir, self.tokenizer, meta, training_state=state)
+        if _distributed():
+            dist.barrier()
+
+    def load(self, directory: str | Path) -> None:
+        directory = Path(directory).expanduser()
+        if not ckpt.is_checkpoint(directory):
+            raise CheckpointError(f"resume requested but there is no checkpoint at {directory} (looked for "
+                                  f"{ckpt.CONFIG_FILE} and {ckpt.WEIGHTS_FILE} there); train without resume "
+                                  "first, or point resume_from at a checkpoint directory")
+        saved = ckpt.read_config(directory)
+        mine = self.model.config.to_dict() if hasattr(self.model, "config") else {}
+        diff = sorted(k for k in mine if k in saved and saved[k] != mine[k])
+        if saved.get("kind") != mine.get("kind") or diff:
+            raise CheckpointError(f"the checkpoint {directory} is for another model (kind {saved.get('kind')!r}, "
+                                  f"differing fields {diff}); resume with the same model config")
+        state = ckpt.read_weights(directory, self.device)
+        with torch.no_grad():
+            ckpt.load_state_into(self.model, state, str(directory))
+        info = ckpt.load_training_state(directory, self.optimizer, self.scheduler)
+        self.step = info["step"]
+        if info["data_state"] is not None:
+            self.sampler.load_state_dict(info["data_state"])
+        rng = info["rng"]
+        if isinstance(rng, list):  # one state per rank
+            rng = rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0]
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        if self.val_data is None or len(self.val_data) == 0:
+            return {}
+        cfg = self.config
+        with _fixed_rng(cfg.seed + 10_007 + self.dist.rank, self.device):
+            out = evaluate_loss(self.model, self.val_data, cfg.batch_size, max(1, cfg.eval_batches), self.device,
+                                self.autocast)
+            result = {f"val_{k}": v for k, v in out.items()}
+            if self.evaluate_fn is not None:
+                was = self.model.training
+                self.model.eval()
+                try:
+                    with torch.no_grad():
+                        extra = self.evaluate_fn(self.model, self.val_data) or {}
+                finally:
+                    self.model.train(was)
+                result.update({k: float(v) for k, v in extra.items()})
+        return result
+
+    def _train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        cfg = self.config
+        loss_sum = torch.zeros((), device=self.device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        for micro in range(cfg.grad_accum):
+            idx = next(self.sampler)
+            batch = _get_batch(self.train_data, idx).to(self.device, non_blocking=True)
+            last = micro == cfg.grad_accum - 1
+            # skip the gradient all-reduce on all but the last micro-step
+            sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    out = self.engine(batch)
+                (out.loss / cfg.grad_accum).backward()
+            loss_sum += out.loss.detach().float() / cfg.grad_accum
+            for k, v in out.metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0) + v.detach().float() / cfg.grad_accum
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip) if cfg.grad_clip > 0
+                     else torch.zeros((), device=self.device))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, metric_sums, grad_norm
+
+    def fit(self, resume_from: str | Path | None = None, stop_at: int | None = None) -> dict[str, Any]:
+        """Train to ``max_steps`` (or ``stop_at``, or the time budget); eval + save at the last step.
+        Returns the final metrics (last training record merged with the final evaluation)."""
+        cfg = self.config
+        if resume_from is not None or self.resume:
+            self.load(resume_from if resume_from is not None else self.checkpoint_dir)
+            self._truncate_metrics(self.step)
+        else:
+            seed = cfg.seed + self.dist.rank
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+        if self.dist.is_main:
+            (self.out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        end = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size * self.block_size
+        self.model.train()
+        bar = None
+        if cfg.progress and self.dist.is_main:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=end, initial=self.step, desc="train", dynamic_ncols=True, unit="step")
+        start = time.perf_counter()
+        window_t, window_steps = start, 0
+        acc_loss = torch.zeros((), device=self.device)
+        acc_metrics: dict[str, torch.Tensor] = {}
+        acc_norm = torch.zeros((), device=self.device)
+        first_step, final_eval = self.step, {}
+        try:
+            while self.step < end:
+                lr = self.scheduler.get_last_lr()[0]
+                loss, metrics, norm = self._train_step()
+                self.step += 1
+                window_steps += 1
+                acc_loss += loss
+                acc_norm += norm.float()
+                for k, v in metrics.items():
+                    acc_metrics[k] = acc_metrics.get(k, 0) + v
+                stop = self._out_of_time(start, first_step)
+                last = self.step == end or stop
+                if self.step % cfg.log_every == 0 or last:
+                    keys = sorted(acc_metrics)
+                    vec = torch.stack([acc_loss, acc_norm] + [acc_metrics[k] for k in keys]) / window_steps
+                    if _distributed():
+                        dist.all_reduce(vec)
+                        vec /= self.dist.world_size
+                    now = time.perf_counter()
+                    vals = vec.tolist()  # the only host sync of the loop
+                    if not math.isfinite(vals[0]):
+                        raise FloatingPointError(f"the training loss became {vals[0]} by step {self.step}; lower "
+                                                 "the learning rate or raise warmup_steps")
+                    record = {"type": "train", "step": self.step, "loss": vals[0],
+                              **{k: vals[2 + i] for i, k in enumerate(keys)}, "grad_norm": vals[1], "lr": lr,
+                              "tokens_per_s": tokens_per_step * window_steps / max(now - window_t, 1e-9),
+                              "tokens": tokens_per_step * self.step, "elapsed_s": now - start}
+                    self._log(record)
+                    self.last_metrics = record
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{vals[0]:.4f}", lr=f"{lr:.2e}",
+                                        tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                    window_t, window_steps = now, 0
+                    acc_loss, acc_norm, acc_metrics = torch.zeros_like(acc_loss), torch.zeros_like(acc_norm), {}
+                if bar is not None:
+                    bar.update(1)
+                if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
+                    result = self.evaluate()
+                    if result:
+                        self._log({"type": "eval", "step": self.step, **result})
+                    if last:
+                        final_eval = result
+                if (cfg.save_every and self.step % cfg.save_every == 0) or last:
+                    self.save()
+                if stop:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        return {**self.last_metrics, **final_eval, "step": self.step}
+
+    def _out_of_time(self, start: float, first_step: int) -> bool:
+        """Stop when another step would exceed the time budget (leaving room for eval + save)."""
+        budget = self.config.time_budget_s
+        if budget is None:
+            return False
+        elapsed = time.perf_counter() - start
+        per_step = elapsed / max(1, self.step - first_step)
+        over = elapsed + 2 * per_step > budget
+        if not _distributed():
+            return over
+        flag = torch.tensor(float(over), device=self.device)
+        dist.broadcast(flag, 0)  # every rank must stop at the same step (collectives follow)
+        return bool(flag.item())
+
+
+def train(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig, tokenizer: Any = None,
+          evaluate_fn: EvaluateFn | None = None, resume: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """Build a :class:`Trainer` and run ``fit``; returns the final metrics."""
+    return Trainer(model, train_data, val_data, config, tokenizer, evaluate_fn, resume=resume, **kwargs).fit()
