@@ -70,6 +70,8 @@ def resolve(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
     if path.exists():
         if path.is_file():  # e.g. .../pytorch_model.bin or config.json: its folder is the checkpoint
             path = path.parent
+        if not (path / "config.json").exists() and (path / "checkpoint" / "config.json").exists():
+            path = path / "checkpoint"  # a training run folder: use its latest checkpoint
         return path
     name = str(path_or_repo_id)
     if not looks_like_repo_id(name):

@@ -95,6 +95,8 @@ def load_model(path: str, device: str | None = None, tokenizer: str | None = Non
 
 def _metadata(path: str) -> dict[str, Any]:
     folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file() and (folder / "checkpoint" / "config.json").is_file():
+        folder = folder / "checkpoint"  # a training run folder
     if not (folder / "config.json").is_file():
         return {}
     try:

@@ -1,0 +1,29 @@
+"""`calm train-baseline`: train the discrete Transformer baseline with the same backbone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .. import workflows as wf
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-baseline", help="train the next-token Transformer baseline (cross-entropy)",
+                       description="Train the standard autoregressive baseline; evaluated by BrierLM like CALM.")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer, or an autoencoder run folder to share its tokenizer (default: train one)")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--preset", default="small", help="baseline preset: debug, small, base, transformer-s/m/l")
+    p.add_argument("--config", default=None, help="BaselineConfig JSON (overrides --preset)")
+    p.add_argument("--brier-tokens", type=int, default=8192)
+    wf.add_data_args(p)
+    wf.add_train_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    final = wf.train_baseline(wf.data_options(args), wf.train_config(args), args.tokenizer, args.preset, args.config,
+                              args.vocab_size, args.resume, args.device, args.brier_tokens)
+    print(json.dumps(final, indent=2, default=str))
+    return 0
