@@ -15,7 +15,7 @@ from .. import workflows as wf
 from ..trainer import TrainConfig
 
 # Share of the budget for each stage; the rest goes to evaluation and samples.
-SHARES = {"autoencoder": 0.34, "calm": 0.26, "baseline": 0.26}
+SHARES = {"autoencoder": 0.32, "calm": 0.25, "baseline": 0.25}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
