@@ -9,23 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
+
+from benchmarks.common import write_json  # noqa: E402
 from calmlm.baseline import BaselineLM
-from calmlm.calm import CALM
-from calmlm.config import baseline_preset, calm_preset
-from calmlm.generation import generate
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+from calmlm.calm import CALM  # noqa: E402
+from calmlm.config import baseline_preset, calm_preset  # noqa: E402
+from calmlm.generation import generate  # noqa: E402
 
 
 def time_generation(model, batch: int, new_tokens: int, prompt_len: int, repeats: int, **kw) -> float:
@@ -78,13 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
                        speedup=round(calm_tps / base_tps, 2))
             print(json.dumps(row), flush=True)
             results.append(row)
-    report = dict(benchmark="generation", device=device_name(device), dtype=str(dtype).replace("torch.", ""),
-                  torch=torch.__version__, python=sys.version.split()[0],
-                  calm_preset=args.calm_preset, baseline_preset=args.baseline_preset,
+    report = dict(benchmark="generation", dtype=str(dtype).replace("torch.", ""), calm_preset=args.calm_preset, baseline_preset=args.baseline_preset,
                   calm_config=calm.config.to_dict(), new_tokens=args.new_tokens, prompt_len=args.prompt_len,
-                  results=results, time=time.strftime("%Y-%m-%d %H:%M:%S"))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+                  results=results)
+    write_json(args.out, report, device)
     print(f"wrote {args.out}")
     return report
 
