@@ -130,20 +130,30 @@ def _calm_steps(model: Any, ids: torch.Tensor, max_new_tokens: int, temperature:
     if steps == 0:
         return
     cache = model.backbone.new_cache(ids.shape[0], total_chunks) if use_cache else None
+    yield from _decode_loop(lambda x, c: model.hidden_states(x, c)[:, -1],
+                            lambda h: _next_chunk(model, h, temperature, sampler, pool_size, gen),
+                            ids, steps, eos, cache, stop_check_every)
+
+
+def _decode_loop(forward: Callable[[torch.Tensor, Any], torch.Tensor], propose: Callable[[torch.Tensor], torch.Tensor],
+                 ids: torch.Tensor, steps: int, eos: int | None, cache: Any,
+                 stop_check_every: int) -> Iterator[torch.Tensor]:
+    """The decode loop shared by both families: ``forward(new_ids, cache)`` gives the state at the last
+    position (CALM hidden state, baseline logits), ``propose(state)`` the next (B, k) tokens. Without a
+    cache every step recomputes the whole sequence (the reference path the tests compare against)."""
     seq = ids
-    hidden = model.hidden_states(ids, cache)[:, -1]  # (B, d)
+    state = forward(ids, cache)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for step in range(steps):
-        chunk = _next_chunk(model, hidden, temperature, sampler, pool_size, gen)  # (B, K)
-        chunk, done = _stop_after_eos(chunk, done, eos)
-        yield chunk
+        new, done = _stop_after_eos(propose(state), done, eos)
+        yield new
         if step == steps - 1 or (eos is not None and (step + 1) % stop_check_every == 0 and bool(done.all())):
             return
-        if use_cache:
-            hidden = model.hidden_states(chunk, cache)[:, -1]
-        else:  # full recomputation (reference path for tests)
-            seq = torch.cat([seq, chunk], dim=1)
-            hidden = model.hidden_states(seq)[:, -1]
+        if cache is not None:
+            state = forward(new, cache)
+        else:
+            seq = torch.cat([seq, new], dim=1)
+            state = forward(seq, None)
 
 
 def _next_chunk(model: Any, hidden: torch.Tensor, temperature: float, sampler: str, pool_size: int,
@@ -181,20 +191,9 @@ def _baseline_steps(model: Any, ids: torch.Tensor, max_new_tokens: int, temperat
     if max_new_tokens == 0:
         return
     cache = model.backbone.new_cache(ids.shape[0], total) if use_cache else None
-    seq = ids
-    logits = model.logits(ids, cache)[:, -1]
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for step in range(max_new_tokens):
-        tok = sample_logits(logits, temperature, top_k, gen)[:, None]
-        tok, done = _stop_after_eos(tok, done, eos)
-        yield tok
-        if step == max_new_tokens - 1 or (eos is not None and (step + 1) % stop_check_every == 0 and bool(done.all())):
-            return
-        if use_cache:
-            logits = model.logits(tok, cache)[:, -1]
-        else:
-            seq = torch.cat([seq, tok], dim=1)
-            logits = model.logits(seq)[:, -1]
+    yield from _decode_loop(lambda x, c: model.logits(x, c)[:, -1],
+                            lambda logits: sample_logits(logits, temperature, top_k, gen)[:, None],
+                            ids, max_new_tokens, eos, cache, stop_check_every)
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
