@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import torch
 
@@ -26,9 +27,10 @@ class Blocks:
         return self.data[i]
 
 
-def config(out_dir: str, batch_size: int) -> TrainConfig:
-    return TrainConfig(lr=1e-3, warmup_steps=1, max_steps=4, batch_size=batch_size, eval_every=2, eval_batches=2,
-                       save_every=0, log_every=1, out_dir=out_dir, progress=False, eps=1e-4)
+def config(out_dir: str, batch_size: int, **overrides: Any) -> TrainConfig:
+    return TrainConfig(**{**dict(lr=1e-3, warmup_steps=1, max_steps=4, batch_size=batch_size, eval_every=2,
+                                 eval_batches=2, save_every=0, log_every=1, out_dir=out_dir, progress=False, eps=1e-4),
+                          **overrides})
 
 
 def model() -> torch.nn.Module:

@@ -2,8 +2,10 @@
 
 Every model's ``forward(input_ids)`` returns ``ModelOutput(loss, metrics)``; the engine only needs that.
 AdamW (fused on CUDA) with warm-up then constant or cosine LR, gradient accumulation, clipping, bf16
-autocast on CUDA, optional ``torch.compile``, DDP under ``torchrun``, periodic evaluation, JSON-lines
-metrics, atomic checkpoints and exact (bit-identical on CPU) resume.
+autocast on CUDA, optional ``torch.compile``, DDP or FSDP2 (``TrainConfig.distributed``) under ``torchrun``,
+periodic evaluation, JSON-lines metrics, atomic checkpoints and exact (bit-identical on CPU) resume.
+FSDP checkpoints have the same single-file format as the others (gathered on rank 0), so a run can be
+resumed with either wrapping, or with none.
 
 Randomness: ``fit`` seeds torch/numpy/random with ``seed + rank`` at the start of a fresh run, so under DDP
 each rank draws its own dropout masks / noise (different data per rank, independent randomness); resume
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -23,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -60,6 +64,7 @@ class TrainConfig:
     block_size: int | None = None  # tokens per block; None: taken from the data
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
     compile: bool = False
+    distributed: str = "ddp"  # under torchrun: "ddp" (replicate) | "fsdp" (FSDP2: shard params/grads/optimizer)
     time_budget_s: float | None = None  # stop cleanly (eval + save) before this much wall time
     out_dir: str = "runs/run"
     progress: bool = True  # tqdm bar on rank 0
@@ -80,6 +85,8 @@ class TrainConfig:
             raise ConfigError(f"unknown LR schedule {self.schedule!r}; use 'constant' or 'cosine'")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"unknown precision {self.precision!r}; use 'auto', 'fp32' or 'bf16'")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise ConfigError(f"unknown distributed mode {self.distributed!r}; use 'ddp' or 'fsdp'")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.block_size is not None and self.block_size <= 0:
@@ -168,6 +175,65 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+# -- FSDP2 -------------------------------------------------------------------------------------------------
+
+def _broadcast_from_rank0(model: nn.Module, device: torch.device) -> None:
+    """Give every rank rank 0's initial weights, as DDP does, one tensor at a time through ``device`` (so the
+    whole model never has to sit there unsharded)."""
+    with torch.no_grad():
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            buf = t.to(device)
+            dist.broadcast(buf, 0)
+            t.copy_(buf)
+
+
+def shard_model(model: nn.Module, device: torch.device, world_size: int, bf16: bool = False) -> nn.Module:
+    """Apply FSDP2 in place: each transformer block (backbone ``DecoderLayer``, autoencoder ``ResidualMLP``) is
+    one unit, all-gathered just before it runs and freed after; the root unit holds the rest (embeddings,
+    heads, norms, so tied weights stay in one unit). Frozen parameters (CALM's autoencoder) are left whole on
+    every rank: they need no gradient sync, and CALM calls its autoencoder through methods that FSDP's
+    forward hooks would not see. ``model`` may be on the CPU: each unit is moved to ``device`` as it is sharded.
+    ``bf16``: gather parameters in bf16 for compute, reduce gradients in fp32 (master weights stay fp32)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from .backbone import DecoderLayer
+    from .layers import ResidualMLP
+
+    _broadcast_from_rank0(model, device)
+    mesh = init_device_mesh(device.type, (world_size,))
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+          else MixedPrecisionPolicy())
+    frozen = {p for p in model.parameters() if not p.requires_grad}
+    with torch.no_grad():
+        for p in frozen:
+            p.data = p.data.to(device)  # fully_shard does not move ignored parameters
+    for block in [m for m in model.modules() if isinstance(m, (DecoderLayer, ResidualMLP))]:
+        if not any(p in frozen for p in block.parameters()):
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+    return fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=frozen or None)
+
+
+_FULL_STATE = dict(full_state_dict=True, cpu_offload=True)  # gathered one tensor at a time onto rank 0's CPU
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the order ``Optimizer.state_dict`` numbers the parameters."""
+    names = {p: n for n, p in model.named_parameters()}
+    return [names[p] for g in optimizer.param_groups for p in g["params"]]
+
+
+class _Gathered(nn.Module):
+    """What ``save_model`` sees of an FSDP model on rank 0: its config and the gathered full state dict."""
+
+    def __init__(self, config: Any, state: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.config, self.full_state = config, state
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return self.full_state
+
+
 # -- data ------------------------------------------------------------------------------------------------
 
 def _block_size_of(data: Any) -> int:
@@ -242,10 +308,22 @@ class Trainer:
         self.device = torch.device(device) if device is not None else self.dist.device
         self.out_dir = Path(config.out_dir).expanduser()
         self.block_size = self._check_data(model)
-        self.model = model.to(self.device)
+        self.use_bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
+        self.fsdp = config.distributed == "fsdp" and self.dist.world_size > 1
+        self.fsdp_bf16 = self.fsdp and self.use_bf16 and self.device.type == "cuda"  # on the CPU plain fp32
+        self.model = model if self.fsdp else model.to(self.device)
+        self.engine: nn.Module = self.model
+        self.ddp: Any = None
+        if self.fsdp:  # before the optimizer is built: FSDP replaces the parameters by sharded DTensors
+            shard_model(self.model, self.device, self.dist.world_size, bf16=self.fsdp_bf16)
+        elif self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            # every trainable parameter gets a gradient each step (CALM's frozen autoencoder has none to
+            # sync), so find_unused_parameters is not needed; no model has buffers that change
+            self.engine = self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                              broadcast_buffers=False)
         self._check_out_dir()
         self.step = 0
-        self.use_bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps,
             **({"fused": True} if self.device.type == "cuda" else {}))
@@ -254,14 +332,6 @@ class Trainer:
         self.sampler = BlockSampler(len(train_data), config.batch_size, seed=config.seed,
                                     rank=self.dist.rank, world_size=self.dist.world_size)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.engine: nn.Module = self.model
-        self.ddp: Any = None
-        if self.dist.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            # every trainable parameter gets a gradient each step (CALM's frozen autoencoder has none to
-            # sync), so find_unused_parameters is not needed; no model has buffers that change
-            self.engine = self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                              broadcast_buffers=False)
         if config.compile:
             self.engine = torch.compile(self.engine)  # type: ignore[assignment]
         self.last_metrics: dict[str, Any] = {}
@@ -312,6 +382,28 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    @contextlib.contextmanager
+    def _unsharded(self) -> Iterator[None]:
+        """Under FSDP, all-gather every unit once (same units, same order on every rank) and keep the full
+        parameters until the block ends. Evaluation runs a different number of forwards on each rank and
+        calls model methods that bypass FSDP's hooks, so it must not trigger any collective itself."""
+        if not self.fsdp:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        fully_shard.state(self.model)._lazy_init()  # fix the root even if no training forward ran yet
+        units = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for m in units:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in units:
+                m.reshard()
+                m.set_reshard_after_forward(m is not self.model, recurse=False)  # FSDP's defaults again
+
     @property
     def checkpoint_dir(self) -> Path:
         return self.out_dir / CHECKPOINT_DIR
@@ -349,14 +441,50 @@ class Trainer:
     def save(self) -> None:
         """Atomic checkpoint of weights + optimizer + scheduler + step + RNG (all ranks) + data position."""
         rng = self._gather_rng()  # collective: every rank takes part
+        model, optimizer = self._gather_full_state() if self.fsdp else (self.model, self.optimizer)
         if self.dist.is_main:
-            state = {"optimizer": self.optimizer, "scheduler": self.scheduler, "step": self.step, "rng": rng,
+            state = {"optimizer": optimizer, "scheduler": self.scheduler, "step": self.step, "rng": rng,
                      "data_state": self.sampler.state_dict(),
                      "extra": {"train_config": self.config.to_dict(), "world_size": self.dist.world_size}}
             meta = {**(self.metadata or {}), "step": self.step}
-            ckpt.save_model(self.model, self.checkpoint_dir, self.tokenizer, meta, training_state=state)
+            ckpt.save_model(model, self.checkpoint_dir, self.tokenizer, meta, training_state=state)
         if _distributed():
             dist.barrier()
+
+    def _gather_full_state(self) -> tuple[nn.Module, Any]:
+        """FSDP (collective): stand-ins for the model and optimizer whose ``state_dict()`` (valid on rank 0)
+        is the full, unsharded state in the usual format, so the checkpoint is the same as without FSDP."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        opts = StateDictOptions(**_FULL_STATE)
+        weights = get_model_state_dict(self.model, options=opts)
+        full_optim = get_optimizer_state_dict(self.model, self.optimizer, options=opts)  # keyed by name
+        for group in ckpt._tie_groups(self.model):  # tied weights are stored once, under the first name
+            for alias in group[1:]:
+                weights.pop(alias, None)
+        optim: dict[str, Any] = {}
+        if self.dist.is_main:  # the usual numbered format: hyperparameters from the optimizer, full tensors
+            optim = self.optimizer.state_dict()
+            names = _param_names(self.model, self.optimizer)
+            optim["state"] = {i: full_optim["state"][n] for i, n in enumerate(names) if n in full_optim["state"]}
+        return _Gathered(self.model.config, weights), SimpleNamespace(state_dict=lambda: optim)
+
+    def _load_full_optimizer(self, directory: Path) -> None:
+        """FSDP: load the full optimizer state of a checkpoint on every rank; each keeps its own shard."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        saved = ckpt._torch_load(directory / ckpt.OPTIMIZER_FILE)["optimizer"]
+        names = _param_names(self.model, self.optimizer)
+        try:
+            groups = [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]
+            by_name = {"state": {names[i]: s for i, s in saved["state"].items()}, "param_groups": groups}
+            set_optimizer_state_dict(self.model, self.optimizer, by_name,
+                                     options=StateDictOptions(full_state_dict=True))
+        except (ValueError, KeyError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"the optimizer state in {directory / ckpt.OPTIMIZER_FILE} does not fit this "
+                                  f"model's parameters ({e}); resume with the same model and trainable "
+                                  "parameters") from None
 
     def load(self, directory: str | Path) -> None:
         directory = Path(directory).expanduser()
@@ -370,10 +498,17 @@ class Trainer:
         if saved.get("kind") != mine.get("kind") or diff:
             raise CheckpointError(f"the checkpoint {directory} is for another model (kind {saved.get('kind')!r}, "
                                   f"differing fields {diff}); resume with the same model config")
-        state = ckpt.read_weights(directory, self.device)
-        with torch.no_grad():
-            ckpt.load_state_into(self.model, state, str(directory))
-        info = ckpt.load_training_state(directory, self.optimizer, self.scheduler)
+        if self.fsdp:  # every rank reads the full weights and keeps its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            full = ckpt.check_state_dict(self.model, ckpt.read_weights(directory), str(directory))
+            set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True))
+            self._load_full_optimizer(directory)
+        else:
+            state = ckpt.read_weights(directory, self.device)
+            with torch.no_grad():
+                ckpt.load_state_into(self.model, state, str(directory))
+        info = ckpt.load_training_state(directory, None if self.fsdp else self.optimizer, self.scheduler)
         self.step = info["step"]
         if info["data_state"] is not None:
             self.sampler.load_state_dict(info["data_state"])
@@ -388,7 +523,9 @@ class Trainer:
         if self.val_data is None or len(self.val_data) == 0:
             return {}
         cfg = self.config
-        with _fixed_rng(cfg.seed + 10_007 + self.dist.rank, self.device):
+        # FSDP's bf16 policy gathers bf16 parameters: evaluate_fn needs autocast to mix them with fp32 tensors
+        fn_autocast = self.autocast if self.fsdp_bf16 else contextlib.nullcontext
+        with _fixed_rng(cfg.seed + 10_007 + self.dist.rank, self.device), self._unsharded():
             out = evaluate_loss(self.model, self.val_data, cfg.batch_size, max(1, cfg.eval_batches), self.device,
                                 self.autocast)
             result = {f"val_{k}": v for k, v in out.items()}
@@ -396,7 +533,7 @@ class Trainer:
                 was = self.model.training
                 self.model.eval()
                 try:
-                    with torch.no_grad():
+                    with torch.no_grad(), fn_autocast():
                         extra = self.evaluate_fn(self.model, self.val_data) or {}
                 finally:
                     self.model.train(was)
@@ -411,8 +548,10 @@ class Trainer:
             idx = next(self.sampler)
             batch = _get_batch(self.train_data, idx).to(self.device, non_blocking=True)
             last = micro == cfg.grad_accum - 1
-            # skip the gradient all-reduce on all but the last micro-step
+            # skip the gradient all-reduce / reduce-scatter on all but the last micro-step
             sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
             with sync:
                 with self.autocast():
                     out = self.engine(batch)
@@ -422,6 +561,8 @@ class Trainer:
                 metric_sums[k] = metric_sums.get(k, 0) + v.detach().float() / cfg.grad_accum
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip) if cfg.grad_clip > 0
                      else torch.zeros((), device=self.device))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: the total norm comes back as a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -62,6 +62,9 @@ def add_train_args(p: argparse.ArgumentParser, lr: float = 1e-3, batch_size: int
     g.add_argument("--save-every", type=int, default=500)
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--distributed", choices=["ddp", "fsdp"], default="ddp",
+                   help="under torchrun: replicate the model on every GPU (ddp) or shard parameters, gradients "
+                        "and optimizer state across them (fsdp, FSDP2) for models that do not fit one GPU")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resume", action="store_true", help="continue exactly from the run folder's checkpoint")
     g.add_argument("--device", default=None)
@@ -78,6 +81,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
                        grad_accum=args.grad_accum, max_steps=args.max_steps, weight_decay=args.weight_decay,
                        eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
                        block_size=args.block_size, precision=args.precision, compile=args.compile,
+                       distributed=args.distributed,
                        time_budget_s=args.minutes * 60 if args.minutes else None, out_dir=args.out,
                        progress=not args.no_progress)
 
