@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from calmlm.autoencoder import Autoencoder, kl_per_dim
+from calmlm.autoencoder import Autoencoder, fast_argmax, kl_per_dim
 from calmlm.config import AutoencoderConfig, autoencoder_preset
 from calmlm.errors import ConfigError
 from calmlm.evaluation import evaluate_autoencoder
@@ -109,3 +109,48 @@ def test_a_few_steps_learn_to_reconstruct():
     assert r["num_tokens"] == 64 * 16 and r["num_chunks"] == 64 * 4
     assert 0 < r["active_dims"] <= 16
     assert r["token_accuracy"]["0.3"] <= r["token_accuracy"]["0.0"] + 1e-9
+
+
+@pytest.mark.parametrize("vocab", [8192, 8100, 300, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_argmax_is_argmax_including_ties(vocab, dtype):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(300, vocab, generator=g).to(dtype)
+    logits[:100] = (logits[:100] * 2).round()  # many exact ties: the lowest index must win, as in argmax
+    logits[100:110] = 0.0
+    logits[110:120, -3:] = 50.0  # the winner in a ragged tail block
+    assert torch.equal(fast_argmax(logits), logits.argmax(-1))
+
+
+def test_chunked_decode_tokens_equal_full_argmax():
+    ae = _ae().eval()
+    z = torch.randn(7, 5, 16)
+    with torch.no_grad():
+        full = ae.decode(z).argmax(-1).view(7, 5, 4)  # (7, 5*K, V) -> (7, 5, K)
+    assert torch.equal(ae.decode_tokens(z), full)
+    assert torch.equal(ae.decode_tokens(z, max_logits=4 * 512 * 3), full)  # slices of 3 latents
+    assert torch.equal(ae.decode_tokens(z, max_logits=1), full)  # one latent at a time
+
+
+def test_pool_keys_have_the_equality_pattern_of_the_decoded_chunks():
+    """decode_pool_keys decodes only what telling draws apart needs; the equality pattern within each pool
+    (hence every count the temperature sampler uses) is exactly that of full decoding."""
+    from calmlm import sampling
+
+    ae = _ae().eval()
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(6, 16, generator=g) * 3
+    # Pools mixing exact repeats, near repeats (same chunk or shared prefixes) and unrelated draws.
+    z = centres[torch.randint(0, 6, (5, 120), generator=g)] + 0.3 * torch.randn(5, 120, 16, generator=g)
+    z[:, 100:] = torch.randn(5, 20, 16, generator=g) * 3
+    z[0] = z[0, :1]  # one pool of identical draws
+    full = ae.decode_tokens(z)
+    keys = ae.decode_pool_keys(z)
+    same = (full[:, :, None] == full[:, None, :]).all(-1)
+    assert torch.equal((keys[:, :, None] == keys[:, None, :]).all(-1), same)
+    decoded = keys >= 0
+    assert torch.equal(keys[decoded], full[decoded])  # decoded slots are the real tokens...
+    assert decoded[:, :, 0].all() and not decoded.all()  # ...the first always, not all of them
+    assert same.sum() > 5 * 120 + 100  # the pools do contain repeats
+    for t in (0.5, 1 / 3, 0.7):
+        assert torch.allclose(sampling._selection_probs(keys, t), sampling._selection_probs(full, t))

@@ -5,7 +5,7 @@ from calmlm.baseline import BaselineLM
 from calmlm.calm import CALM
 from calmlm.config import baseline_preset, calm_preset
 from calmlm.errors import GenerationError
-from calmlm.generation import generate
+from calmlm.generation import generate, sample_logits
 
 
 def _calm(**over):
@@ -84,3 +84,52 @@ def test_errors():
         generate(calm, [1, 2, 3, 4], temperature=0.5, sampler="magic")
     with pytest.raises(GenerationError, match="temperature must be >= 0"):
         generate(base, [1, 2], temperature=-1)
+
+
+@pytest.mark.parametrize(("temperature", "top_k"), [(1.0, None), (0.7, 3)])
+def test_sample_logits_follows_tempered_top_k_softmax(temperature, top_k):
+    """The exponential race draws exactly from softmax(logits / T) restricted to the top k."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n = 60_000
+    ids = sample_logits(logits.expand(n, -1), temperature, top_k, torch.Generator().manual_seed(5))
+    p = torch.softmax(logits / temperature, -1)
+    if top_k is not None:
+        p[top_k:] = 0
+        p /= p.sum()
+    freq = torch.bincount(ids, minlength=6).double() / n
+    sd = (p.double() * (1 - p.double()) / n).sqrt()
+    assert torch.all((freq - p.double()).abs() <= 5 * sd + 1e-12), (freq, p)
+    wrong = torch.softmax(logits, -1)  # the same bound catches sampling at the wrong temperature
+    assert temperature == 1.0 or torch.any((freq - wrong.double()).abs() > 5 * sd)
+
+
+def test_compiled_decode_step_matches_eager():
+    """compile=True runs the same computation: identical tokens for CALM (T=1 and T<1) and the baseline."""
+    calm, base = _calm(), _baseline()
+    prompt = torch.randint(3, 512, (2, 8))
+    for model, kw in [(calm, dict(temperature=1.0)), (calm, dict(temperature=0.5, pool_size=16)),
+                      (base, dict(temperature=0.8, top_k=20))]:
+        eager = generate(model, prompt, max_new_tokens=12, seed=4, **kw)
+        compiled = generate(model, prompt, max_new_tokens=12, seed=4, compile=True, **kw)
+        assert torch.equal(eager, compiled)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_decode_loop_never_synchronises_on_gpu(temperature):
+    """After the prompt, no step of the decode loop (backbone, head, decoder, batch temperature sampling,
+    EOS handling) waits for the GPU: torch's sync debug mode turns any synchronisation into an error."""
+    from calmlm.generation import iter_generate
+
+    for model, kw in [(_calm().cuda(), dict(pool_size=64)), (_baseline().cuda(), {})]:
+        prompt = torch.randint(3, 512, (4, 8), device="cuda")
+        steps = iter_generate(model, prompt, max_new_tokens=40, temperature=temperature, seed=1,
+                              eos_token_id=2, stop_check_every=4, **kw)
+        next(steps)  # prompt processing may synchronise
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            produced = sum(1 for _ in steps)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert produced > 0

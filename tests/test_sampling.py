@@ -515,3 +515,24 @@ def test_approx_bfloat16_and_nan_pools_take_the_torch_path() -> None:
     assert out.tolist() == [1.0, 3.0]  # NaN never equals itself: a count-1 value, never chosen at n=2
     out16 = batch_temperature_sample(pool.to(torch.bfloat16), 0.5, generator=torch.Generator().manual_seed(73))
     assert out16.dtype == torch.bfloat16 and out16.float().tolist() == [1.0, 3.0]
+
+
+@pytest.mark.parametrize(("num_values", "dims"), [(512, 4), (128_256, 4), (3, 1)])
+def test_known_value_range_packs_without_looking_at_the_data(num_values: int, dims: int) -> None:
+    """With ``num_values`` (token ids in [0, V)) the key needs no min/max from the data (no host sync on
+    GPUs); 4 ids of a 128k vocabulary do not fit one int64 and take the column-wise sort. Either way the
+    counts are exact, and sampling draws the same entries as without the hint."""
+    g = torch.Generator().manual_seed(80)
+    rows = torch.randint(0, num_values, (5, 60, dims), generator=g)
+    rows[:, ::4] = rows[:, :1]
+    rows[:, 1] = num_values - 1
+    key = sampling._pack_rows(rows, num_values)
+    if num_values**dims > 2**63:
+        assert key is None
+    else:
+        assert same_structure(key, rows)
+    counts, perm = sampling._sorted_counts(rows, num_values)
+    by_pairs = (rows[:, :, None] == rows[:, None, :]).all(-1).sum(-1)
+    assert torch.equal(counts, by_pairs.gather(1, perm))
+    u = torch.rand(5, generator=g, dtype=torch.float64)
+    assert torch.equal(sampling._sample_torch(rows, 0.5, u, num_values), sampling._sample_torch(rows, 0.5, u))

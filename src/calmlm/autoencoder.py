@@ -66,15 +66,21 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(..., N, l) latents -> (..., N*K, V) logits over the vocabulary."""
+        return self.slot_logits(self.expand(z)).flatten(-3, -2)
+
+    def expand(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., l) latents -> (..., K, d): the shared trunk, up to one hidden vector per token slot."""
         x = self.latent_to_hidden(z)
-        half = len(self.decoder_layers) // 2
-        for layer in self.decoder_layers[:half]:
+        for layer in self.decoder_layers[: len(self.decoder_layers) // 2]:
             x = layer(x)
-        x = self.expand_layer(x).unflatten(-1, (self.chunk_size, -1))  # (..., N, K, d)
-        for layer in self.decoder_layers[half:]:
+        return self.expand_layer(x).unflatten(-1, (self.chunk_size, -1))
+
+    def slot_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d) slot vectors -> (..., V) logits. Position-wise (no mixing between slots), so any subset
+        of slots can be decoded on its own."""
+        for layer in self.decoder_layers[len(self.decoder_layers) // 2:]:
             x = layer(x)
-        x = self.norm(x).flatten(-3, -2)  # (..., N*K, d)
-        return F.linear(x, self._embedding[0].weight)
+        return F.linear(self.norm(x), self._embedding[0].weight)
 
 
 class Autoencoder(nn.Module):
@@ -103,10 +109,52 @@ class Autoencoder(nn.Module):
         return self.decoder(z)
 
     @torch.no_grad()
-    def decode_tokens(self, z: torch.Tensor) -> torch.Tensor:
-        """(..., l) latents -> (..., K) token ids by argmax (the reference's decoding rule)."""
-        logits = self.decoder(z.unsqueeze(-2))  # (..., K, V)
-        return logits.argmax(-1)
+    def decode_tokens(self, z: torch.Tensor, max_logits: int | None = None) -> torch.Tensor:
+        """(..., l) latents -> (..., K) token ids by argmax (the reference's decoding rule).
+
+        Generation at T < 1 decodes hundreds of latents per position, so the latents go through the decoder
+        in slices whose (rows, V) logits stay small (``max_logits`` elements; by default cache-sized on
+        CPU, 2^28 on GPUs): the logits never exist for the whole pool at once."""
+        k, lead = self.config.chunk_size, z.shape[:-1]
+        flat = z.reshape(-1, z.shape[-1])
+        if max_logits is None:
+            max_logits = 2**23 if z.device.type == "cpu" else 2**28
+        rows = max(1, max_logits // (k * self.config.vocab_size))
+        out = torch.empty(flat.shape[0], k, dtype=torch.long, device=z.device)
+        for i in range(0, flat.shape[0], rows):
+            logits = self.decoder(flat[i:i + rows])  # (rows*K, V)
+            out[i:i + rows] = fast_argmax(logits).view(-1, k)
+        return out.view(*lead, k)
+
+    @torch.no_grad()
+    def decode_pool_keys(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, N, l) pools of latents -> (B, N, K) rows whose equality pattern within each pool is exactly
+        that of the decoded chunks, at a fraction of the cost when the pool is diverse.
+
+        Temperature sampling from a pool only needs to know which draws decode to the same chunk. Slots are
+        decoded one at a time, and only for draws whose decoded prefix is still shared with another draw
+        of the same pool: once a prefix is unique, so is the chunk, and its remaining slots are filled with
+        a placeholder < 0 unique to that draw. Entries >= 0 are the decoded token ids. Decode the chosen
+        draws fully afterwards (:meth:`decode_tokens`)."""
+        b, n, _ = z.shape
+        k, vocab = self.config.chunk_size, self.config.vocab_size
+        slots = self.decoder.expand(z.reshape(b * n, -1))  # (R, K, d), cheap next to the logits
+        rows = torch.arange(b * n, device=z.device)
+        keys = -1 - rows[:, None].repeat(1, k)  # placeholders, unique per draw
+        group = rows // n  # draws are compared within their own pool only
+        active = rows
+        for j in range(k):
+            tokens = fast_argmax(self.decoder.slot_logits(slots[active, j]))
+            keys[active, j] = tokens
+            if j == k - 1:
+                break
+            # Dense ids of (group, prefix) keep the key small whatever V and K are.
+            _, group, counts = torch.unique(group * vocab + tokens, return_inverse=True, return_counts=True)
+            shared = counts[group] > 1
+            active, group = active[shared], group[shared]
+            if active.numel() == 0:
+                break
+        return keys.view(b, n, k)
 
     # -- training -------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, noise_std: float = 0.0) -> ModelOutput:
@@ -144,3 +192,25 @@ class Autoencoder(nn.Module):
 def kl_per_dim(mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, std^2) || N(0, 1)) per dimension: 0.5 * (mean^2 + std^2 - 1) - log_std."""
     return 0.5 * (mean.pow(2) + torch.exp(2 * log_std) - 1) - log_std
+
+
+def fast_argmax(logits: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """``logits.argmax(-1)`` for 2-D logits, ties resolved to the lowest index as argmax does.
+
+    On CPU, ``argmax`` over a long last dimension is several times slower than ``amax`` (it is not
+    vectorised the same way), so we take the max of each block of ``block`` columns, pick the first best
+    block, and the first best column inside it. Elsewhere plain argmax is already fast."""
+    if logits.device.type != "cpu" or logits.dim() != 2 or logits.shape[-1] < 4 * block:
+        return logits.argmax(-1)
+    rows, vocab = logits.shape
+    main = vocab - vocab % block
+    blocks = logits[:, :main].unflatten(-1, (-1, block))  # (rows, nb, block); a view when vocab % block == 0
+    best_block = blocks.amax(-1).argmax(-1)  # (rows,)
+    inside = blocks[torch.arange(rows, device=logits.device), best_block].argmax(-1)
+    idx = best_block * block + inside
+    if main < vocab:  # a ragged tail wins only if strictly larger (it comes later)
+        tail = logits[:, main:]
+        tail_val, tail_idx = tail.max(-1)
+        head_val = logits.gather(-1, idx[:, None])[:, 0]
+        idx = torch.where(tail_val > head_val, tail_idx + main, idx)
+    return idx

@@ -64,10 +64,14 @@ def iter_generate(model: Any, input_ids: torch.Tensor | list[int] | list[list[in
                   temperature: float = 1.0, num_samples: int = 1, top_k: int | None = None,
                   sampler: str = "batch", pool_size: int = 200, eos_token_id: int | None = None,
                   seed: int | None = None, use_cache: bool = True, stop_check_every: int = 8,
-                  ) -> Iterator[torch.Tensor]:
+                  compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield new tokens as they are produced: (B * num_samples, K) per step for CALM, (B', 1) for the
     baseline. Sequences that produced EOS are padded with EOS afterwards; the loop stops early once all
-    have (checked every ``stop_check_every`` steps, so the device is not synchronised at every step)."""
+    have (checked every ``stop_check_every`` steps; on GPUs the check reads a flag copied asynchronously
+    at the previous check, so the decode loop never waits for the device).
+
+    ``compile=True`` runs the per-step computations (backbone step; head + decoder, or logits + sampling)
+    through ``torch.compile``: the first call pays the compilation, later calls with the same model reuse it."""
     _validate(model, temperature, max_new_tokens, num_samples, sampler, pool_size)
     device = next(model.parameters()).device
     ids = _as_batch(input_ids, device).repeat_interleave(num_samples, dim=0)
@@ -75,10 +79,10 @@ def iter_generate(model: Any, input_ids: torch.Tensor | list[int] | list[list[in
     gen = _make_generator(seed, device)
     if model.config.kind == "calm":
         yield from _calm_steps(model, ids, max_new_tokens, temperature, sampler, pool_size, eos, gen, use_cache,
-                               stop_check_every)
+                               stop_check_every, compile)
     else:
         yield from _baseline_steps(model, ids, max_new_tokens, temperature, top_k, eos, gen, use_cache,
-                                   stop_check_every)
+                                   stop_check_every, compile)
 
 
 def generate(model: Any, input_ids: torch.Tensor | list[int] | list[list[int]], max_new_tokens: int = 64,
@@ -86,7 +90,7 @@ def generate(model: Any, input_ids: torch.Tensor | list[int] | list[list[int]], 
     """Generate up to ``max_new_tokens`` tokens after the prompt; returns (B * num_samples, T + new).
 
     ``callback`` receives each step's new tokens (for streaming). Options: temperature, num_samples,
-    top_k (baseline), sampler / pool_size (CALM), eos_token_id, seed, use_cache."""
+    top_k (baseline), sampler / pool_size (CALM), eos_token_id, seed, use_cache, compile."""
     device = next(model.parameters()).device
     prompt = _as_batch(input_ids, device).repeat_interleave(kwargs.get("num_samples", 1), dim=0)
     pieces = [prompt]
@@ -108,9 +112,15 @@ def _stop_after_eos(tokens: torch.Tensor, done: torch.Tensor, eos: int | None) -
     return tokens, done | is_eos.any(-1)
 
 
+def _maybe_compile(fn: Callable[..., Any], compile: bool) -> Callable[..., Any]:
+    # Dynamo caches compiled code per code object and guards on the closure (the model), so wrapping
+    # afresh on every generate call reuses earlier compilations.
+    return torch.compile(fn) if compile else fn
+
+
 def _calm_steps(model: Any, ids: torch.Tensor, max_new_tokens: int, temperature: float, sampler: str,
                 pool_size: int, eos: int | None, gen: torch.Generator | None, use_cache: bool,
-                stop_check_every: int) -> Iterator[torch.Tensor]:
+                stop_check_every: int, compile: bool = False) -> Iterator[torch.Tensor]:
     cfg = model.config
     k = cfg.chunk_size
     pad_id = eos if eos is not None else cfg.autoencoder.mask_token_id
@@ -130,8 +140,9 @@ def _calm_steps(model: Any, ids: torch.Tensor, max_new_tokens: int, temperature:
     if steps == 0:
         return
     cache = model.backbone.new_cache(ids.shape[0], total_chunks) if use_cache else None
-    yield from _decode_loop(lambda x, c: model.hidden_states(x, c)[:, -1],
-                            lambda h: _next_chunk(model, h, temperature, sampler, pool_size, gen),
+    draw = _maybe_compile(model.sample_chunks, compile)
+    yield from _decode_loop(_maybe_compile(lambda x, c: model.hidden_states(x, c)[:, -1], compile),
+                            lambda h: _next_chunk(model, h, temperature, sampler, pool_size, gen, draw),
                             ids, steps, eos, cache, stop_check_every)
 
 
@@ -144,10 +155,11 @@ def _decode_loop(forward: Callable[[torch.Tensor, Any], torch.Tensor], propose: 
     seq = ids
     state = forward(ids, cache)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    all_done = _AsyncFlag(ids.device)
     for step in range(steps):
         new, done = _stop_after_eos(propose(state), done, eos)
         yield new
-        if step == steps - 1 or (eos is not None and (step + 1) % stop_check_every == 0 and bool(done.all())):
+        if step == steps - 1 or (eos is not None and (step + 1) % stop_check_every == 0 and all_done.update(done.all())):
             return
         if cache is not None:
             state = forward(new, cache)
@@ -156,18 +168,51 @@ def _decode_loop(forward: Callable[[torch.Tensor, Any], torch.Tensor], propose: 
             state = forward(seq, None)
 
 
+class _AsyncFlag:
+    """A boolean computed on the device, read by the host without stalling the GPU queue: ``update``
+    starts copying the new value to pinned memory and returns the value copied at the previous update
+    (long finished by then). On CPU it returns the new value directly."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.host = torch.zeros((), dtype=torch.bool).pin_memory()
+            self.event = torch.cuda.Event()
+            self.pending = False
+
+    def update(self, value: torch.Tensor) -> bool:
+        if not self.cuda:
+            return bool(value)
+        previous = False
+        if self.pending:
+            self.event.synchronize()
+            previous = bool(self.host)
+        self.host.copy_(value, non_blocking=True)
+        self.event.record()
+        self.pending = True
+        return previous
+
+
 def _next_chunk(model: Any, hidden: torch.Tensor, temperature: float, sampler: str, pool_size: int,
-                gen: torch.Generator | None) -> torch.Tensor:
+                gen: torch.Generator | None, sample_chunks: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    sample_chunks = sample_chunks or model.sample_chunks
     if temperature == 1.0:
-        return model.sample_chunks(hidden, generator=gen)
+        return sample_chunks(hidden, generator=gen)
     from . import sampling
 
     if sampler == "batch":
-        pool = model.sample_chunks(hidden, num_samples=pool_size, generator=gen).transpose(0, 1)  # (B, N, K)
-        return sampling.batch_temperature_sample(pool, temperature, generator=gen)
+        if hidden.device.type == "cpu":
+            # Decode only as much of each draw as telling the chunks apart needs, then the chosen draws
+            # in full. (Data-dependent sizes: on GPUs the full pool is decoded, without synchronising.)
+            z = model.sample_latents(hidden, pool_size, gen).transpose(0, 1)  # (B, N, l)
+            keys = model.autoencoder.decode_pool_keys(z.to(model.autoencoder.decoder.expand_layer.weight.dtype))
+            pick = sampling.batch_temperature_choice(keys, temperature, generator=gen)
+            return model.decode_latents(z[torch.arange(z.shape[0], device=z.device), pick])
+        pool = sample_chunks(hidden, num_samples=pool_size, generator=gen).transpose(0, 1)  # (B, N, K)
+        return sampling.batch_temperature_sample(pool, temperature, generator=gen, num_values=model.config.vocab_size)
 
     def draw(m: int) -> torch.Tensor:
-        return model.sample_chunks(hidden, num_samples=m, generator=gen).transpose(0, 1)  # (B, m, K)
+        return sample_chunks(hidden, num_samples=m, generator=gen).transpose(0, 1)  # (B, m, K)
 
     samples, _ = sampling.exact_temperature_sample_batch(draw, hidden.shape[0], temperature, generator=gen)
     return samples
@@ -175,7 +220,7 @@ def _next_chunk(model: Any, hidden: torch.Tensor, temperature: float, sampler: s
 
 def _baseline_steps(model: Any, ids: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
                     eos: int | None, gen: torch.Generator | None, use_cache: bool,
-                    stop_check_every: int) -> Iterator[torch.Tensor]:
+                    stop_check_every: int, compile: bool = False) -> Iterator[torch.Tensor]:
     cfg = model.config
     if ids.shape[1] == 0:
         if cfg.bos_token_id is None and eos is None:
@@ -191,8 +236,9 @@ def _baseline_steps(model: Any, ids: torch.Tensor, max_new_tokens: int, temperat
     if max_new_tokens == 0:
         return
     cache = model.backbone.new_cache(ids.shape[0], total) if use_cache else None
-    yield from _decode_loop(lambda x, c: model.logits(x, c)[:, -1],
-                            lambda logits: sample_logits(logits, temperature, top_k, gen)[:, None],
+    yield from _decode_loop(_maybe_compile(lambda x, c: model.logits(x, c)[:, -1], compile),
+                            _maybe_compile(lambda logits: sample_logits(logits, temperature, top_k, gen)[:, None],
+                                           compile),
                             ids, max_new_tokens, eos, cache, stop_check_every)
 
 
@@ -205,5 +251,8 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) is an exact draw from p, and unlike
+    # torch.multinomial it never synchronises with the host on GPUs.
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
+    return (probs / race).argmax(-1)

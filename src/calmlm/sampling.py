@@ -34,6 +34,7 @@ from torch import Tensor
 from .errors import GenerationError
 
 __all__ = [
+    "batch_temperature_choice",
     "batch_temperature_sample",
     "exact_temperature_sample",
     "exact_temperature_sample_batch",
@@ -378,15 +379,25 @@ def _as_rows(pool: Tensor) -> Tensor:
     return pool.reshape(pool.shape[0], pool.shape[1], -1)
 
 
-def _pack_rows(rows: Tensor) -> Tensor | None:
+def _pack_rows(rows: Tensor, num_values: int | None = None) -> Tensor | None:
     """[P, N, D] rows as [P, N] keys that are equal exactly when the rows are, or None if the rows
-    are not integers or their value ranges do not fit one int64 (then rows are sorted column-wise)."""
+    are not integers or their value ranges do not fit one int64 (then rows are sorted column-wise).
+
+    ``num_values``: the entries are known to lie in [0, num_values) (token ids), so the radix needs no
+    look at the data: no device-to-host transfer on GPUs."""
     dims = rows.shape[-1]
     if dims == 1:
         return rows[..., 0]
     if rows.dtype.is_floating_point or rows.dtype.is_complex:
         return None
     rows = rows.long()
+    if num_values is not None:  # too wide for one key (e.g. 4 ids of a 128k vocabulary): column-wise sort
+        if num_values**dims > 2**63:
+            return None
+        key = rows[..., 0]
+        for d in range(1, dims):  # Horner with a Python-int radix: no host-to-device copy
+            key = key * num_values + rows[..., d]
+        return key
     lo, hi = (int(v) for v in rows.aminmax())
     if (hi - lo + 1) ** dims <= 2**63:  # one radix for all columns: the cheap common case (token ids)
         mult = [(hi - lo + 1) ** (dims - 1 - d) for d in range(dims)]
@@ -412,10 +423,16 @@ def _group_log_weights(pool_size: int, n: int, alpha: float) -> numpy.ndarray:
     return table
 
 
-def _sorted_counts(rows: Tensor) -> tuple[Tensor, Tensor]:
+@functools.lru_cache(maxsize=64)
+def _log_weight_table(pool_size: int, n: int, alpha: float, device: torch.device) -> Tensor:
+    """_group_log_weights as a tensor kept on ``device`` (copied there once, not at every step)."""
+    return torch.from_numpy(_group_log_weights(pool_size, n, alpha).copy()).to(device)
+
+
+def _sorted_counts(rows: Tensor, num_values: int | None = None) -> tuple[Tensor, Tensor]:
     """For rows [P, N, D]: ``counts`` [P, N], the number of occurrences of the row at each sorted
     place, and ``perm`` [P, N] sorting each position's pool so that equal rows are adjacent. Exact."""
-    key = _pack_rows(rows)
+    key = _pack_rows(rows, num_values)
     if key is not None:
         ordered, perm = key.sort(dim=1)
         differs = ordered[:, 1:] != ordered[:, :-1]
@@ -433,12 +450,12 @@ def _sorted_counts(rows: Tensor) -> tuple[Tensor, Tensor]:
     return sizes.gather(1, group), perm
 
 
-def _sorted_log_weights(pool: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def _sorted_log_weights(pool: Tensor, temperature: float, num_values: int | None = None) -> tuple[Tensor, Tensor]:
     """Log selection weight of every pool entry in sorted order [P, N] (-inf: never chosen), and
     the sorting permutation. See batch_temperature_sample for the rule."""
     n, alpha = split_inverse_temperature(temperature)
-    counts, perm = _sorted_counts(_as_rows(pool))
-    table = torch.from_numpy(_group_log_weights(pool.shape[1], n, alpha).copy()).to(counts.device)
+    counts, perm = _sorted_counts(_as_rows(pool), num_values)
+    table = _log_weight_table(pool.shape[1], n, alpha, counts.device)
     # A value's weight is split evenly over its c occurrences (- log c).
     log_w = table.take(counts) - counts.double().log()
     # Fallback when no value occurs n times: τ = largest count c_max, so only the values with c_max
@@ -454,9 +471,10 @@ def _selection_probs(pool: Tensor, temperature: float) -> Tensor:
     return torch.empty_like(log_w).scatter_(1, perm, torch.softmax(log_w, dim=1))
 
 
-def _sample_torch(pool: Tensor, temperature: float, u: Tensor) -> Tensor:
-    """Pool index chosen per position [P] (any device): inverse CDF over per-entry weights."""
-    log_w, perm = _sorted_log_weights(pool, temperature)
+def _sample_torch(pool: Tensor, temperature: float, u: Tensor, num_values: int | None = None) -> Tensor:
+    """Pool index chosen per position [P] (any device): inverse CDF over per-entry weights. With
+    ``num_values`` given it runs entirely on the pool's device, without synchronising."""
+    log_w, perm = _sorted_log_weights(pool, temperature, num_values)
     cdf = (log_w - log_w.max(1, keepdim=True).values).exp().cumsum(1)
     place = (cdf <= u.to(cdf.device).unsqueeze(1) * cdf[:, -1:]).sum(1, keepdim=True).clamp_max(cdf.shape[1] - 1)
     return perm.gather(1, place).squeeze(1)
@@ -527,7 +545,8 @@ def _sample_numpy(key: numpy.ndarray, n: int, alpha: float, u: numpy.ndarray) ->
 _USE_NUMPY = True
 
 
-def batch_temperature_sample(pool: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
+def batch_temperature_sample(pool: Tensor, temperature: float, generator: torch.Generator | None = None,
+                             num_values: int | None = None) -> Tensor:
     """Approximate temperature sampling from a fixed pool of draws (paper Algorithm 2), vectorised.
 
     ``pool`` [P, N, ...] holds N i.i.d. draws of P(·) per position; a sample is everything after the
@@ -550,8 +569,19 @@ def batch_temperature_sample(pool: Tensor, temperature: float, generator: torch.
       gives a uniform draw from the pool.
 
     On CPU the counting runs in numpy (rows packed into one integer key, sorted per position);
-    elsewhere in torch. Randomness: one uniform per position from ``generator``.
+    elsewhere in torch. ``num_values``: entries are integers in [0, num_values) (e.g. the vocabulary
+    size), which lets the GPU path run without any host-device synchronisation. Randomness: one uniform
+    per position from ``generator``.
     """
+    flat = batch_temperature_choice(pool, temperature, generator, num_values)
+    flat = flat + torch.arange(0, pool.shape[0] * pool.shape[1], pool.shape[1], device=pool.device)
+    return pool.reshape(-1, *pool.shape[2:]).index_select(0, flat)
+
+
+def batch_temperature_choice(pool: Tensor, temperature: float, generator: torch.Generator | None = None,
+                             num_values: int | None = None) -> Tensor:
+    """The pool index [P] that :func:`batch_temperature_sample` picks at each position (same rule, same
+    randomness). Only the equality pattern of the pool matters, so a pool of stand-in keys works too."""
     n, alpha = split_inverse_temperature(temperature)
     rows = _as_rows(pool)
     # One uniform per position, drawn the same way on every path (inverse-CDF selection).
@@ -568,6 +598,5 @@ def batch_temperature_sample(pool: Tensor, temperature: float, generator: torch.
     if key is not None:
         choice = torch.from_numpy(_sample_numpy(key, n, alpha, u.cpu().numpy()))
     else:
-        choice = _sample_torch(pool, temperature, u)
-    flat = choice.to(pool.device) + torch.arange(0, pool.shape[0] * pool.shape[1], pool.shape[1], device=pool.device)
-    return pool.reshape(-1, *pool.shape[2:]).index_select(0, flat)
+        choice = _sample_torch(pool, temperature, u, num_values)
+    return choice.to(pool.device)

@@ -26,15 +26,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file/folder if the checkpoint has none")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="auto = bfloat16 on GPUs, the stored dtype on CPU; bfloat16 is also ~3x faster on "
+                        "CPUs with AMX (e.g. Sapphire Rapids) for T<1, where hundreds of latents are decoded per step")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off on long generations)")
     p.set_defaults(func=run)
 
 
-def load_model_and_tokenizer(path: str, device: str | None = None, tokenizer: str | None = None):
+def load_model_and_tokenizer(path: str, device: str | None = None, tokenizer: str | None = None,
+                             dtype_name: str = "auto"):
     from ..loading import load
     from ..tokenizer import Tokenizer
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if dev.startswith("cuda") else None
+    if dtype_name == "auto":
+        dtype = torch.bfloat16 if dev.startswith("cuda") else None
+    else:
+        dtype = getattr(torch, dtype_name)
     model = load(path, device=dev, dtype=dtype)
     tok = Tokenizer.load(tokenizer) if tokenizer else getattr(model, "tokenizer", None)
     if tok is None:
@@ -45,7 +53,7 @@ def load_model_and_tokenizer(path: str, device: str | None = None, tokenizer: st
 def run(args: argparse.Namespace) -> int:
     from ..generation import iter_generate
 
-    model, tok = load_model_and_tokenizer(args.model, args.device, args.tokenizer)
+    model, tok = load_model_and_tokenizer(args.model, args.device, args.tokenizer, args.dtype)
     if model.config.kind == "autoencoder":
         raise CalmError(f"{args.model} is an autoencoder; generation needs a CALM or baseline model")
     prompt = tok.encode(args.prompt)
@@ -57,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(args.prompt)
     for new in iter_generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              sampler=args.sampler, pool_size=args.pool_size, num_samples=args.num_samples,
-                             eos_token_id=eos, seed=args.seed):
+                             eos_token_id=eos, seed=args.seed, compile=args.compile):
         for row, toks in zip(rows, new.tolist()):
             row.extend(toks)
         if stream:
