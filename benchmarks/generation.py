@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -18,10 +21,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.common import write_json  # noqa: E402
-from calmlm.baseline import BaselineLM
+from calmlm.baseline import BaselineLM  # noqa: E402
 from calmlm.calm import CALM  # noqa: E402
 from calmlm.config import baseline_preset, calm_preset  # noqa: E402
 from calmlm.generation import generate  # noqa: E402
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` = bfloat16 on CUDA, float32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    table = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(table)}")
+    return table[name]
+
+
+def build_pair(calm_name: str, baseline_name: str, device: torch.device, dtype: torch.dtype,
+               seed: int = 0, head_std: float = 0.1) -> tuple[CALM, BaselineLM]:
+    """Random-weight CALM and baseline for timing generation, in eval mode on ``device`` in ``dtype``."""
+    torch.manual_seed(seed)
+    calm = CALM(calm_preset(calm_name)).to(device, dtype).eval()
+    # the head's output layer starts at zero (every latent identical); give it weights so the decoder and
+    # the temperature sampler see varied chunks, as with a trained model (head_std=0: all draws identical,
+    # the worst case for decoding a pool slot by slot)
+    torch.nn.init.normal_(calm.head.final_layer.linears[2].weight, std=head_std)
+    base = BaselineLM(baseline_preset(baseline_name)).to(device, dtype).eval()
+    return calm, base
 
 
 def time_generation(model, batch: int, new_tokens: int, prompt_len: int, repeats: int, **kw) -> float:
@@ -41,6 +66,47 @@ def time_generation(model, batch: int, new_tokens: int, prompt_len: int, repeats
     return batch * new_tokens / best
 
 
+@torch.no_grad()
+def reference_style_generate(model: CALM, prompt: torch.Tensor, new_tokens: int, temperature: float,
+                             pool_size: int, seed: int = 0) -> torch.Tensor:
+    """The reference implementation's T < 1 generate loop, re-created with our modules so its speed can be
+    measured side by side: every step runs ``pool_size`` separate head + decoder passes over the batch, then
+    a per-sequence Python loop counts the decoded chunks with a ``Counter`` and picks one with weight
+    C(count, n), falling back to n-1, ... (integer 1/T = n). Same backbone, KV cache and dtype as ours."""
+    rng = random.Random(seed)
+    n, k = round(1 / temperature), model.config.chunk_size
+    cache = model.backbone.new_cache(prompt.shape[0], prompt.shape[1] // k + new_tokens // k + 1)
+    hidden = model.hidden_states(prompt, cache)[:, -1]
+    out = [prompt]
+    for _ in range(new_tokens // k):
+        pool = torch.stack([model.sample_chunks(hidden) for _ in range(pool_size)], 1).tolist()  # (B, N, K)
+        chosen = []
+        for draws in pool:
+            counts = Counter(map(tuple, draws))
+            for m in range(n, 0, -1):
+                weighted = [(chunk, math.comb(c, m)) for chunk, c in counts.items() if c >= m]
+                if weighted:
+                    break
+            chosen.append(rng.choices([c for c, _ in weighted], weights=[w for _, w in weighted])[0])
+        new = torch.tensor(chosen, device=prompt.device)
+        out.append(new)
+        hidden = model.hidden_states(new, cache)[:, -1]
+    return torch.cat(out, 1)
+
+
+def time_reference_loop(model: CALM, batch: int, new_tokens: int, prompt_len: int, temperature: float,
+                        pool_size: int) -> float:
+    device = next(model.parameters()).device
+    prompt = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=device)
+    reference_style_generate(model, prompt, 8, temperature, pool_size)  # warm-up
+    t0 = time.perf_counter()
+    out = reference_style_generate(model, prompt, new_tokens, temperature, pool_size)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    assert out.shape[1] == prompt_len + new_tokens
+    return batch * new_tokens / (time.perf_counter() - t0)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calm-preset", default="base")
@@ -53,16 +119,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto", help="auto = bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--head-std", type=float, default=0.1,
+                    help="std of the random head's output layer: how diverse a pool of draws is (0 = identical)")
+    ap.add_argument("--calm-model", help="time this trained CALM checkpoint instead of a random-weight preset")
+    ap.add_argument("--reference-loop", action="store_true",
+                    help="at T < 1 also time the reference implementation's loop (pool of separate decoder passes "
+                         "+ per-sequence Counter), re-created with our modules")
     ap.add_argument("--out", default="bench_out/generation.json")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    torch.manual_seed(0)
-    calm = CALM(calm_preset(args.calm_preset)).to(device, dtype).eval()
-    torch.nn.init.normal_(calm.head.final_layer.linears[2].weight, std=0.1)  # non-degenerate latents
-    base = BaselineLM(baseline_preset(args.baseline_preset)).to(device, dtype).eval()
+    dtype = resolve_dtype(args.dtype, device)
+    calm, base = build_pair(args.calm_preset, args.baseline_preset, device, dtype, head_std=args.head_std)
+    if args.calm_model:
+        from calmlm.loading import load
+
+        calm = load(args.calm_model, device=device, dtype=dtype).eval()
     results = []
     for batch in [int(b) for b in args.batches.split(",")]:
         for t in [float(x) for x in args.temperatures.split(",")]:
@@ -72,9 +144,14 @@ def main(argv: list[str] | None = None) -> dict:
             row = dict(batch=batch, temperature=t, pool_size=args.pool_size if t < 1 else None,
                        calm_tokens_per_s=round(calm_tps, 1), baseline_tokens_per_s=round(base_tps, 1),
                        speedup=round(calm_tps / base_tps, 2))
+            if args.reference_loop and t < 1:
+                ref_tps = time_reference_loop(calm, batch, args.new_tokens, args.prompt_len, t, args.pool_size)
+                row.update(reference_loop_tokens_per_s=round(ref_tps, 1), speedup_vs_reference_loop=round(calm_tps / ref_tps, 2))
             print(json.dumps(row), flush=True)
             results.append(row)
-    report = dict(benchmark="generation", dtype=str(dtype).replace("torch.", ""), calm_preset=args.calm_preset, baseline_preset=args.baseline_preset,
+    report = dict(benchmark="generation", dtype=str(dtype).replace("torch.", ""), calm_preset=args.calm_preset,
+                  calm_model=args.calm_model, head_std=None if args.calm_model else args.head_std,
+                  baseline_preset=args.baseline_preset,
                   calm_config=calm.config.to_dict(), new_tokens=args.new_tokens, prompt_len=args.prompt_len,
                   results=results)
     write_json(args.out, report, device)

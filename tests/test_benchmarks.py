@@ -1,0 +1,57 @@
+"""The one-command benchmark suite (benchmarks/suite.py) runs end to end at tiny sizes and reports sane numbers."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `benchmarks` is a folder of scripts beside the package, not installed
+
+from benchmarks import suite  # noqa: E402
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_suite_debug_pair(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "suite.json"
+    suite.main(["--device", "cpu", "--pairs", "debug:debug", "--batches", "1,2", "--temperatures", "1.0,0.5",
+                "--new-tokens", "8", "--prompt-len", "16", "--pool-size", "8", "--repeats", "1",
+                "--train-batch", "2", "--block-size", "64", "--train-steps", "2", "--train-warmup", "1",
+                "--out", str(out)])
+
+    data = json.loads(out.read_text())
+    assert data["meta"]["device"].startswith("CPU") and data["meta"]["torch"]
+    gen = data["generation"]["rows"]
+    assert [(r["batch"], r["temperature"]) for r in gen] == [(1, 1.0), (1, 0.5), (2, 1.0), (2, 0.5)]
+    for r in gen:
+        assert r["pair"] == "debug:debug"
+        assert all(_positive(r[k]) for k in ("calm_tokens_per_s", "baseline_tokens_per_s", "ratio"))
+        assert r["pool_size"] == (8 if r["temperature"] < 1 else None)
+
+    train = data["training"]
+    assert [r["model"] for r in train["rows"]] == ["calm:debug", "baseline:debug"]
+    for r in train["rows"]:
+        assert all(_positive(r[k]) for k in ("params", "tokens_per_s", "train_flops_per_token", "achieved_tflops"))
+        assert r["tokens_per_step"] == 2 * 64
+        assert r["mfu"] is None  # no peak on a CPU ...
+    assert train["peak_tflops"] is None and "CPU" in train["peak_note"]  # ... and the output says why
+
+    md = out.with_suffix(".md").read_text()
+    assert md.startswith("## Efficiency suite on CPU")
+    assert md.count("| debug:debug |") == 4
+    assert "| calm:debug |" in md and "| baseline:debug |" in md and "MFU not reported" in md
+    assert md in capsys.readouterr().out  # the markdown is also printed
+
+
+def test_peak_table_prefers_specific_names() -> None:
+    import torch
+
+    expect = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 PCIe": 756.0, "NVIDIA H200": 989.4,
+              "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA L40S": 362.0, "NVIDIA L4": 121.0, "NVIDIA A10G": 125.0}
+    for name, peak in expect.items():
+        assert suite.lookup_peak(name)[1] == peak, name
+    assert suite.lookup_peak("Some Future GPU") is None
+    assert suite.peak_tflops(torch.device("cpu"), True, 100.0) == (100.0, "--peak-tflops")
