@@ -202,9 +202,9 @@ def bench_training_one(preset: str, config: CALMConfig | BaselineConfig, args: a
                            save_every=0, precision=precision, compile=args.compile, out_dir=out_dir, progress=False)
         trainer = Trainer(model, data, None, tcfg, device=device)
         trainer.model.train()
-        # Trainer._train_step is exactly one optimizer step of Trainer.fit (autocast, backward, clipping,
+        # Trainer.train_step is exactly one optimizer step of Trainer.fit (autocast, backward, clipping,
         # AdamW, scheduler); calling it directly leaves out fit's logging, evaluation and checkpointing.
-        timing = time_call(trainer._train_step, repeats=args.train_steps, warmup=args.train_warmup, device=device)
+        timing = time_call(trainer.train_step, repeats=args.train_steps, warmup=args.train_warmup, device=device)
     tokens_per_step = args.train_batch * args.block_size  # counted as Trainer.fit counts tokens_per_s
     tokens_per_s = tokens_per_step / timing["median_s"]
     flops_per_token = training_flops_per_token(config, context_length=args.block_size).total

@@ -540,7 +540,10 @@ class Trainer:
                 result.update({k: float(v) for k, v in extra.items()})
         return result
 
-    def _train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    def train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """One optimizer step of :meth:`fit` (micro-batches, autocast, backward, clipping, AdamW, LR schedule)
+        without its logging, evaluation and checkpointing; returns (loss, metrics, grad norm) as tensors.
+        Benchmarks time this."""
         cfg = self.config
         loss_sum = torch.zeros((), device=self.device)
         metric_sums: dict[str, torch.Tensor] = {}
@@ -598,7 +601,7 @@ class Trainer:
         try:
             while self.step < end:
                 lr = self.scheduler.get_last_lr()[0]
-                loss, metrics, norm = self._train_step()
+                loss, metrics, norm = self.train_step()
                 self.step += 1
                 window_steps += 1
                 acc_loss += loss
