@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--head-std", type=float, default=0.1,
                     help="std of the random head's output layer: how diverse a pool of draws is (0 = identical)")
     ap.add_argument("--calm-model", help="time this trained CALM checkpoint instead of a random-weight preset")
+    ap.add_argument("--compile", action="store_true", help="generate(..., compile=True) for both models")
     ap.add_argument("--reference-loop", action="store_true",
                     help="at T < 1 also time the reference implementation's loop (pool of separate decoder passes "
                          "+ per-sequence Counter), re-created with our modules")
@@ -138,9 +139,10 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for batch in [int(b) for b in args.batches.split(",")]:
         for t in [float(x) for x in args.temperatures.split(",")]:
-            kw = dict(temperature=t, pool_size=args.pool_size)
+            kw = dict(temperature=t, pool_size=args.pool_size, compile=args.compile)
             calm_tps = time_generation(calm, batch, args.new_tokens, args.prompt_len, args.repeats, **kw)
-            base_tps = time_generation(base, batch, args.new_tokens, args.prompt_len, args.repeats, temperature=t)
+            base_tps = time_generation(base, batch, args.new_tokens, args.prompt_len, args.repeats, temperature=t,
+                                       compile=args.compile)
             row = dict(batch=batch, temperature=t, pool_size=args.pool_size if t < 1 else None,
                        calm_tokens_per_s=round(calm_tps, 1), baseline_tokens_per_s=round(base_tps, 1),
                        speedup=round(calm_tps / base_tps, 2))
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(row), flush=True)
             results.append(row)
     report = dict(benchmark="generation", dtype=str(dtype).replace("torch.", ""), calm_preset=args.calm_preset,
-                  calm_model=args.calm_model, head_std=None if args.calm_model else args.head_std,
+                  calm_model=args.calm_model, compile=args.compile, head_std=None if args.calm_model else args.head_std,
                   baseline_preset=args.baseline_preset,
                   calm_config=calm.config.to_dict(), new_tokens=args.new_tokens, prompt_len=args.prompt_len,
                   results=results)

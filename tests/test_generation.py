@@ -112,6 +112,14 @@ def test_compiled_decode_step_matches_eager():
         eager = generate(model, prompt, max_new_tokens=12, seed=4, **kw)
         compiled = generate(model, prompt, max_new_tokens=12, seed=4, compile=True, **kw)
         assert torch.equal(eager, compiled)
+    # A later call (new generator, new seed) reuses the compiled code instead of compiling again.
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0  # the counter does see compilations
+    generate(calm, prompt, max_new_tokens=12, seed=9, compile=True)
+    generate(base, prompt, max_new_tokens=12, seed=9, temperature=0.8, compile=True)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.gpu

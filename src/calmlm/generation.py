@@ -114,8 +114,28 @@ def _stop_after_eos(tokens: torch.Tensor, done: torch.Tensor, eos: int | None) -
 
 def _maybe_compile(fn: Callable[..., Any], compile: bool) -> Callable[..., Any]:
     # Dynamo caches compiled code per code object and guards on the closure (the model), so wrapping
-    # afresh on every generate call reuses earlier compilations.
+    # afresh on every generate call reuses earlier compilations. Only deterministic functions are compiled:
+    # a torch.Generator (new for every call) in a compiled frame would force a recompilation per call.
     return torch.compile(fn) if compile else fn
+
+
+def _head_and_decode(model: Any, hidden: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return model.decode_latents(model.head(hidden, noise))
+
+
+def _chunk_sampler(model: Any, compile: bool) -> Callable[..., torch.Tensor]:
+    """``model.sample_chunks`` with the noise drawn eagerly and head + decoder optionally compiled (the same
+    draws as the eager sampler for the same generator)."""
+    if not compile:
+        return model.sample_chunks
+    decode = torch.compile(_head_and_decode)
+
+    def sample(hidden: torch.Tensor, num_samples: int | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        lead = tuple(hidden.shape[:-1]) if num_samples is None else (num_samples, *hidden.shape[:-1])
+        return decode(model, hidden, model.head.noise(lead, hidden.device, hidden.dtype, generator))
+
+    return sample
 
 
 def _calm_steps(model: Any, ids: torch.Tensor, max_new_tokens: int, temperature: float, sampler: str,
@@ -140,7 +160,7 @@ def _calm_steps(model: Any, ids: torch.Tensor, max_new_tokens: int, temperature:
     if steps == 0:
         return
     cache = model.backbone.new_cache(ids.shape[0], total_chunks) if use_cache else None
-    draw = _maybe_compile(model.sample_chunks, compile)
+    draw = _chunk_sampler(model, compile)
     yield from _decode_loop(_maybe_compile(lambda x, c: model.hidden_states(x, c)[:, -1], compile),
                             lambda h: _next_chunk(model, h, temperature, sampler, pool_size, gen, draw),
                             ids, steps, eos, cache, stop_check_every)
@@ -237,8 +257,7 @@ def _baseline_steps(model: Any, ids: torch.Tensor, max_new_tokens: int, temperat
         return
     cache = model.backbone.new_cache(ids.shape[0], total) if use_cache else None
     yield from _decode_loop(_maybe_compile(lambda x, c: model.logits(x, c)[:, -1], compile),
-                            _maybe_compile(lambda logits: sample_logits(logits, temperature, top_k, gen)[:, None],
-                                           compile),
+                            lambda logits: sample_logits(logits, temperature, top_k, gen)[:, None],
                             ids, max_new_tokens, eos, cache, stop_check_every)
 
 
