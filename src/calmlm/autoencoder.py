@@ -116,7 +116,7 @@ class Autoencoder(nn.Module):
         in slices whose (rows, V) logits stay small (``max_logits`` elements; by default cache-sized on
         CPU, 2^28 on GPUs): the logits never exist for the whole pool at once."""
         k, lead = self.config.chunk_size, z.shape[:-1]
-        flat = z.reshape(-1, z.shape[-1])
+        flat = self._decoder_input(z).reshape(-1, z.shape[-1])
         if max_logits is None:
             max_logits = 2**23 if z.device.type == "cpu" else 2**28
         rows = max(1, max_logits // (k * self.config.vocab_size))
@@ -138,7 +138,7 @@ class Autoencoder(nn.Module):
         draws fully afterwards (:meth:`decode_tokens`)."""
         b, n, _ = z.shape
         k, vocab = self.config.chunk_size, self.config.vocab_size
-        slots = self.decoder.expand(z.reshape(b * n, -1))  # (R, K, d), cheap next to the logits
+        slots = self.decoder.expand(self._decoder_input(z).reshape(b * n, -1))  # (R, K, d), cheap next to the logits
         rows = torch.arange(b * n, device=z.device)
         keys = -1 - rows[:, None].repeat(1, k)  # placeholders, unique per draw
         group = rows // n  # draws are compared within their own pool only
@@ -155,6 +155,10 @@ class Autoencoder(nn.Module):
             if active.numel() == 0:
                 break
         return keys.view(b, n, k)
+
+    def _decoder_input(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents in the decoder's dtype: a CALM head may run in another precision than the frozen decoder."""
+        return z.to(self.decoder.expand_layer.weight.dtype)
 
     # -- training -------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, noise_std: float = 0.0) -> ModelOutput:

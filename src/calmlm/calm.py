@@ -66,7 +66,7 @@ class CALM(nn.Module):
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """(..., l) -> (..., K) token ids (argmax of the frozen decoder)."""
-        return self.autoencoder.decode_tokens(z.to(self.autoencoder.decoder.expand_layer.weight.dtype))
+        return self.autoencoder.decode_tokens(z)
 
     def sample_chunks(self, hidden: torch.Tensor, num_samples: int | None = None,
                       generator: torch.Generator | None = None) -> torch.Tensor:

@@ -225,7 +225,7 @@ def _next_chunk(model: Any, hidden: torch.Tensor, temperature: float, sampler: s
             # Decode only as much of each draw as telling the chunks apart needs, then the chosen draws
             # in full. (Data-dependent sizes: on GPUs the full pool is decoded, without synchronising.)
             z = model.sample_latents(hidden, pool_size, gen).transpose(0, 1)  # (B, N, l)
-            keys = model.autoencoder.decode_pool_keys(z.to(model.autoencoder.decoder.expand_layer.weight.dtype))
+            keys = model.autoencoder.decode_pool_keys(z)
             pick = sampling.batch_temperature_choice(keys, temperature, generator=gen)
             return model.decode_latents(z[torch.arange(z.shape[0], device=z.device), pick])
         pool = sample_chunks(hidden, num_samples=pool_size, generator=gen).transpose(0, 1)  # (B, N, K)
