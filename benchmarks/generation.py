@@ -14,6 +14,7 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -49,16 +50,18 @@ def build_pair(calm_name: str, baseline_name: str, device: torch.device, dtype: 
     return calm, base
 
 
-def time_generation(model, batch: int, new_tokens: int, prompt_len: int, repeats: int, **kw) -> float:
+def time_generation(model, batch: int, new_tokens: int, prompt_len: int, repeats: int,
+                    generate_fn: Callable[..., torch.Tensor] = generate, **kw) -> float:
+    """Generated tokens/s, best of ``repeats`` after a short warm-up, of ``generate_fn`` (default: ours)."""
     device = next(model.parameters()).device
     prompt = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=device)
-    generate(model, prompt, max_new_tokens=min(new_tokens, 16), seed=0, **kw)  # warm-up
+    generate_fn(model, prompt, max_new_tokens=min(new_tokens, 16), seed=0, **kw)  # warm-up
     best = float("inf")
     for r in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = generate(model, prompt, max_new_tokens=new_tokens, seed=r, **kw)
+        out = generate_fn(model, prompt, max_new_tokens=new_tokens, seed=r, **kw)
         if device.type == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
@@ -67,7 +70,7 @@ def time_generation(model, batch: int, new_tokens: int, prompt_len: int, repeats
 
 
 @torch.no_grad()
-def reference_style_generate(model: CALM, prompt: torch.Tensor, new_tokens: int, temperature: float,
+def reference_style_generate(model: CALM, prompt: torch.Tensor, max_new_tokens: int, temperature: float,
                              pool_size: int, seed: int = 0) -> torch.Tensor:
     """The reference implementation's T < 1 generate loop, re-created with our modules so its speed can be
     measured side by side: every step runs ``pool_size`` separate head + decoder passes over the batch, then
@@ -75,10 +78,10 @@ def reference_style_generate(model: CALM, prompt: torch.Tensor, new_tokens: int,
     C(count, n), falling back to n-1, ... (integer 1/T = n). Same backbone, KV cache and dtype as ours."""
     rng = random.Random(seed)
     n, k = round(1 / temperature), model.config.chunk_size
-    cache = model.backbone.new_cache(prompt.shape[0], prompt.shape[1] // k + new_tokens // k + 1)
+    cache = model.backbone.new_cache(prompt.shape[0], prompt.shape[1] // k + max_new_tokens // k + 1)
     hidden = model.hidden_states(prompt, cache)[:, -1]
     out = [prompt]
-    for _ in range(new_tokens // k):
+    for _ in range(max_new_tokens // k):
         pool = torch.stack([model.sample_chunks(hidden) for _ in range(pool_size)], 1).tolist()  # (B, N, K)
         chosen = []
         for draws in pool:
@@ -92,19 +95,6 @@ def reference_style_generate(model: CALM, prompt: torch.Tensor, new_tokens: int,
         out.append(new)
         hidden = model.hidden_states(new, cache)[:, -1]
     return torch.cat(out, 1)
-
-
-def time_reference_loop(model: CALM, batch: int, new_tokens: int, prompt_len: int, temperature: float,
-                        pool_size: int) -> float:
-    device = next(model.parameters()).device
-    prompt = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=device)
-    reference_style_generate(model, prompt, 8, temperature, pool_size)  # warm-up
-    t0 = time.perf_counter()
-    out = reference_style_generate(model, prompt, new_tokens, temperature, pool_size)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    assert out.shape[1] == prompt_len + new_tokens
-    return batch * new_tokens / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -147,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
                        calm_tokens_per_s=round(calm_tps, 1), baseline_tokens_per_s=round(base_tps, 1),
                        speedup=round(calm_tps / base_tps, 2))
             if args.reference_loop and t < 1:
-                ref_tps = time_reference_loop(calm, batch, args.new_tokens, args.prompt_len, t, args.pool_size)
+                ref_tps = time_generation(calm, batch, args.new_tokens, args.prompt_len, 1, reference_style_generate,
+                                          temperature=t, pool_size=args.pool_size)  # one run: it is slow
                 row.update(reference_loop_tokens_per_s=round(ref_tps, 1), speedup_vs_reference_loop=round(calm_tps / ref_tps, 2))
             print(json.dumps(row), flush=True)
             results.append(row)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +29,6 @@ import torch  # noqa: E402
 
 from benchmarks.common import device_name, environment, time_call, write_json  # noqa: E402
 from benchmarks.generation import build_pair, resolve_dtype, time_generation  # noqa: E402
-from calmlm import generation  # noqa: E402
 from calmlm.config import BaselineConfig, CALMConfig, baseline_preset, calm_preset  # noqa: E402
 from calmlm.flops import count_parameters, training_flops_per_token  # noqa: E402
 from calmlm.models import build_model  # noqa: E402
@@ -76,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="auto", choices=sorted(TRAIN_PRECISION),
                     help="auto = bf16 on CUDA, fp32 on CPU. Generation casts the weights; training keeps fp32 "
                          "weights and uses bf16 autocast, as the Trainer does")
-    ap.add_argument("--compile", action="store_true", help="torch.compile in generation (if supported) and training")
+    ap.add_argument("--compile", action="store_true", help="torch.compile in generation and training")
     ap.add_argument("--train-batch", type=int, help="blocks per training step (default 8 CUDA / 4 CPU)")
     ap.add_argument("--block-size", type=int, help="tokens per block, a multiple of K (default 2048 CUDA / 256 CPU)")
     ap.add_argument("--train-steps", type=int, help="timed optimizer steps (default 10 CUDA / 3 CPU)")
@@ -114,27 +112,13 @@ def _free_memory(device: torch.device) -> None:
 
 # -- generation ----------------------------------------------------------------------------------------
 
-def generation_accepts(name: str) -> bool:
-    """Whether calmlm's generate takes keyword ``name`` (generate forwards **kwargs to iter_generate)."""
-    fns = [getattr(generation, f, None) for f in ("generate", "iter_generate")]
-    return any(name in inspect.signature(f).parameters for f in fns if f is not None)
-
-
 def bench_generation(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    compile_kw: dict[str, bool] = {}
-    note = None
-    if args.compile:
-        if generation_accepts("compile"):
-            compile_kw = {"compile": True}
-        else:
-            note = "calmlm.generation.generate has no compile= option: generation ran eagerly"
-            print(f"note: {note}", file=sys.stderr)
     batches = [int(b) for b in args.batches.split(",")]
     temperatures = [float(t) for t in args.temperatures.split(",")]
     rows = []
     for calm_name, base_name in parse_pairs(args.pairs):
         calm, base = build_pair(calm_name, base_name, device, dtype)
-        timing = dict(new_tokens=args.new_tokens, prompt_len=args.prompt_len, repeats=args.repeats, **compile_kw)
+        timing = dict(new_tokens=args.new_tokens, prompt_len=args.prompt_len, repeats=args.repeats, compile=args.compile)
         for batch in batches:
             for t in temperatures:
                 calm_tps = time_generation(calm, batch, temperature=t, pool_size=args.pool_size, **timing)
@@ -148,7 +132,7 @@ def bench_generation(args: argparse.Namespace, device: torch.device, dtype: torc
         del calm, base
         _free_memory(device)
     return dict(new_tokens=args.new_tokens, prompt_len=args.prompt_len, repeats=args.repeats, timing="best of repeats",
-                pool_size=args.pool_size, compile=bool(compile_kw), note=note, rows=rows)
+                pool_size=args.pool_size, compile=args.compile, rows=rows)
 
 
 # -- training ------------------------------------------------------------------------------------------
@@ -277,8 +261,6 @@ def to_markdown(report: dict[str, Any], meta: dict[str, Any]) -> str:
                          f"{r['baseline_tokens_per_s']:,.0f} | {r['ratio']:.2f}× |")
         lines += ["", f"CALM at T < 1: batch approximation with a pool of N = {gen['pool_size']} draws per step; "
                       "baseline: softmax temperature."]
-        if gen["note"]:
-            lines.append(f"Note: {gen['note']}.")
         lines.append("")
     train = report.get("training")
     if train:

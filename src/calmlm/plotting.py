@@ -34,6 +34,17 @@ def _save(fig: Any, path: str | Path) -> Path:
     return path
 
 
+def _finish(plt: Any, fig: Any, ax: Any, title: str, path: str | Path) -> Path:
+    """Title, grid and legend shared by every figure; save it and free it even if saving fails."""
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def _temperature_label(t: float) -> str:
     inv = 1.0 / t
     return f"T=1/{round(inv)}" if abs(inv - round(inv)) < 1e-6 and round(inv) > 1 else f"T={t:g}"
@@ -67,13 +78,7 @@ def plot_accuracy_diversity(series: Mapping[str, Points] | Points, path: str | P
                         textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("collision rate  P(x1 = x2)  (lower = more diverse)")
     ax.set_ylabel("accuracy  P(x = y)")
-    ax.set_title(title or "Accuracy vs diversity under temperature")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _finish(plt, fig, ax, title or "Accuracy vs diversity under temperature", path)
 
 
 def plot_accuracy_vs_noise(results: Mapping[str, Any], path: str | Path, title: str | None = None) -> Path:
@@ -98,10 +103,4 @@ def plot_accuracy_vs_noise(results: Mapping[str, Any], path: str | Path, title: 
     ax.set_xlabel("latent noise std sigma")
     ax.set_ylabel("reconstruction accuracy (%)")
     ax.set_ylim(0, 100.5)
-    ax.set_title(title or "Autoencoder robustness to latent noise")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _finish(plt, fig, ax, title or "Autoencoder robustness to latent noise", path)
