@@ -32,7 +32,7 @@ from benchmarks.generation import build_pair, resolve_dtype, time_generation  # 
 from calmlm.config import BaselineConfig, CALMConfig, baseline_preset, calm_preset  # noqa: E402
 from calmlm.flops import count_parameters, training_flops_per_token  # noqa: E402
 from calmlm.models import build_model  # noqa: E402
-from calmlm.trainer import TrainConfig, Trainer  # noqa: E402
+from calmlm.trainer import TrainConfig, Trainer, resolve_precision  # noqa: E402
 
 # Dense (no sparsity) BF16 tensor-core peaks in TFLOPS, from the NVIDIA product datasheets. Matched as
 # substrings of torch.cuda.get_device_name in this order, so specific names come before their prefixes
@@ -227,7 +227,7 @@ def check_block_size(args: argparse.Namespace) -> None:
 
 def bench_training(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     precision = TRAIN_PRECISION[args.dtype]
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")  # as Trainer.use_bf16
+    bf16 = resolve_precision(precision, device) == "bf16"  # as the Trainer decides
     peak, peak_note = peak_tflops(device, bf16, args.peak_tflops)
     rows = []
     for (_, preset), config in training_configs(args.pairs).items():
