@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from calmlm.data import (BlockSampler, TokenDataset, build_token_file, is_validation, open_corpus, prepare_corpus,
-                         split_documents, stdlib_corpus, token_dtype)
+from calmlm.data import (BlockSampler, TokenDataset, build_token_file, is_validation, iter_blocks, open_corpus,
+                         prepare_corpus, split_documents, stack_blocks, stdlib_corpus, token_dtype)
 from calmlm.errors import DataError, TokenizerError
 from calmlm.tokenizer import train_tokenizer
 
@@ -168,10 +168,10 @@ def test_token_dataset_blocks_are_memory_mapped(tmp_path, tok):
     assert ds[3].tolist() == flat[21:28].tolist() and ds[-1].tolist() == flat[(len(ds) - 1) * 7:len(ds) * 7].tolist()
     with pytest.raises(IndexError):
         ds[len(ds)]
-    assert ds.batch([2, 0]).shape == (2, 7)
+    assert stack_blocks(ds, [2, 0]).shape == (2, 7)
     assert torch.equal(pickle.loads(pickle.dumps(ds))[5], ds[5])
-    batches = list(ds.iter_batches(4, rank=1, world_size=2))
-    assert torch.equal(torch.cat(batches), ds.batch(range(1, len(ds), 2)))
+    batches = list(iter_blocks(ds, 4, rank=1, world_size=2))
+    assert torch.equal(torch.cat(batches), stack_blocks(ds, range(1, len(ds), 2)))
 
 
 # -- sampler -------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint as ckpt
+from .data import stack_blocks
 from .errors import CheckpointError, ConfigError, DataError
 
 EvaluateFn = Callable[[nn.Module, Any], dict[str, float]]
@@ -242,12 +243,6 @@ def _block_size_of(data: Any) -> int:
     return int(data[0].shape[-1])
 
 
-def _get_batch(data: Any, indices: list[int]) -> torch.Tensor:
-    if hasattr(data, "batch"):
-        return data.batch(indices)
-    return torch.stack([torch.as_tensor(data[i]) for i in indices]).long()
-
-
 @contextlib.contextmanager
 def _fixed_rng(seed: int, device: torch.device) -> Iterator[None]:
     """Run a block with freshly seeded generators and restore the previous states afterwards."""
@@ -280,7 +275,7 @@ def evaluate_loss(model: nn.Module, data: Any, batch_size: int, num_batches: int
             for s in range(0, len(mine), batch_size):
                 idx = mine[s:s + batch_size]
                 with autocast():
-                    out = model(_get_batch(data, idx).to(device))
+                    out = model(stack_blocks(data, idx).to(device))
                 for k, v in {"loss": out.loss, **out.metrics}.items():
                     sums[k] = sums.get(k, 0) + v.detach().double() * len(idx)
                 count += len(idx)
@@ -549,7 +544,7 @@ class Trainer:
         metric_sums: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum):
             idx = next(self.sampler)
-            batch = _get_batch(self.train_data, idx).to(self.device, non_blocking=True)
+            batch = stack_blocks(self.train_data, idx).to(self.device, non_blocking=True)
             last = micro == cfg.grad_accum - 1
             # skip the gradient all-reduce / reduce-scatter on all but the last micro-step
             sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
