@@ -314,6 +314,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_ddp_sums_are_all_reduced(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
     import socket

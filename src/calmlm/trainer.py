@@ -42,6 +42,7 @@ EvaluateFn = Callable[[nn.Module, Any], dict[str, float]]
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
 TRAIN_CONFIG_FILE = "train_config.json"
+RUN_FILE = "run.json"  # what produced the run: code version, resolved train and model configs, data record
 
 
 @dataclass
@@ -287,6 +288,24 @@ def evaluate_loss(model: nn.Module, data: Any, batch_size: int, num_batches: int
         dist.all_reduce(vec)
     total = vec[-1].item()
     return {k: vec[i].item() / max(total, 1.0) for i, k in enumerate(keys)}
+
+
+def code_version() -> dict[str, Any]:
+    """calmlm's version, and the git commit of its source (with ``dirty`` for uncommitted changes) when it
+    runs from a checkout."""
+    import subprocess
+
+    from . import __version__
+
+    out: dict[str, Any] = {"calmlm": __version__, "torch": torch.__version__}
+    here = Path(__file__).resolve().parent
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", str(here), *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=10, check=True).stdout.strip()
+        out.update(git_commit=git("rev-parse", "HEAD"), dirty=bool(git("status", "--porcelain", "--", ".")))
+    except (OSError, subprocess.SubprocessError):
+        pass  # an installed package: the version is all there is
+    return out
 
 
 class Trainer:
@@ -580,6 +599,10 @@ class Trainer:
             random.seed(seed)
         if self.dist.is_main:
             (self.out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            model_config = getattr(getattr(self.model, "config", None), "to_dict", dict)()
+            run = {"code": code_version(), "train_config": cfg.to_dict(), "world_size": self.dist.world_size,
+                   "model_config": model_config, **(self.metadata or {})}
+            (self.out_dir / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
         end = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size * self.block_size
         self.model.train()
