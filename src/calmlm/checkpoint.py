@@ -446,11 +446,6 @@ def save_training_state(directory: str | Path, optimizer: torch.optim.Optimizer 
         torch.save({"rng": rng}, directory / RNG_FILE)
 
 
-def has_training_state(directory: str | Path) -> bool:
-    d = Path(directory)
-    return (d / TRAINER_STATE_FILE).is_file() and (d / OPTIMIZER_FILE).is_file()
-
-
 def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer | None = None,
                         scheduler: Any = None) -> dict[str, Any]:
     """Restore optimizer/scheduler state in place; returns {"step", "data_state", "extra", "rng"} (rng is
