@@ -7,6 +7,8 @@ and a preallocated KV cache for decoding.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,12 +39,10 @@ class KVCache:
     def repeat(self, copies: int, extra: int) -> KVCache:
         """``copies`` copies of every row (copy-major: row c*B + b is row b), with room for ``extra`` more
         positions, so that each copy can continue on its own (BrierLM's continuation pass)."""
-        out = KVCache.__new__(KVCache)
-        out.max_len, out.length = self.length + extra, self.length
-        out.k, out.v = (torch.zeros(t.shape[0], t.shape[1] * copies, t.shape[2], out.max_len, t.shape[4],
-                                    dtype=t.dtype, device=t.device) for t in (self.k, self.v))
-        out.k[:, :, :, :self.length] = self.k[:, :, :, :self.length].repeat(1, copies, 1, 1, 1)
-        out.v[:, :, :, :self.length] = self.v[:, :, :, :self.length].repeat(1, copies, 1, 1, 1)
+        out = copy.copy(self)
+        out.k, out.v = (F.pad(t[:, :, :, :self.length], (0, 0, 0, extra)).repeat(1, copies, 1, 1, 1)
+                        for t in (self.k, self.v))
+        out.max_len = self.length + extra
         return out
 
 

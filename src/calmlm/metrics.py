@@ -79,10 +79,6 @@ class Continuations:
     def __init__(self, model: Any) -> None:
         self.model, self.kind = model, model.config.kind
         self.chunk_size = int(model.config.chunk_size) if self.kind == "calm" else 1
-        if self.kind == "calm":
-            self.sample_chunks = model.sample_chunks
-        else:
-            self.head = model.lm_head
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_chunks(ids) if self.kind == "calm" else self.model.backbone.embed_tokens(ids)
@@ -106,6 +102,13 @@ class Continuations:
         positions = torch.arange(n, device=device) + state.steps
         hidden = self.model.backbone(self._embed(chunks.reshape(s * b, n * k)), state.cache, positions, mask)
         return hidden.view(s, b, n, -1)
+
+    def sample_chunks(self, hidden: torch.Tensor, num_samples: int | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:  # CALM
+        return self.model.sample_chunks(hidden, num_samples, generator)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:  # baseline
+        return self.model.lm_head(hidden)
 
 
 def _unwrap(model: Any) -> Any:
