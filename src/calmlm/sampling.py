@@ -578,9 +578,9 @@ def batch_temperature_sample(pool: Tensor, temperature: float, generator: torch.
       gives a uniform draw from the pool.
 
     On CPU the counting runs in numpy (rows packed into one integer key, sorted per position) unless
-    ``use_numpy=False``; elsewhere in torch. Both give the same choice for the same uniforms. ``num_values``: entries are integers in [0, num_values) (e.g. the vocabulary
-    size), which lets the GPU path run without any host-device synchronisation. Randomness: one uniform
-    per position from ``generator``.
+    ``use_numpy=False``; elsewhere in torch. Both apply the same rule (tested on both paths).
+    ``num_values``: entries are integers in [0, num_values) (e.g. the vocabulary size), which lets the GPU
+    path run without any host-device synchronisation. Randomness: one uniform per position from ``generator``.
     """
     flat = batch_temperature_choice(pool, temperature, generator, num_values, use_numpy)
     flat = flat + torch.arange(0, pool.shape[0] * pool.shape[1], pool.shape[1], device=pool.device)
