@@ -159,7 +159,7 @@ def lookup_peak(gpu_name: str) -> tuple[str, float] | None:
 
 
 class RandomBlocks:
-    """Fixed random token blocks with the interface the Trainer reads (len, block_size, batch)."""
+    """Fixed random token blocks with the interface the Trainer reads (len, block_size, [i])."""
 
     def __init__(self, num_blocks: int, block_size: int, vocab_size: int, seed: int = 0) -> None:
         self.block_size = block_size
@@ -169,8 +169,8 @@ class RandomBlocks:
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def batch(self, indices: list[int]) -> torch.Tensor:
-        return self.blocks[indices]
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.blocks[i]
 
 
 def bench_training_one(preset: str, config: CALMConfig | BaselineConfig, args: argparse.Namespace,

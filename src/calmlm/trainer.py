@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint as ckpt
+from .data import stack_blocks
 from .errors import CheckpointError, ConfigError, DataError
 
 EvaluateFn = Callable[[nn.Module, Any], dict[str, float]]
@@ -44,6 +45,7 @@ Control = Callable[[int, float], tuple[bool, bool]]
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
 TRAIN_CONFIG_FILE = "train_config.json"
+RUN_FILE = "run.json"  # what produced the run: code version, resolved train and model configs, data record
 
 
 @dataclass
@@ -268,12 +270,6 @@ def _block_size_of(data: Any) -> int:
     return int(data[0].shape[-1])
 
 
-def _get_batch(data: Any, indices: list[int]) -> torch.Tensor:
-    if hasattr(data, "batch"):
-        return data.batch(indices)
-    return torch.stack([torch.as_tensor(data[i]) for i in indices]).long()
-
-
 @contextlib.contextmanager
 def _fixed_rng(seed: int, device: torch.device) -> Iterator[None]:
     """Run a block with freshly seeded generators and restore the previous states afterwards."""
@@ -306,7 +302,7 @@ def evaluate_loss(model: nn.Module, data: Any, batch_size: int, num_batches: int
             for s in range(0, len(mine), batch_size):
                 idx = mine[s:s + batch_size]
                 with autocast():
-                    out = model(_get_batch(data, idx).to(device))
+                    out = model(stack_blocks(data, idx).to(device))
                 for k, v in {"loss": out.loss, **out.metrics}.items():
                     sums[k] = sums.get(k, 0) + v.detach().double() * len(idx)
                 count += len(idx)
@@ -351,6 +347,24 @@ class _ProgressBar:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def code_version() -> dict[str, Any]:
+    """calmlm's version, and the git commit of its source (with ``dirty`` for uncommitted changes) when it
+    runs from a checkout."""
+    import subprocess
+
+    from . import __version__
+
+    out: dict[str, Any] = {"calmlm": __version__, "torch": torch.__version__}
+    here = Path(__file__).resolve().parent
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", str(here), *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=10, check=True).stdout.strip()
+        out.update(git_commit=git("rev-parse", "HEAD"), dirty=bool(git("status", "--porcelain", "--", ".")))
+    except (OSError, subprocess.SubprocessError):
+        pass  # an installed package: the version is all there is
+    return out
 
 
 class Trainer:
@@ -612,7 +626,7 @@ class Trainer:
         metric_sums: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum):
             idx = next(self.sampler)
-            batch = _get_batch(self.train_data, idx).to(self.device, non_blocking=True)
+            batch = stack_blocks(self.train_data, idx).to(self.device, non_blocking=True)
             last = micro == cfg.grad_accum - 1
             # skip the gradient all-reduce / reduce-scatter on all but the last micro-step
             sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
@@ -650,6 +664,11 @@ class Trainer:
             random.seed(seed)
         if self.dist.is_main:
             (self.out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            model_config = getattr(getattr(self.model, "config", None), "to_dict", dict)()
+            run = {"code": code_version(), "train_config": cfg.to_dict(), "world_size": self.dist.world_size,
+                   "precision": self.precision,
+                   "model_config": model_config, **(self.metadata or {})}
+            (self.out_dir / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
         end = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size * self.block_size
         self.model.train()
