@@ -15,7 +15,7 @@ from torch import nn
 
 from .autoencoder import Autoencoder, ModelOutput
 from .backbone import KVCache, Transformer
-from .config import CALMConfig, check_compatible
+from .config import HEAD_SAMPLING_OPTIONS, CALMConfig, check_compatible
 from .errors import ConfigError
 from .heads import HEADS
 from .layers import init_linear_and_embedding
@@ -91,6 +91,15 @@ class CALM(nn.Module):
         draws = {k: v for k, v in (("noise", noise), ("t", t)) if v is not None}
         loss = self.head.loss(hidden, targets, **draws)
         return ModelOutput(loss, {f"{self.config.head}_loss": loss.detach()})
+
+    def set_head_options(self, **options: Any) -> None:
+        """Change sampling options of a trained model's head (flow_steps, flow_solver, diffusion_sample_steps);
+        the weights stay valid, so a flow model can be sampled with 10 calls or a diffusion model with 50 steps."""
+        bad = sorted(set(options) - set(HEAD_SAMPLING_OPTIONS))
+        if bad:
+            raise ConfigError(f"{bad} cannot change after training; sampling options: {list(HEAD_SAMPLING_OPTIONS)}")
+        self.config = self.config.replace(**options)
+        self.head.configure(self.config)
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """See :func:`calmlm.generation.generate`."""

@@ -126,6 +126,7 @@ class BaselineConfig(BackboneConfig):
 
 HEAD_TYPES = ("energy", "flow", "diffusion")
 FLOW_SOLVERS = ("midpoint", "euler")
+HEAD_SAMPLING_OPTIONS = ("flow_steps", "flow_solver", "diffusion_sample_steps")  # changeable after training
 
 
 @dataclass

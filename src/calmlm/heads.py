@@ -254,16 +254,16 @@ class FlowHead(nn.Module):
 
     def row_losses(self, hidden: torch.Tensor, targets: torch.Tensor, t: torch.Tensor | None = None,
                    noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-row squared velocity error (mean over l) for targets x (…, l) at hidden (broadcast to x's rows);
+        """Per-row squared velocity error (mean over l) for targets x (…, l) at hidden (broadcasting to them);
         ``t`` (…) ~ U[0, 1) and ``noise`` x0 (…, l) ~ N(0, I) pin the draws (drawn in that order)."""
-        hidden = hidden.expand(*targets.shape[:-1], hidden.shape[-1])
         if t is None:
             t = torch.rand(targets.shape[:-1], device=targets.device)
         if noise is None:
             noise = torch.randn_like(targets)
         t, noise = t.reshape(targets.shape[:-1]), noise.reshape(targets.shape)
         xt = (1 - t[..., None]) * noise + t[..., None] * targets
-        return (self.net(xt, t, hidden) - (targets - noise)).pow(2).mean(-1)
+        c_emb = self.net.cond_embed(hidden)  # once per position, shared by its M targets
+        return (self.net(xt, t, hidden, c_emb) - (targets - noise)).pow(2).mean(-1)
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor, t: torch.Tensor | None = None,
              noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -327,7 +327,6 @@ class DiffusionHead(nn.Module):
                    noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per-row ``mse``, ``vb`` and ``loss`` for targets x_0 (…, l); ``t`` (…) uniform in 0..T−1 and ``noise``
         ε (…, l) pin the draws (drawn in that order)."""
-        hidden = hidden.expand(*targets.shape[:-1], hidden.shape[-1])
         if t is None:
             t = torch.randint(0, self.train_diffusion.num_steps, targets.shape[:-1], device=targets.device)
         if noise is None:
@@ -335,7 +334,8 @@ class DiffusionHead(nn.Module):
         t, noise = t.reshape(targets.shape[:-1]), noise.reshape(targets.shape)
         d = self.train_diffusion
         x_t = d.q_sample(targets, t, noise)
-        return d.training_losses(self.net(x_t, d.original_timestep(t), hidden), targets, x_t, t, noise)
+        out = self.net(x_t, d.original_timestep(t), hidden, self.net.cond_embed(hidden))
+        return d.training_losses(out, targets, x_t, t, noise)
 
     def row_losses(self, hidden: torch.Tensor, targets: torch.Tensor, t: torch.Tensor | None = None,
                    noise: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..config import (BASELINE_PRESETS, CALM_PRESETS, AutoencoderConfig, BaselineConfig, CALMConfig,
+from ..config import (BASELINE_PRESETS, CALM_PRESETS, HEAD_TYPES, AutoencoderConfig, BaselineConfig, CALMConfig,
                       baseline_preset, calm_preset, load_config)
 from ..errors import ConfigError
 from ..flops import summarize
@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--context", type=int, metavar="TOKENS",
                    help="attention window in tokens (default: the trained window, max_position_embeddings "
                         "backbone positions, i.e. x K tokens for CALM)")
+    p.add_argument("--head", choices=HEAD_TYPES, default=None,
+                   help="CALM: the generative head (default: the config's; presets use energy). The flow and "
+                        "diffusion heads cost 20 and 100 network calls per sample")
     p.add_argument("--head-draws", type=int, default=1, metavar="N",
                    help="CALM: generative-head samples per generated chunk at inference (default 1)")
     p.add_argument("--train-tokens", type=float, metavar="N",
@@ -128,6 +131,10 @@ def run(args: argparse.Namespace) -> int:
     if args.train_tokens is not None and not args.train_tokens > 0:
         raise ConfigError(f"--train-tokens must be positive, got {args.train_tokens}")
     name, config = _load(args)
+    if args.head is not None:
+        if not isinstance(config, CALMConfig):
+            raise ConfigError(f"--head applies to CALM models; {name} is a {config.kind} config")
+        config = config.replace(head=args.head)
     summary = summarize(config, context_length=args.context, head_draws=args.head_draws)
     if args.json:
         if args.train_tokens is not None and "training_flops_per_token" in summary:
