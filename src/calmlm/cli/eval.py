@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .. import workflows as wf
 from ..errors import CalmError, DataError, TokenizerError
 
 DEFAULT_BLOCK_SIZE = 1024  # the reference's evaluation default (train_calm.py --block_size)
