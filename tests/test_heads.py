@@ -205,7 +205,7 @@ def test_trained_diffusion_head_reproduces_the_mixture() -> None:
     x_tau is almost pure noise (sqrt(alpha_bar) = 0.07: the modes and their weights must come from the model).
 
     The full chain starts at tau = 999 where the reference's schedule has beta = 0.99999: its posterior mean is
-    ~170 x (x - ε_pred), so it needs the ε error there below ~1e-3, which seconds of training do not reach
+    ~316 x (x - ε_pred), so it needs the ε error there below ~1e-3, which seconds of training do not reach
     (the samples then diverge; see README "Generative heads"). The exact-network test covers the full chain."""
     head = _head("diffusion")
     _train(head, steps=800, lr=3e-3)
