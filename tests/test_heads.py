@@ -270,7 +270,7 @@ def test_diffusion_step_count() -> None:
     head = _head("diffusion", diffusion_sample_steps=10)
     assert head.network_calls == 10 and head.noise((3,), "cpu").shape == (11, 3, 2)
     assert head.gen_diffusion.timestep_map.tolist() == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
-    with pytest.raises(ValueError, match="11"):
+    with pytest.raises(ConfigError, match="11"):
         head(torch.randn(3, D), torch.randn(5, 3, 2))
 
 

@@ -88,6 +88,8 @@ class CALM(nn.Module):
         mean, log_std = mean[:, 1:].flatten(0, 1), log_std[:, 1:].flatten(0, 1)  # (P, l)
         hidden = hidden.flatten(0, 1)  # (P, d)
         targets = posterior_targets(mean, log_std, self.head.num_targets, target_eps)  # (M, P, l)
+        if t is not None and self.config.head == "energy":
+            raise ConfigError("t pins the flow/diffusion times; the energy head has none (pass noise only)")
         draws = {k: v for k, v in (("noise", noise), ("t", t)) if v is not None}
         loss = self.head.loss(hidden, targets, **draws)
         return ModelOutput(loss, {f"{self.config.head}_loss": loss.detach()})

@@ -24,6 +24,7 @@ from torch import nn
 
 from .config import CALMConfig
 from .diffusion import GaussianDiffusion
+from .errors import ConfigError
 from .losses import energy_score
 
 
@@ -185,7 +186,7 @@ class AdaLNMLP(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, c_emb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.input_proj(x)
+        h = self.input_proj(x.to(self.input_proj.weight.dtype))
         y = self.time_embed(t) + (self.cond_embed(c) if c_emb is None else c_emb)
         for block in self.res_blocks:
             h = block(h, y)
@@ -307,10 +308,10 @@ class DiffusionHead(nn.Module):
         """hidden (..., d), noise (S+1, [n,] ..., l) -> x_0 (noise.shape[1:])."""
         chain = self.gen_diffusion
         if noise.shape[0] != chain.num_steps + 1:
-            raise ValueError(f"diffusion noise has {noise.shape[0]} slices; the {chain.num_steps}-step chain needs "
+            raise ConfigError(f"diffusion noise has {noise.shape[0]} slices; the {chain.num_steps}-step chain needs "
                              f"{chain.num_steps + 1} (x_T and one per reverse step)")
         c_emb = self.net.cond_embed(hidden)
-        x = noise[0].to(c_emb.dtype)
+        x = noise[0].float()  # the chain runs in float32 (its coefficients are float32), whatever the net's dtype
         lead = x.shape[:-1]
         for j, k in enumerate(range(chain.num_steps - 1, -1, -1)):
             ks = torch.full(lead, k, dtype=torch.long, device=x.device)
