@@ -354,3 +354,38 @@ def test_energy_forward_unchanged_by_the_interface() -> None:
         want = energy_loss(model.head(hidden, noise), mean[:, 1:].flatten(0, 1), log_std[:, 1:].flatten(0, 1),
                            cfg.num_targets, cfg.energy_alpha, eps)
     assert torch.equal(got, want)
+
+
+def test_head_options_through_the_cli(tmp_path, capsys) -> None:
+    """calm train --head/--diffusion-sample-steps, then calm generate/eval with other sampling steps, calm flops."""
+    import json
+
+    from calmlm.autoencoder import Autoencoder
+    from calmlm.checkpoint import save_model
+    from calmlm.cli import main
+    from calmlm.config import autoencoder_preset
+    from calmlm.loading import load
+    from calmlm.tokenizer import train_tokenizer
+
+    docs = [f"document {i}: " + " ".join(f"word{(i * j) % 37}" for j in range(60)) for i in range(40)]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n")
+    save_model(Autoencoder(autoencoder_preset("debug", vocab_size=300)), tmp_path / "ae",
+               tokenizer=train_tokenizer(docs, vocab_size=300))
+    common = ["--data", str(tmp_path / "docs.jsonl"), "--cache-dir", str(tmp_path / "cache"), "--val-fraction", "0.1",
+              "--max-steps", "2", "--eval-every", "0", "--save-every", "0", "--block-size", "32", "--batch-size", "2",
+              "--no-progress", "--brier-tokens", "32"]
+    assert main(["train", "--autoencoder", str(tmp_path / "ae"), "--preset", "debug", "--out", str(tmp_path / "calm"),
+                 "--head", "diffusion", "--diffusion-sample-steps", "8", *common]) == 0
+    model = load(tmp_path / "calm")
+    assert model.config.head == "diffusion" and model.head.network_calls == 8
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "calm"), "--prompt", "document", "--max-new-tokens", "4",
+                 "--diffusion-sample-steps", "4", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("document")
+    assert main(["eval", "--model", str(tmp_path / "calm"), "--block-size", "32", "--max-tokens", "32", "--json",
+                 "--no-progress", "--diffusion-sample-steps", "4"]) == 0
+    assert "brierlm" in json.loads(capsys.readouterr().out)
+    assert main(["flops", "--model", str(tmp_path / "calm" / "checkpoint"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["inference_flops_per_token"]["notes"]["head_network_calls"] == 8
+    assert main(["flops", "--preset", "debug", "--head", "flow", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["inference_flops_per_token"]["notes"]["head_network_calls"] == 20
