@@ -233,7 +233,7 @@ class FlowHead(nn.Module):
     def forward(self, hidden: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """hidden (..., d), x0 = noise (S, ..., l) or (..., l) -> the ODE solution at t = 1, noise's shape."""
         c_emb = self.net.cond_embed(hidden)  # once, whatever the number of steps and samples
-        x = noise.to(c_emb.dtype)
+        x = noise.float()  # integrated in float32 whatever the net's dtype
         n = self.steps // 2 if self.solver == "midpoint" else self.steps
         dt = 1.0 / n
         lead = x.shape[:-1]
