@@ -114,10 +114,11 @@ def to_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, device: st
         lines.append(f"| {r['head']} | {r['network_calls_per_chunk']} | {r['head_params']:,} | {r['train_steps']} | "
                      f"{(r['train_tokens_per_s'] or 0):.0f} | {r['brierlm']:.2f} | {gen} | "
                      f"{r['inference_flops_per_token']:.3g} |")
-    lines += ["", f"Same backbone preset, autoencoder ({args.autoencoder}), data, seed and budget for every head; "
-                  f"BrierLM on {rows[0]['brier_tokens'] if rows else 0} validation tokens in blocks of "
-                  f"{args.block_size}; generation at T = 1 with a {args.prompt_len}-token prompt, "
-                  f"{args.new_tokens} new tokens, best of {args.repeats}."]
+    note = (f"Same backbone preset, autoencoder ({args.autoencoder}), data, seed and budget for every head; "
+            f"BrierLM on {rows[0]['brier_tokens'] if rows else 0} validation tokens in blocks of "
+            f"{args.block_size}; generation at T = 1 with a {args.prompt_len}-token prompt, "
+            f"{args.new_tokens} new tokens, best of {args.repeats}.")
+    lines += ["", note]
     return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,7 @@ from calmlm.calm import CALM
 from calmlm.config import calm_preset
 from calmlm.errors import ConfigError
 from calmlm.flops import head_network_calls, inference_flops_per_token
-from calmlm.heads import HEADS, DiffusionHead, FlowHead
+from calmlm.heads import HEADS, DiffusionHead
 
 # The target: label 0 -> modes (-2, 0) and (2, 0); label 1 -> (0, 2) and (0, -2); weights 0.3 / 0.7, std 0.3.
 MEANS = torch.tensor([[[-2.0, 0.0], [2.0, 0.0]], [[0.0, 2.0], [0.0, -2.0]]])
