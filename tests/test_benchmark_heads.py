@@ -26,7 +26,7 @@ def test_heads_benchmark_debug(tmp_path: Path, capsys) -> None:
     save_model(ae, tmp_path / "ae", tokenizer=tok)
 
     out = tmp_path / "heads.json"
-    heads.main(["--autoencoder", str(tmp_path / "ae"), "--preset", "debug", "--minutes", "0.05", "--max-steps", "2",
+    heads.main(["--autoencoder", str(tmp_path / "ae"), "--preset", "debug", "--minutes", "5", "--max-steps", "2",
                 "--data", str(tmp_path / "data"), "--block-size", "64", "--batch-size", "2", "--warmup-steps", "1",
                 "--brier-tokens", "128", "--gen-batches", "1,2", "--new-tokens", "4", "--prompt-len", "4",
                 "--repeats", "1", "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "runs"),
