@@ -267,3 +267,9 @@ def summarize(config: AnyConfig, context_length: int | None = None, head_draws: 
         out["training_flops_per_token"] = training_flops_per_token(config, context_length).to_dict()
         out["inference_flops_per_token"] = inference_flops_per_token(config, context_length, head_draws).to_dict()
     return out
+
+
+def autoencoder_training_flops_per_token(ae: AutoencoderConfig) -> float:
+    """Forward + backward FLOPs per training token of the autoencoder (encoder + decoder, 3 × forward), the
+    cost ``calm compare`` adds to a CALM run's, as the paper counts it."""
+    return TRAIN_MULTIPLIER * MAC * (_encoder_macs(ae) + _decoder_macs(ae)) / ae.chunk_size

@@ -104,3 +104,26 @@ def plot_accuracy_vs_noise(results: Mapping[str, Any], path: str | Path, title: 
     ax.set_ylabel("reconstruction accuracy (%)")
     ax.set_ylim(0, 100.5)
     return _finish(plt, fig, ax, title or "Autoencoder robustness to latent noise", path)
+
+
+def plot_compare(result: Mapping[str, Any], path: str | Path, x: str = "flops") -> Path:
+    """BrierLM against training FLOPs (log x) or training minutes for every run of a ``calm compare`` result,
+    with the baseline's final score as a dashed line. CALM's cost includes its autoencoder's training."""
+    if x not in ("flops", "time"):
+        raise CalmError(f"x must be 'flops' or 'time', got {x!r}")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, run in result["runs"].items():
+        pts = sorted(run["points"], key=lambda p: p["train_flops"])
+        xs = [p["train_flops"] if x == "flops" else p["train_seconds"] / 60 for p in pts]
+        label = f"CALM K={run['chunk_size']}" if run["kind"] == "calm" else "baseline"
+        ax.plot(xs, [p["brierlm"] for p in pts], marker="o", label=label)
+    ax.axhline(result["baseline_final"]["brierlm"], color="gray", linestyle="--", linewidth=0.8,
+               label="baseline, final")
+    if x == "flops":
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs (CALM: with its autoencoder)")
+    else:
+        ax.set_xlabel("training wall-clock minutes (CALM: with its autoencoder)")
+    ax.set_ylabel(f"BrierLM (block {result['block_size']})")
+    return _finish(plt, fig, ax, "BrierLM against training compute", path)

@@ -15,7 +15,7 @@ from typing import Any
 from .config import (AutoencoderConfig, BaselineConfig, CALMConfig, autoencoder_preset, baseline_preset,
                      calm_preset, load_config)
 from .errors import ConfigError
-from .trainer import TrainConfig, Trainer
+from .trainer import Control, TrainConfig, Trainer
 
 DEFAULT_CACHE = "~/.cache/calmlm/tokens"
 
@@ -157,11 +157,11 @@ def _model_config(kind: str, preset: str, config_file: str | None, **overrides: 
 
 
 def _fit(model: Any, train: Any, val: Any, cfg: TrainConfig, tok: Any, opts: DataOptions, info: dict[str, Any],
-         evaluate_fn: Any, resume: bool, device: str | None) -> dict[str, Any]:
+         evaluate_fn: Any, resume: bool, device: str | None, control: Control | None = None) -> dict[str, Any]:
     meta = {"data": opts.record(), "data_info": {k: v for k, v in info.items() if k != "cache"}}
     trainer = Trainer(model, train, val, cfg, tokenizer=tok, evaluate_fn=evaluate_fn, resume=resume, device=device,
                       metadata=meta)
-    final = trainer.fit()
+    final = trainer.fit(control=control)
     Path(cfg.out_dir, "data_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return final
 
@@ -176,18 +176,28 @@ def autoencoder_eval_fn(max_blocks: int = 32) -> Any:
     return fn
 
 
-def train_autoencoder(opts: DataOptions, cfg: TrainConfig, preset: str = "default", config_file: str | None = None,
-                      tokenizer: str | None = None, vocab_size: int = 8192, resume: bool = False,
-                      device: str | None = None) -> dict[str, Any]:
-    from .autoencoder import Autoencoder
+def autoencoder_config(tok: Any, preset: str = "default", config_file: str | None = None,
+                       **overrides: Any) -> AutoencoderConfig:
+    """The autoencoder config a run trains: the preset (or file) with the tokenizer's vocabulary and pad id."""
     from .tokenizer import check_vocab
 
+    cfg: AutoencoderConfig = _model_config("autoencoder", preset, config_file, vocab_size=tok.vocab_size,
+                                           mask_token_id=tok.pad_id if tok.pad_id is not None else 0, **overrides)
+    check_vocab(tok, cfg.vocab_size, "autoencoder")
+    return cfg
+
+
+def train_autoencoder(opts: DataOptions, cfg: TrainConfig, preset: str = "default", config_file: str | None = None,
+                      tokenizer: str | None = None, vocab_size: int = 8192, resume: bool = False,
+                      device: str | None = None, control: Control | None = None,
+                      **overrides: Any) -> dict[str, Any]:
+    """Train an autoencoder; ``overrides`` are AutoencoderConfig fields (e.g. chunk_size)."""
+    from .autoencoder import Autoencoder
+
     tok = get_tokenizer(tokenizer, opts, vocab_size, cfg.out_dir)
-    ae_cfg: AutoencoderConfig = _model_config("autoencoder", preset, config_file, vocab_size=tok.vocab_size,
-                                              mask_token_id=tok.pad_id if tok.pad_id is not None else 0)
-    check_vocab(tok, ae_cfg.vocab_size, "autoencoder")
+    ae_cfg = autoencoder_config(tok, preset, config_file, **overrides)
     train, val, info = prepare_data(opts, tok)
-    return _fit(Autoencoder(ae_cfg), train, val, cfg, tok, opts, info, autoencoder_eval_fn(), resume, device)
+    return _fit(Autoencoder(ae_cfg), train, val, cfg, tok, opts, info, autoencoder_eval_fn(), resume, device, control)
 
 
 def brier_eval_fn(block_size: int, max_tokens: int = 8192) -> Any:
@@ -195,46 +205,69 @@ def brier_eval_fn(block_size: int, max_tokens: int = 8192) -> Any:
     return make_brierlm_eval_fn(block_size=block_size, batch_size=8, max_tokens=max_tokens)
 
 
-def train_calm(opts: DataOptions, cfg: TrainConfig, autoencoder: str, preset: str = "small",
-               config_file: str | None = None, resume: bool = False, device: str | None = None,
-               brier_tokens: int = 8192, head_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    from .calm import CALM
+def load_autoencoder(path: str) -> Any:
+    """A trained autoencoder with its tokenizer (CALM is trained on the autoencoder's tokenizer)."""
     from .loading import load
 
-    ae = load(autoencoder, kind="autoencoder")
-    tok = getattr(ae, "tokenizer", None)
-    if tok is None:
-        raise ConfigError(f"the autoencoder at {autoencoder} holds no tokenizer; train it with `calm train-ae`")
-    a = ae.config
-    if opts.block_size % a.chunk_size:
-        raise ConfigError(f"--block-size {opts.block_size} is not a multiple of the autoencoder's K={a.chunk_size}")
+    ae = load(path, kind="autoencoder")
+    if getattr(ae, "tokenizer", None) is None:
+        raise ConfigError(f"the autoencoder at {path} holds no tokenizer; train it with `calm train-ae`")
+    return ae
+
+
+def calm_config(ae_config: AutoencoderConfig, tok: Any, block_size: int, preset: str = "small",
+                config_file: str | None = None, **overrides: Any) -> CALMConfig:
+    """The CALM config a run trains: the preset (or file) matched to its autoencoder, tokenizer and block size;
+    ``overrides`` are CALMConfig fields (head options...)."""
+    a = ae_config
+    if block_size % a.chunk_size:
+        raise ConfigError(f"--block-size {block_size} is not a multiple of the autoencoder's K={a.chunk_size}")
     over: dict[str, Any] = dict(autoencoder=a, vocab_size=a.vocab_size, chunk_size=a.chunk_size,
                                 latent_size=a.latent_size, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
-    over.update(head_options or {})  # --head, --flow-steps, ...
+    over.update(overrides)
     if config_file:  # a CALM config file names its own autoencoder; it must match the one given
         over.pop("autoencoder")
     model_cfg: CALMConfig = _model_config("calm", preset, config_file, **over)
-    positions = opts.block_size // a.chunk_size
+    positions = block_size // a.chunk_size
     if model_cfg.max_position_embeddings < positions:
         model_cfg = model_cfg.replace(max_position_embeddings=positions)
+    return model_cfg
+
+
+def train_calm(opts: DataOptions, cfg: TrainConfig, autoencoder: str, preset: str = "small",
+               config_file: str | None = None, resume: bool = False, device: str | None = None,
+               brier_tokens: int = 8192, head_options: dict[str, Any] | None = None,
+               control: Control | None = None) -> dict[str, Any]:
+    from .calm import CALM
+
+    ae = load_autoencoder(autoencoder)
+    model_cfg = calm_config(ae.config, ae.tokenizer, opts.block_size, preset, config_file, **(head_options or {}))
     model = CALM(model_cfg, autoencoder=ae)
-    train, val, info = prepare_data(opts, tok)
-    return _fit(model, train, val, cfg, tok, opts, info, brier_eval_fn(opts.block_size, brier_tokens), resume, device)
+    train, val, info = prepare_data(opts, ae.tokenizer)
+    return _fit(model, train, val, cfg, ae.tokenizer, opts, info, brier_eval_fn(opts.block_size, brier_tokens),
+                resume, device, control)
+
+
+def baseline_config(tok: Any, block_size: int, preset: str = "small", config_file: str | None = None,
+                    **overrides: Any) -> BaselineConfig:
+    model_cfg: BaselineConfig = _model_config("baseline", preset, config_file, vocab_size=tok.vocab_size,
+                                              eos_token_id=tok.eos_id, bos_token_id=tok.bos_id, **overrides)
+    if model_cfg.max_position_embeddings < block_size:
+        model_cfg = model_cfg.replace(max_position_embeddings=block_size)
+    return model_cfg
 
 
 def train_baseline(opts: DataOptions, cfg: TrainConfig, tokenizer: str | None = None, preset: str = "small",
                    config_file: str | None = None, vocab_size: int = 8192, resume: bool = False,
-                   device: str | None = None, brier_tokens: int = 8192) -> dict[str, Any]:
+                   device: str | None = None, brier_tokens: int = 8192,
+                   control: Control | None = None) -> dict[str, Any]:
     from .baseline import BaselineLM
 
     tok = get_tokenizer(_tokenizer_path(tokenizer), opts, vocab_size, cfg.out_dir)
-    model_cfg: BaselineConfig = _model_config("baseline", preset, config_file, vocab_size=tok.vocab_size,
-                                              eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
-    if model_cfg.max_position_embeddings < opts.block_size:
-        model_cfg = model_cfg.replace(max_position_embeddings=opts.block_size)
+    model_cfg = baseline_config(tok, opts.block_size, preset, config_file)
     train, val, info = prepare_data(opts, tok)
     return _fit(BaselineLM(model_cfg), train, val, cfg, tok, opts, info, brier_eval_fn(opts.block_size, brier_tokens),
-                resume, device)
+                resume, device, control)
 
 
 def _tokenizer_path(path: str | None) -> str | None:
