@@ -11,6 +11,7 @@ from torch import nn
 from .autoencoder import ModelOutput
 from .backbone import KVCache, Transformer
 from .config import BaselineConfig
+from .errors import ConfigError
 from .layers import init_linear_and_embedding
 
 
@@ -31,9 +32,19 @@ class BaselineLM(nn.Module):
         """(B, T) ids -> (B, T, V) next-token logits."""
         return self.lm_head(self.hidden_states(input_ids, cache))
 
-    def forward(self, input_ids: torch.Tensor) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None) -> ModelOutput:
+        """Next-token cross-entropy. ``loss_mask`` (B, T) bool, one flag per input token (token 0 is never a
+        target): average only over the target tokens it marks (e.g. the completion in fine-tuning)."""
         logits = self.logits(input_ids[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), input_ids[:, 1:].flatten())
+        if loss_mask is None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), input_ids[:, 1:].flatten())
+        else:
+            if loss_mask.shape != input_ids.shape:
+                raise ConfigError(f"baseline loss_mask must have the input's shape {tuple(input_ids.shape)}, "
+                                  f"got {tuple(loss_mask.shape)}")
+            ce = F.cross_entropy(logits.float().flatten(0, 1), input_ids[:, 1:].flatten(), reduction="none")
+            w = loss_mask[:, 1:].flatten().to(ce.dtype)
+            loss = (ce * w).sum() / w.sum().clamp_min(1.0)
         return ModelOutput(loss, {"ce": loss.detach()})
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:

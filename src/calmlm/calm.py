@@ -75,11 +75,12 @@ class CALM(nn.Module):
 
     # -- training -------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, noise: torch.Tensor | None = None,
-                target_eps: torch.Tensor | None = None) -> ModelOutput:
+                target_eps: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> ModelOutput:
         """Energy loss for predicting chunks 1..N-1 from the hidden states of chunks 0..N-2.
 
         ``noise`` (S, B*(N-1), noise_size) and ``target_eps`` (M, B*(N-1), l) pin the random draws
-        (rows batch-major), e.g. to compare with the reference implementation."""
+        (rows batch-major), e.g. to compare with the reference implementation. ``loss_mask`` (B, N) bool, one
+        flag per input chunk (chunk 0 is never a target): average the loss only over the chunks it marks."""
         cfg = self.config
         hidden = self.hidden_states(input_ids)[:, :-1]  # (B, N-1, d)
         with torch.no_grad():
@@ -89,10 +90,19 @@ class CALM(nn.Module):
         if noise is None:
             noise = self.head.noise((cfg.num_samples, hidden.shape[0]), hidden.device, hidden.dtype)
         x = self.head(hidden, noise)  # (S, P, l)
-        loss = energy_loss(x, mean, log_std, cfg.num_targets, cfg.energy_alpha, target_eps)
+        mask = None if loss_mask is None else _chunk_mask(loss_mask, input_ids.shape[0], mean.shape[0])
+        loss = energy_loss(x, mean, log_std, cfg.num_targets, cfg.energy_alpha, target_eps, mask)
         return ModelOutput(loss, {"energy_loss": loss.detach()})
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """See :func:`calmlm.generation.generate`."""
         from .generation import generate
         return generate(self, input_ids, **kwargs)
+
+
+def _chunk_mask(loss_mask: torch.Tensor, batch: int, positions: int) -> torch.Tensor:
+    """(B, N) per-chunk mask -> (B*(N-1),) flags of the predicted chunks 1..N-1, batch-major."""
+    if loss_mask.dim() != 2 or loss_mask.shape[0] * (loss_mask.shape[1] - 1) != positions or loss_mask.shape[0] != batch:
+        raise ConfigError(f"CALM loss_mask must have one flag per input chunk, shape ({batch}, "
+                          f"{positions // batch + 1}), got {tuple(loss_mask.shape)}")
+    return loss_mask[:, 1:].flatten()

@@ -49,7 +49,13 @@ def posterior_targets(mean: torch.Tensor, log_std: torch.Tensor, num_targets: in
 
 
 def energy_loss(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor, num_targets: int = 100,
-                alpha: float = 1.0, eps: torch.Tensor | None = None) -> torch.Tensor:
-    """Negative energy score averaged over positions. x (N, P, l); mean/log_std (P, l)."""
+                alpha: float = 1.0, eps: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Negative energy score averaged over positions. x (N, P, l); mean/log_std (P, l).
+
+    ``mask`` (P,) bool: average only over the positions it marks (e.g. the completion chunks in fine-tuning)."""
     y = posterior_targets(mean.detach(), log_std.detach(), num_targets, eps)
-    return -energy_score(x, y, alpha).mean()
+    score = energy_score(x, y, alpha)
+    if mask is None:
+        return -score.mean()
+    w = mask.to(score.dtype)
+    return -(score * w).sum() / w.sum().clamp_min(1.0)

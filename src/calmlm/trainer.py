@@ -1,6 +1,7 @@
 """One training engine for the autoencoder, CALM and the baseline.
 
-Every model's ``forward(input_ids)`` returns ``ModelOutput(loss, metrics)``; the engine only needs that.
+Every model's ``forward(input_ids)`` returns ``ModelOutput(loss, metrics)``; the engine only needs that. A
+dataset whose ``batch`` gives a dict (fine-tuning: input ids + loss mask) has it passed as keyword arguments.
 AdamW (fused on CUDA) with warm-up then constant or cosine LR, gradient accumulation, clipping, bf16
 autocast on CUDA, optional ``torch.compile``, DDP or FSDP2 (``TrainConfig.distributed``) under ``torchrun``,
 periodic evaluation, JSON-lines metrics, atomic checkpoints and exact (bit-identical on CPU) resume.
@@ -242,10 +243,18 @@ def _block_size_of(data: Any) -> int:
     return int(data[0].shape[-1])
 
 
-def _get_batch(data: Any, indices: list[int]) -> torch.Tensor:
+def _get_batch(data: Any, indices: list[int]) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A (B, T) tensor of token blocks, or a dict of tensors passed to ``forward`` as keyword arguments
+    (fine-tuning data gives ``{"input_ids", "loss_mask"}``)."""
     if hasattr(data, "batch"):
         return data.batch(indices)
     return torch.stack([torch.as_tensor(data[i]) for i in indices]).long()
+
+
+def _forward(model: nn.Module, batch: torch.Tensor | dict[str, torch.Tensor], device: torch.device) -> Any:
+    if isinstance(batch, dict):
+        return model(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})
+    return model(batch.to(device, non_blocking=True))
 
 
 @contextlib.contextmanager
@@ -280,7 +289,7 @@ def evaluate_loss(model: nn.Module, data: Any, batch_size: int, num_batches: int
             for s in range(0, len(mine), batch_size):
                 idx = mine[s:s + batch_size]
                 with autocast():
-                    out = model(_get_batch(data, idx).to(device))
+                    out = _forward(model, _get_batch(data, idx), device)
                 for k, v in {"loss": out.loss, **out.metrics}.items():
                     sums[k] = sums.get(k, 0) + v.detach().double() * len(idx)
                 count += len(idx)
@@ -549,7 +558,7 @@ class Trainer:
         metric_sums: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum):
             idx = next(self.sampler)
-            batch = _get_batch(self.train_data, idx).to(self.device, non_blocking=True)
+            batch = _get_batch(self.train_data, idx)
             last = micro == cfg.grad_accum - 1
             # skip the gradient all-reduce / reduce-scatter on all but the last micro-step
             sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
@@ -557,7 +566,7 @@ class Trainer:
                 self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
             with sync:
                 with self.autocast():
-                    out = self.engine(batch)
+                    out = _forward(self.engine, batch, self.device)
                 (out.loss / cfg.grad_accum).backward()
             loss_sum += out.loss.detach().float() / cfg.grad_accum
             for k, v in out.metrics.items():
