@@ -16,7 +16,7 @@ from calmlm.calm import CALM
 from calmlm.checkpoint import save_model
 from calmlm.cli import main
 from calmlm.config import autoencoder_preset, baseline_preset, calm_preset
-from calmlm.errors import ConfigError, DataError
+from calmlm.errors import ConfigError, DataError, TokenizerError
 from calmlm.finetune import (SFTDataset, TokenizedExample, chat_prompt, exact_match, finetune, prompt_padding,
                              read_examples, tokenize_examples)
 from calmlm.generation import generate
@@ -78,7 +78,7 @@ def test_prompt_padding_is_the_generation_policy():
         return original(ids, cache)
 
     model.hidden_states = spy  # type: ignore[method-assign]
-    for length in range(0, 10):
+    for length in range(10):
         seen.clear()
         prompt = list(range(5, 5 + length))
         generate(model, prompt, max_new_tokens=4, seed=0)
@@ -289,7 +289,7 @@ def test_calm_finetune_learns_held_out_items(task):
 
 
 def test_finetune_cli_then_generate_eval_and_resume(task, capsys):
-    root, tok, train, val = task
+    root, _, train, val = task
     out = root / "cli"
     args = ["finetune", "--model", str(root / "base"), "--data", str(train), "--val-data", str(val), "--out",
             str(out), "--max-steps", "4", "--batch-size", "8", "--lr", "1e-3", "--eval-every", "2",
@@ -311,7 +311,7 @@ def test_finetune_cli_then_generate_eval_and_resume(task, capsys):
 
 
 def test_finetune_baseline_learns_and_errors(task, tmp_path):
-    root, tok, train, val = task
+    _, tok, train, val = task
     torch.manual_seed(0)
     save_model(BaselineLM(baseline_preset("debug", vocab_size=tok.vocab_size, eos_token_id=EOS)), tmp_path / "b", tok)
     held_out = _held_out(tok, val)
@@ -327,3 +327,32 @@ def test_finetune_baseline_learns_and_errors(task, tmp_path):
         finetune(str(ae_dir), str(train), cfg)
     with pytest.raises(DataError, match="no training examples left"):
         finetune(str(tmp_path / "b"), str(val), cfg, val_fraction=1.0)
+    from calmlm.tokenizer import train_tokenizer
+
+    big = train_tokenizer([f"some text {i}" for i in range(30)], vocab_size=300).save(tmp_path / "big")
+    with pytest.raises(TokenizerError, match="vocab_size 17"):
+        finetune(str(tmp_path / "b"), str(train), cfg, tokenizer=str(big))
+
+
+def test_finetune_starts_from_a_reference_checkpoint(tmp_path, shared_dir):
+    """A reference-format CALM (as the released CALM-M is stored) fine-tunes into a native checkpoint."""
+    ref = shared_dir / "fixtures" / "upstream_tiny_k4" / "calm"
+    if not (ref / "config.json").is_file():
+        pytest.skip(f"reference fixture not found at {ref}")
+    from calmlm.loading import detect_format
+    from calmlm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([f"question {i}: answer {i * 7}" for i in range(40)], vocab_size=300)
+    tok_dir = tok.save(tmp_path / "tok")
+    rows = [{"prompt": f"question {i}:", "completion": f" answer {i * 7}"} for i in range(40)]
+    data = _write_jsonl(tmp_path / "qa.jsonl", rows)
+    assert main(["finetune", "--model", str(ref), "--tokenizer", str(tok_dir), "--data", str(data), "--out",
+                 str(tmp_path / "run"), "--max-steps", "3", "--batch-size", "4", "--val-fraction", "0.2",
+                 "--no-progress"]) == 0
+    ck = tmp_path / "run" / "checkpoint"
+    assert detect_format(ck) == "native"
+    tuned, original = calmlm.load(ck), calmlm.load(ref)
+    assert tuned.config == original.config and tuned.tokenizer is not None
+    assert torch.equal(tuned.autoencoder.encoder.embed_tokens.weight, original.autoencoder.encoder.embed_tokens.weight)
+    assert not torch.equal(tuned.backbone.embed_tokens.weight, original.backbone.embed_tokens.weight)
+    assert tuned.generate(tok.encode("question 3:"), max_new_tokens=4, seed=0).shape[1] == len(tok.encode("question 3:")) + 4

@@ -242,7 +242,7 @@ def finetune(model_path: str, data: str, cfg: Any, val_data: str | None = None, 
     ``cfg.block_size`` None = the longest example). Writes a normal calmlm run folder. Returns the final metrics."""
     from .checkpoint import read_metadata
     from .loading import detect_format, load, resolve
-    from .tokenizer import Tokenizer
+    from .tokenizer import Tokenizer, check_vocab
     from .trainer import Trainer
 
     directory = resolve(model_path)  # a Hub id is downloaded once
@@ -252,6 +252,8 @@ def finetune(model_path: str, data: str, cfg: Any, val_data: str | None = None, 
     if kind not in ("calm", "baseline"):
         raise ConfigError(f"{model_path} is an autoencoder; fine-tune a CALM or baseline model")
     tok = Tokenizer.load(tokenizer) if tokenizer else model.tokenizer
+    if tokenizer:
+        check_vocab(tok, model.config.vocab_size)
     if tok is None:
         raise ConfigError(f"{model_path} holds no tokenizer; pass --tokenizer PATH")
     eos = model.config.eos_token_id if model.config.eos_token_id is not None else tok.eos_id
