@@ -356,3 +356,28 @@ def test_finetune_starts_from_a_reference_checkpoint(tmp_path, shared_dir):
     assert torch.equal(tuned.autoencoder.encoder.embed_tokens.weight, original.autoencoder.encoder.embed_tokens.weight)
     assert not torch.equal(tuned.backbone.embed_tokens.weight, original.backbone.embed_tokens.weight)
     assert tuned.generate(tok.encode("question 3:"), max_new_tokens=4, seed=0).shape[1] == len(tok.encode("question 3:")) + 4
+
+
+def test_chat_template_of_the_tokenizer_formats_chats_and_is_kept(tmp_path):
+    from calmlm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([f"user asks {i} and assistant answers {i}" for i in range(40)], vocab_size=300)
+    tok.chat_template = ("{% for m in messages %}{{ bos_token }}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}{{ bos_token }}assistant:{% endif %}")
+    torch.manual_seed(0)
+    save_model(CALM(calm_preset("debug", eos_token_id=tok.eos_id)), tmp_path / "base", tok)
+    rows = [{"messages": [{"role": "user", "content": f"asks {i}"}, {"role": "assistant", "content": f"answers {i}"}]}
+            for i in range(12)]
+    data = _write_jsonl(tmp_path / "chat.jsonl", rows)
+    ex = read_examples(data, tok.chat_template, tok)[0]
+    assert (ex.prompt, ex.completion) == ("<bos>user: asks 0\n<bos>assistant:", "answers 0")
+    t = tokenize_examples([ex], tok, tok.eos_id)[0]
+    assert t.prompt[0] == tok.bos_id and t.completion[-1] == tok.eos_id  # the template's specials are specials
+    assert tokenize_examples(read_examples(data)[:1], tok, tok.eos_id)[0].prompt[0] != tok.bos_id  # plain format
+    cfg = TrainConfig(max_steps=2, batch_size=4, eval_every=0, save_every=0, out_dir=str(tmp_path / "run"),
+                      progress=False)
+    finetune(str(tmp_path / "base"), str(data), cfg, val_fraction=0.0)
+    tuned = calmlm.load(tmp_path / "run")
+    assert tuned.tokenizer.chat_template == tok.chat_template  # `calm serve` reads it from tokenizer_config.json
+    saved = json.loads((tmp_path / "run" / "checkpoint" / "tokenizer_config.json").read_text())
+    assert saved["chat_template"] == tok.chat_template

@@ -3,7 +3,8 @@
 Data: JSON Lines (or one JSON array) whose rows are either ``{"prompt": ..., "completion": ...}`` or chat
 ``{"messages": [{"role": ..., "content": ...}, ...]}`` ending with an assistant message (the formats TRL and
 litgpt accept). A chat row becomes a prompt with :func:`chat_prompt` (every message before the last one as
-``Role: content`` lines, then ``Assistant:``) and the last assistant message, after a space, as the completion.
+``Role: content`` lines, then ``Assistant:``) and the last assistant message, after a space, as the completion;
+when the tokenizer has a ``chat_template``, that template renders the prompt and the reply follows as is.
 
 Layout of one example (prompt and completion are tokenised separately, as ``calm generate`` tokenises a
 prompt; EOS ends the completion so the model learns to stop):
@@ -51,14 +52,21 @@ class TokenizedExample:
 
 # -- reading ---------------------------------------------------------------------------------------------
 
-def chat_prompt(messages: Sequence[dict[str, Any]]) -> str:
-    """The prompt of a chat for a base model: ``Role: content`` lines, then ``Assistant:`` (the reply follows
-    after a space)."""
+def chat_prompt(messages: Sequence[dict[str, Any]], template: str | None = None, tokenizer: Any = None) -> str:
+    """The prompt of a chat before the assistant's reply. With the tokenizer's Jinja ``template`` (its
+    ``chat_template``): rendered with ``add_generation_prompt=True``. Without (base models): ``Role: content``
+    lines, then ``Assistant:``; the reply follows after a space. ``calm serve`` builds prompts the same way."""
+    if template is not None:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        specials = {f"{r}_token": getattr(tokenizer, f"{r}_token", None) or "" for r in ("bos", "eos", "pad")}
+        return ImmutableSandboxedEnvironment().from_string(template).render(
+            messages=list(messages), add_generation_prompt=True, **specials)
     lines = [f"{str(m['role']).capitalize()}: {m['content']}\n" for m in messages]
     return "".join(lines) + "Assistant:"
 
 
-def _example(row: Any, source: str) -> Example:
+def _example(row: Any, source: str, template: str | None = None, tokenizer: Any = None) -> Example:
     if not isinstance(row, dict):
         raise DataError(f"{source}: expected a JSON object with 'prompt'/'completion' or 'messages', got "
                         f"{type(row).__name__}")
@@ -71,7 +79,8 @@ def _example(row: Any, source: str) -> Example:
         if msgs[-1]["role"] != "assistant":
             raise DataError(f"{source}: the last message must be the assistant's reply (the completion to learn), "
                             f"got role {msgs[-1]['role']!r}")
-        return Example(chat_prompt(msgs[:-1]), " " + msgs[-1]["content"], source)
+        reply = msgs[-1]["content"] if template is not None else " " + msgs[-1]["content"]
+        return Example(chat_prompt(msgs[:-1], template, tokenizer), reply, source)
     if "prompt" in row and "completion" in row:
         if not isinstance(row["prompt"], str) or not isinstance(row["completion"], str):
             raise DataError(f"{source}: 'prompt' and 'completion' must be strings")
@@ -81,8 +90,9 @@ def _example(row: Any, source: str) -> Example:
     raise DataError(f"{source}: a row needs 'prompt' and 'completion', or 'messages' (found keys {sorted(row)})")
 
 
-def read_examples(path: str | Path) -> list[Example]:
-    """Rows of a ``.jsonl`` file (one JSON object per line) or a ``.json`` array, as :class:`Example`."""
+def read_examples(path: str | Path, chat_template: str | None = None, tokenizer: Any = None) -> list[Example]:
+    """Rows of a ``.jsonl`` file (one JSON object per line) or a ``.json`` array, as :class:`Example`; chat rows
+    are formatted by :func:`chat_prompt` (with ``chat_template`` when given)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"no fine-tuning data at {path}: give a .jsonl file of prompt/completion or messages rows")
@@ -103,7 +113,7 @@ def read_examples(path: str | Path) -> list[Example]:
                     raise DataError(f"{path}:{n} is not valid JSON ({e}); each line must be one JSON object") from None
     if not rows:
         raise DataError(f"{path} holds no examples")
-    return [_example(row, source) for row, source in rows]
+    return [_example(row, source, chat_template, tokenizer) for row, source in rows]
 
 
 def split_examples(examples: list[Example], val_fraction: float, seed: int = 0) -> tuple[list[Example], list[Example]]:
@@ -117,9 +127,10 @@ def split_examples(examples: list[Example], val_fraction: float, seed: int = 0) 
 
 
 def tokenize_examples(examples: Sequence[Example], tokenizer: Any, eos_id: int) -> list[TokenizedExample]:
-    """Tokenise prompt and completion separately (text spelling a special token stays text) and end the
-    completion with EOS."""
-    prompts = tokenizer.encode_batch([e.prompt for e in examples], allow_special=False)
+    """Tokenise prompt and completion separately and end the completion with EOS. Prompts are tokenised as
+    ``calm generate`` and ``calm serve`` tokenise them (special tokens written in the text, e.g. by a chat
+    template, are recognised); in completions such text stays text."""
+    prompts = tokenizer.encode_batch([e.prompt for e in examples], allow_special=True)
     completions = tokenizer.encode_batch([e.completion for e in examples], allow_special=False)
     return [TokenizedExample(list(p), list(c) + [eos_id], e.source) for p, c, e in zip(prompts, completions, examples)]
 
@@ -260,9 +271,10 @@ def finetune(model_path: str, data: str, cfg: Any, val_data: str | None = None, 
     if eos is None:
         raise ConfigError(f"neither {model_path} nor its tokenizer names an EOS token, which ends every completion; "
                           "pass a tokenizer with an EOS token")
-    rows = read_examples(data)
+    template = tok.chat_template  # kept in the fine-tuned checkpoint's tokenizer, so serving formats chats alike
+    rows = read_examples(data, template, tok)
     if val_data is not None:
-        train_rows, val_rows = rows, read_examples(val_data)
+        train_rows, val_rows = rows, read_examples(val_data, template, tok)
     else:
         train_rows, val_rows = split_examples(rows, val_fraction, cfg.seed)
     if not train_rows:
