@@ -211,6 +211,34 @@ def test_baseline_loss_ignores_prompt_targets():
         model(ids, loss_mask=mask[:, :4])
 
 
+# -- the engine ------------------------------------------------------------------------------------------------
+
+def test_engine_trains_and_resumes_dict_batches_exactly(tmp_path):
+    """SFT batches ({"input_ids", "loss_mask"}) go through the one engine: N steps = N/2 + resume + N/2."""
+    from calmlm.trainer import Trainer
+
+    cfg = calm_preset("debug", eos_token_id=EOS)
+    data = SFTDataset([TokenizedExample([5 + i, 6, 7], [8 + i, 9, 10, 11, EOS]) for i in range(12)], cfg, EOS)
+    val = SFTDataset([TokenizedExample([30, 31], [32, EOS])] * 2, cfg, EOS, data.block_size)
+
+    def model(seed=0):
+        torch.manual_seed(seed)
+        return CALM(cfg)
+
+    def tc(name):
+        return TrainConfig(lr=1e-3, max_steps=6, batch_size=4, eval_every=3, eval_batches=1, save_every=0,
+                           log_every=1, out_dir=str(tmp_path / name), progress=False)
+
+    full = model()
+    result = Trainer(full, data, val, tc("full")).fit()
+    assert result["step"] == 6 and "val_energy_loss" in result
+    Trainer(model(), data, val, tc("half")).fit(stop_at=3)
+    resumed = model(seed=123)
+    Trainer(resumed, data, val, tc("half"), resume=True).fit()
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
 # -- learning a synthetic instruction task -----------------------------------------------------------------
 
 SYMBOLS = [f"s{i}" for i in range(12)]
@@ -284,6 +312,7 @@ def test_calm_finetune_learns_held_out_items(task):
     assert final["val_loss"] < 2.5
     meta = json.loads((root / "sft" / "checkpoint" / "config.json").read_text())["finetune"]
     assert meta["train_examples"] == 230 and meta["val_examples"] == 58 and meta["block_size"] == 8
+    assert meta["base_model"] == str(root / "base") and meta["base_model_on_hub"] is False
     out = tuned.generate(tok.encode("first s3 s7"), max_new_tokens=2, temperature=0.5, pool_size=16, seed=0)
     assert out.shape == (1, 5)
 

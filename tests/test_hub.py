@@ -113,6 +113,11 @@ def test_push_uploads_weights_tokenizer_and_card_only(hub, calm_run):
     assert "base model trained on `docs.jsonl` (2% held out" in card
     assert "BrierLM 1.234 at training step 12" in card and "blocks of 64 tokens, 512 tokens" in card
     assert 'calmlm.load("me/calm-sft")' in card
+    assert "base_model:" not in card  # the base was a local folder
+    meta = json.loads((run / "checkpoint" / "config.json").read_text())
+    meta["finetune"].update(base_model="cccczshao/CALM-M", base_model_on_hub=True)
+    (run / "checkpoint" / "config.json").write_text(json.dumps(meta))
+    assert "base_model: cccczshao/CALM-M\n---" in model_card(run, "me/calm-sft")
 
 
 def test_load_reads_a_pushed_checkpoint_back(hub, calm_run, tokenizer):

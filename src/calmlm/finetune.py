@@ -291,7 +291,8 @@ def finetune(model_path: str, data: str, cfg: Any, val_data: str | None = None, 
     cfg = cfg.replace(block_size=block)
     base_meta = read_metadata(directory) if detect_format(directory) == "native" else {}
     meta = {k: v for k, v in base_meta.items() if k in ("data", "data_info")}  # `calm eval` default split
-    meta["finetune"] = {"base_model": str(model_path), "data": str(data), "val_data": val_data,
+    meta["finetune"] = {"base_model": str(model_path), "base_model_on_hub": not Path(model_path).expanduser().exists(),
+                        "data": str(data), "val_data": val_data,
                         "val_fraction": None if val_data else val_fraction, "seed": cfg.seed,
                         "train_examples": len(train_set), "val_examples": len(val_ex), "block_size": block,
                         "base_step": base_meta.get("step")}

@@ -114,6 +114,9 @@ def model_card(path: str | Path, repo_id: str, evaluation: dict[str, Any] | None
              "pipeline_tag: feature-extraction", "tags:", "- calmlm", f"- {kind}"]
     if kind == "calm":
         lines.append("- continuous-autoregressive-language-model")
+    ft = meta.get("finetune")
+    if isinstance(ft, dict) and ft.get("base_model_on_hub"):  # fine-tuned from a Hub repository, not a folder
+        lines.append(f"base_model: {ft['base_model']}")
     lines += ["---", "", f"# {repo_id.split('/')[-1]}", "",
               f"A {title} checkpoint in calmlm's format (Shao et al. 2025, "
               "[arXiv 2510.27688](https://arxiv.org/abs/2510.27688); reference implementation "
@@ -137,7 +140,6 @@ def model_card(path: str | Path, repo_id: str, evaluation: dict[str, Any] | None
                   f"{config['hidden_size']}, vocabulary {config['vocab_size']:,}",
                   f"- parameters: {_millions(params['total'])}"]
     lines += ["", "## Training data", ""]
-    ft = meta.get("finetune")
     if "data" in meta:
         if isinstance(ft, dict):
             lines.append(f"- base model trained on {_data_line(meta['data'])}")
