@@ -237,6 +237,8 @@ def test_engine_trains_and_resumes_dict_batches_exactly(tmp_path):
     Trainer(resumed, data, val, tc("half"), resume=True).fit()
     for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
+    bf16 = Trainer(model(), data, val, tc("bf16").replace(precision="bf16", max_steps=2)).fit()  # autocast path
+    assert torch.isfinite(torch.tensor([bf16["loss"], bf16["val_loss"]])).all()
 
 
 # -- learning a synthetic instruction task -----------------------------------------------------------------

@@ -90,7 +90,7 @@ class CALM(nn.Module):
         if noise is None:
             noise = self.head.noise((cfg.num_samples, hidden.shape[0]), hidden.device, hidden.dtype)
         x = self.head(hidden, noise)  # (S, P, l)
-        mask = None if loss_mask is None else _chunk_mask(loss_mask, input_ids.shape[0], mean.shape[0])
+        mask = None if loss_mask is None else _chunk_mask(loss_mask, input_ids, cfg.chunk_size)
         loss = energy_loss(x, mean, log_std, cfg.num_targets, cfg.energy_alpha, target_eps, mask)
         return ModelOutput(loss, {"energy_loss": loss.detach()})
 
@@ -100,9 +100,10 @@ class CALM(nn.Module):
         return generate(self, input_ids, **kwargs)
 
 
-def _chunk_mask(loss_mask: torch.Tensor, batch: int, positions: int) -> torch.Tensor:
+def _chunk_mask(loss_mask: torch.Tensor, input_ids: torch.Tensor, k: int) -> torch.Tensor:
     """(B, N) per-chunk mask -> (B*(N-1),) flags of the predicted chunks 1..N-1, batch-major."""
-    if loss_mask.dim() != 2 or loss_mask.shape[0] * (loss_mask.shape[1] - 1) != positions or loss_mask.shape[0] != batch:
-        raise ConfigError(f"CALM loss_mask must have one flag per input chunk, shape ({batch}, "
-                          f"{positions // batch + 1}), got {tuple(loss_mask.shape)}")
+    shape = (input_ids.shape[0], input_ids.shape[1] // k)
+    if tuple(loss_mask.shape) != shape:
+        raise ConfigError(f"CALM loss_mask must have one flag per input chunk, shape {shape}, "
+                          f"got {tuple(loss_mask.shape)}")
     return loss_mask[:, 1:].flatten()
