@@ -148,7 +148,7 @@ def test_cli_push_with_eval_report_and_baseline_card(hub, tmp_path, tokenizer, c
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"type": "eval", "step": 4, "val_loss": 0.5,
                                                         "exact_match": 0.75}) + "\n")
     card = model_card(tmp_path / "base", "me/base")
-    assert "No BrierLM recorded yet" in card and "validation loss 0.5000 at step 4, exact match 0.750" in card
+    assert "No BrierLM recorded yet" in card and "Validation loss 0.5000 at step 4, exact match 0.750" in card
     assert main(["push", str(tmp_path / "base"), "me/base", "--card-only"]) == 0
     assert capsys.readouterr().out == model_card(tmp_path / "base", "me/base")
     assert calmlm.load("me/base").config.kind == "baseline"

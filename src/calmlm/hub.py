@@ -169,7 +169,8 @@ def model_card(path: str | Path, repo_id: str, evaluation: dict[str, Any] | None
         lines.append("No BrierLM recorded yet (`calm eval --model " + repo_id + " --data ...`).")
         if (last := _last_eval(directory)) is not None and "val_loss" in last:
             extra = f", exact match {last['exact_match']:.3f} of generated completions" if "exact_match" in last else ""
-            lines.append(f"Fine-tuning validation loss {last['val_loss']:.4f} at step {last.get('step')}{extra}.")
+            what = " over the completions of the fine-tuning validation set" if isinstance(ft, dict) else ""
+            lines.append(f"Validation loss{what} {last['val_loss']:.4f} at step {last.get('step')}{extra}.")
     lines.append("BrierLM depends on the block size and the data: compare only scores measured the same way.")
     lines += ["", "## Use", "", "```bash", "pip install calmlm", ""]
     if kind != "autoencoder":
