@@ -241,6 +241,35 @@ def test_engine_trains_and_resumes_dict_batches_exactly(tmp_path):
     assert torch.isfinite(torch.tensor([bf16["loss"], bf16["val_loss"]])).all()
 
 
+@pytest.mark.slow
+def test_two_process_ddp_sft_matches_single_process(tmp_path):
+    """Masked SFT batches under a real 2-process DDP job (gloo) train like one process with the global batch."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from calmlm.trainer import Trainer
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import sft_ddp_worker as w
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
+           "127.0.0.1", "--master_port", str(port), str(Path(__file__).parent / "sft_ddp_worker.py"), str(tmp_path / "d")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single = w.model()
+    Trainer(single, *w.data(), w.config(str(tmp_path / "s"), batch_size=4)).fit()
+    ddp = calmlm.load(tmp_path / "d")
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(v, ddp.state_dict()[k], atol=1e-5, rtol=0)
+
+
 # -- learning a synthetic instruction task -----------------------------------------------------------------
 
 SYMBOLS = [f"s{i}" for i in range(12)]

@@ -18,7 +18,8 @@ prompt; EOS ends the completion so the model learns to stop):
 
 Every example is then right-padded with EOS to one block size (masked out; causal attention means the
 padding changes nothing before it), and a batch is ``{"input_ids", "loss_mask"}``, which the training
-engine passes to ``forward`` as keyword arguments.
+engine passes to ``forward`` as keyword arguments. A micro-batch's loss is the mean over its own masked
+positions, so accumulation steps and DDP ranks weigh equally whatever their completion lengths.
 """
 
 from __future__ import annotations
