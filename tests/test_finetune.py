@@ -16,6 +16,7 @@ from calmlm.calm import CALM
 from calmlm.checkpoint import save_model
 from calmlm.cli import main
 from calmlm.config import autoencoder_preset, baseline_preset, calm_preset
+from calmlm.data import stack_blocks
 from calmlm.errors import ConfigError, DataError, TokenizerError
 from calmlm.finetune import (SFTDataset, TokenizedExample, chat_prompt, exact_match, finetune, prompt_padding,
                              read_examples, tokenize_examples)
@@ -82,7 +83,7 @@ def test_prompt_padding_is_the_generation_policy():
         seen.clear()
         prompt = list(range(5, 5 + length))
         generate(model, prompt, max_new_tokens=4, seed=0)
-        ids = SFTDataset([TokenizedExample(prompt, [7, EOS])], model.config, EOS).batch([0])["input_ids"][0]
+        ids = SFTDataset([TokenizedExample(prompt, [7, EOS])], model.config, EOS)[0]["input_ids"]
         pad = prompt_padding(length, 4)
         assert torch.equal(seen[0][0], ids[:pad + length]), length
         assert (pad + length) % 4 == 0  # the completion starts on a chunk boundary
@@ -92,7 +93,7 @@ def test_calm_and_baseline_layouts_and_masks():
     cfg = calm_preset("debug", eos_token_id=EOS)
     ex = [TokenizedExample([5, 6, 7, 8, 9], [10, 11, EOS]), TokenizedExample([5], [12, EOS])]
     ds = SFTDataset(ex, cfg, EOS)
-    b = ds.batch([0, 1])
+    b = stack_blocks(ds, [0, 1])
     assert ds.block_size == 12 and b["input_ids"].shape == (2, 12) and b["loss_mask"].shape == (2, 3)
     assert b["input_ids"][0].tolist() == [EOS, EOS, EOS, 5, 6, 7, 8, 9, 10, 11, EOS, EOS]
     assert b["loss_mask"][0].tolist() == [False, False, True]  # only the completion's chunk
@@ -100,7 +101,7 @@ def test_calm_and_baseline_layouts_and_masks():
     assert b["loss_mask"][1].tolist() == [False, True, False]  # the right padding is masked out
 
     base = SFTDataset(ex + [TokenizedExample([], [13, EOS])], baseline_preset("debug", bos_token_id=1), EOS)
-    b = base.batch([0, 2])
+    b = stack_blocks(base, [0, 2])
     assert base.block_size == 8
     assert b["input_ids"][0].tolist() == [5, 6, 7, 8, 9, 10, 11, EOS]
     assert b["loss_mask"][0].tolist() == [False] * 5 + [True] * 3  # completion tokens and the final EOS
@@ -119,37 +120,38 @@ def test_too_long_examples_and_bad_block_size():
 
 # -- the loss ignores the prompt --------------------------------------------------------------------------
 
-def _keep_grad(t: torch.Tensor, store: list) -> None:
+def _kept(t: torch.Tensor, store: list) -> torch.Tensor:
+    """t, with its gradient kept (appended to store) for inspection after backward."""
     t.retain_grad()
     store.append(t)
+    return t
 
 
-def _calm_model():
+def _calm_model(head: str = "energy"):
     torch.manual_seed(0)
-    model = CALM(calm_preset("debug", eos_token_id=EOS))
-    torch.nn.init.normal_(model.head.final_layer.linears[2].weight, std=0.1)
+    model = CALM(calm_preset("debug", eos_token_id=EOS, head=head))
+    for p in model.head.parameters():  # the zero-initialised output / modulation layers would block gradients
+        if p.dim() >= 2 and not p.any():
+            torch.nn.init.normal_(p, std=0.1)
     return model
 
 
 def _calm_batch():
     ex = [TokenizedExample([5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, EOS]), TokenizedExample([20, 21], [22, EOS])]
-    return SFTDataset(ex, calm_preset("debug", eos_token_id=EOS), EOS).batch([0, 1])
+    return stack_blocks(SFTDataset(ex, calm_preset("debug", eos_token_id=EOS), EOS), [0, 1])
 
 
-def _pinned(model, b):
-    """Pinned draws (noise, posterior eps) so two forwards are comparable exactly."""
-    bsz, n = b["loss_mask"].shape
-    g = torch.Generator().manual_seed(1)
-    p = bsz * (n - 1)
-    return dict(noise=torch.rand(8, p, 16, generator=g) - 0.5, target_eps=torch.randn(100, p, 16, generator=g))
-
-
-def test_calm_loss_ignores_prompt_chunk_targets():
-    model, b = _calm_model(), _calm_batch()
+@pytest.mark.parametrize("head", ["energy", "flow", "diffusion"])
+def test_calm_loss_ignores_prompt_chunk_targets(head):
+    model, b = _calm_model(head), _calm_batch()
     mask = b["loss_mask"]
     assert mask[0].tolist() == [False, False, True, True] and mask[1].tolist() == [False, True, False, False]
-    pinned = _pinned(model, b)
-    base = model(b["input_ids"], loss_mask=mask, **pinned).loss
+
+    def loss(**kw):  # the same draws (posterior targets, head noise, times) on every call
+        torch.manual_seed(1)
+        return model(b["input_ids"], **kw).loss
+
+    base = loss(loss_mask=mask)
     encode = model.autoencoder.encode
 
     def shifted_targets(chunks):  # change the target latents of the chosen (batch, chunk) positions only
@@ -162,21 +164,22 @@ def test_calm_loss_ignores_prompt_chunk_targets():
         return fake
 
     model.autoencoder.encode = shifted_targets([(0, 1), (1, 2), (1, 3)])  # prompt chunk / padding chunks
-    assert torch.equal(model(b["input_ids"], loss_mask=mask, **pinned).loss, base)
+    torch.testing.assert_close(loss(loss_mask=mask), base, rtol=1e-6, atol=0)
     model.autoencoder.encode = shifted_targets([(0, 2)])  # a completion chunk
-    assert (model(b["input_ids"], loss_mask=mask, **pinned).loss - base).abs() > 1e-3
+    assert (loss(loss_mask=mask) - base).abs() > 1e-3
     model.autoencoder.encode = encode
 
-    # the gradient reaching the head's samples is exactly zero at prompt chunks, non-zero at completion chunks
-    outputs = []
-    hook = model.head.register_forward_hook(lambda m, i, o: _keep_grad(o, outputs))
-    model(b["input_ids"], loss_mask=mask, **pinned).loss.backward()
-    hook.remove()
-    grad = outputs[0].grad.abs().sum((0, 2)).view(2, 3)  # (B, N-1): predictions of chunks 1..3
+    # the gradient reaching the hidden states is exactly zero at prompt chunks, non-zero at completion chunks
+    hidden = []
+    original = model.hidden_states
+    model.hidden_states = lambda ids, cache=None: _kept(original(ids, cache), hidden)  # type: ignore[method-assign]
+    loss(loss_mask=mask).backward()
+    grad = hidden[0].grad.abs().sum(-1)[:, :-1]  # (B, N-1): predictions of chunks 1..3
     assert (grad[mask[:, 1:]] > 0).all() and (grad[~mask[:, 1:]] == 0).all()
+    model.hidden_states = original  # type: ignore[method-assign]
     # without a mask every chunk counts, as in pre-training
-    full = model(b["input_ids"], **pinned).loss
-    assert torch.allclose(full, model(b["input_ids"], loss_mask=torch.ones_like(mask), **pinned).loss)
+    full = loss()
+    torch.testing.assert_close(full, loss(loss_mask=torch.ones_like(mask)))
     assert not torch.allclose(full, base)
     with pytest.raises(ConfigError, match="one flag per input chunk"):
         model(b["input_ids"], loss_mask=torch.ones(2, 16, dtype=torch.bool))
@@ -186,7 +189,7 @@ def test_baseline_loss_ignores_prompt_targets():
     torch.manual_seed(0)
     model = BaselineLM(baseline_preset("debug"))
     ex = [TokenizedExample([5, 6, 7, 8], [9, 10, EOS]), TokenizedExample([20, 21, 22], [23, EOS])]
-    b = SFTDataset(ex, model.config, EOS).batch([0, 1])
+    b = stack_blocks(SFTDataset(ex, model.config, EOS), [0, 1])
     ids, mask = b["input_ids"], b["loss_mask"]
     base = model(ids, loss_mask=mask).loss
     # the last token is only ever a target: with it masked out, changing it changes nothing
@@ -196,16 +199,19 @@ def test_baseline_loss_ignores_prompt_targets():
     changed[:, -1] = 99
     assert torch.equal(model(ids, loss_mask=last_masked).loss, model(changed, loss_mask=last_masked).loss)
     assert model(ids, loss_mask=mask).loss != model(changed, loss_mask=mask).loss  # row 0 ends with a completion EOS
-    # gradient of the loss w.r.t. the logits: zero at prompt (and padding) targets, non-zero at completion targets
-    logits = []
-    hook = model.lm_head.register_forward_hook(lambda m, i, o: _keep_grad(o, logits))
+    # gradient reaching the hidden states: zero at prompt (and padding) targets, non-zero at completion targets
+    hidden = []
+    original = model.hidden_states
+    model.hidden_states = lambda x, cache=None: _kept(original(x, cache), hidden)  # type: ignore[method-assign]
     model(ids, loss_mask=mask).loss.backward()
-    hook.remove()
-    grad = logits[0].grad.abs().sum(-1)  # (B, T-1): target t+1 at position t
+    model.hidden_states = original  # type: ignore[method-assign]
+    grad = hidden[0].grad.abs().sum(-1)  # (B, T-1): target t+1 at position t
     assert (grad[mask[:, 1:]] > 0).all() and (grad[~mask[:, 1:]] == 0).all()
     # the masked loss is the mean cross-entropy over the completion tokens
     logp = torch.log_softmax(model.logits(ids[:, :-1]).float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
     assert torch.allclose(base, -logp[mask[:, 1:]].mean(), atol=1e-6)
+    hits = model.logits(ids[:, :-1]).argmax(-1) == ids[:, 1:]
+    assert torch.allclose(model(ids, loss_mask=mask).metrics["token_acc"], hits[mask[:, 1:]].float().mean())
     assert torch.allclose(model(ids).loss, model(ids, loss_mask=torch.ones_like(mask)).loss)
     with pytest.raises(ConfigError, match="loss_mask must have the input's shape"):
         model(ids, loss_mask=mask[:, :4])
@@ -227,7 +233,7 @@ def test_engine_trains_and_resumes_dict_batches_exactly(tmp_path):
 
     def tc(name):
         return TrainConfig(lr=1e-3, max_steps=6, batch_size=4, eval_every=3, eval_batches=1, save_every=0,
-                           log_every=1, out_dir=str(tmp_path / name), progress=False)
+                           log_every=1, out_dir=str(tmp_path / name), progress=False, precision="fp32")
 
     full = model()
     result = Trainer(full, data, val, tc("full")).fit()

@@ -108,7 +108,7 @@ def test_push_uploads_weights_tokenizer_and_card_only(hub, calm_run):
     assert "calm" in message  # never the optimizer, RNG or trainer state
     card = (hub.root / "me/calm-sft/README.md").read_text()
     assert card.startswith("---\nlibrary_name: calmlm\npipeline_tag: text-generation\n")
-    assert "**K = 4** tokens per step" in card and "latent vector of size 16" in card
+    assert "**K = 4** tokens per step" in card and "latent vector of size 16" in card and "energy head with" in card
     assert "fine-tuned from `runs/calm` on `sft.jsonl` (230 prompt/completion examples" in card
     assert "base model trained on `docs.jsonl` (2% held out" in card
     assert "BrierLM 1.234 at training step 12" in card and "blocks of 64 tokens, 512 tokens" in card

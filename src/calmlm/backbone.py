@@ -7,6 +7,8 @@ and a preallocated KV cache for decoding.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +35,15 @@ class KVCache:
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def repeat(self, copies: int, extra: int) -> KVCache:
+        """``copies`` copies of every row (copy-major: row c*B + b is row b), with room for ``extra`` more
+        positions, so that each copy can continue on its own (BrierLM's continuation pass)."""
+        out = copy.copy(self)
+        out.k, out.v = (F.pad(t[:, :, :, :self.length], (0, 0, 0, extra)).repeat(1, copies, 1, 1, 1)
+                        for t in (self.k, self.v))
+        out.max_len = self.length + extra
+        return out
 
 
 class RotaryEmbedding(nn.Module):
@@ -69,7 +80,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -82,7 +93,9 @@ class Attention(nn.Module):
         if self.num_kv_heads != self.num_heads:
             rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if past == 0:
+        if mask is not None:  # an explicit pattern, e.g. BrierLM's tree-shaped continuation
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif past == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
         elif t == 1:
             out = F.scaled_dot_product_attention(q, k, v)
@@ -101,8 +114,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, layer: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+                cache: KVCache | None, layer: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -124,15 +137,21 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_len or self.config.max_position_embeddings,
                        p.device, dtype or p.dtype)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """(B, T, d) input vectors -> (B, T, d) final hidden states (after the final RMSNorm)."""
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, d) input vectors -> (B, T, d) final hidden states (after the final RMSNorm).
+
+        By default the T inputs follow the cached ones causally. ``positions`` (T,) (rotary positions) and
+        ``mask`` (T, cached + T) bool (True: may attend) override that, e.g. for BrierLM's pass in which
+        every position of a cached block continues at once."""
         start = cache.length if cache is not None else 0
         if cache is not None and start + x.shape[1] > cache.max_len:
             raise ValueError(f"KV cache of {cache.max_len} positions is full")
-        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        if positions is None:
+            positions = torch.arange(start, start + x.shape[1], device=x.device)
         cos, sin = self.rotary(positions)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i)
+            x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:
             cache.length += x.shape[1]
         return self.norm(x)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .autoencoder import ModelOutput
@@ -13,6 +12,7 @@ from .backbone import KVCache, Transformer
 from .config import BaselineConfig
 from .errors import ConfigError
 from .layers import init_linear_and_embedding
+from .losses import linear_cross_entropy
 
 
 class BaselineLM(nn.Module):
@@ -33,19 +33,17 @@ class BaselineLM(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, cache))
 
     def forward(self, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None) -> ModelOutput:
-        """Next-token cross-entropy. ``loss_mask`` (B, T) bool, one flag per input token (token 0 is never a
-        target): average only over the target tokens it marks (e.g. the completion in fine-tuning)."""
-        logits = self.logits(input_ids[:, :-1])
-        if loss_mask is None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), input_ids[:, 1:].flatten())
-        else:
+        """Next-token cross-entropy and accuracy. ``loss_mask`` (B, T) bool, one flag per input token (token 0
+        is never a target): average only over the target tokens it marks (e.g. the completion in fine-tuning)."""
+        targets = input_ids[:, 1:]
+        if loss_mask is not None:
             if loss_mask.shape != input_ids.shape:
                 raise ConfigError(f"baseline loss_mask must have the input's shape {tuple(input_ids.shape)}, "
                                   f"got {tuple(loss_mask.shape)}")
-            ce = F.cross_entropy(logits.float().flatten(0, 1), input_ids[:, 1:].flatten(), reduction="none")
-            w = loss_mask[:, 1:].flatten().to(ce.dtype)
-            loss = (ce * w).sum() / w.sum().clamp_min(1.0)
-        return ModelOutput(loss, {"ce": loss.detach()})
+            targets = targets.masked_fill(~loss_mask[:, 1:].bool(), -100)
+        hidden = self.hidden_states(input_ids[:, :-1])
+        loss, acc = linear_cross_entropy(hidden, self.lm_head.weight, targets, ignore_index=-100)
+        return ModelOutput(loss, {"ce": loss.detach(), "token_acc": acc.detach()})
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """See :func:`calmlm.generation.generate`."""

@@ -12,7 +12,7 @@ prompt; EOS ends the completion so the model learns to stop):
 * **CALM**: ``[EOS]*pad + prompt + completion + EOS``, where ``pad`` left-pads the prompt to a multiple of K
   exactly as generation does (:func:`prompt_padding`), so the completion starts on a chunk boundary; the
   last chunk is filled up with EOS (generation stops at the first EOS anyway). The loss mask marks the
-  completion's chunks: the energy loss never scores a prompt chunk.
+  completion's chunks: the head's loss (energy, flow or diffusion) never scores a prompt chunk.
 * **Baseline**: ``prompt + completion + EOS`` (an empty prompt starts from BOS, or EOS, as generation does);
   the mask marks the completion's tokens and the final EOS as cross-entropy targets.
 
@@ -158,8 +158,8 @@ def layout(example: TokenizedExample, kind: str, k: int, eos_id: int, start_id: 
 
 class SFTDataset:
     """Fine-tuning examples as blocks of ``block_size`` tokens with loss masks, in the interface the training
-    engine reads (``len``, ``block_size``, ``batch(indices) -> {"input_ids", "loss_mask"}``). The CALM mask has
-    one flag per chunk (B, block_size / K), the baseline's one per token (B, block_size)."""
+    engine reads (``len``, ``block_size``, ``[i] -> {"input_ids", "loss_mask"}``, batched by ``stack_blocks``).
+    The CALM mask has one flag per chunk (block_size / K), the baseline's one per token (block_size)."""
 
     def __init__(self, examples: Sequence[TokenizedExample], model_config: Any, eos_id: int,
                  block_size: int | None = None) -> None:
@@ -192,16 +192,12 @@ class SFTDataset:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[0] for k, v in self.batch([i]).items()}
-
-    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        n, t = len(indices), self.block_size
-        ids = torch.full((n, t), self.eos_id, dtype=torch.long)
-        mask = torch.zeros((n, t // self.k), dtype=torch.bool)
-        for row, i in enumerate(indices):
-            seq = self.ids[i]
-            ids[row, :len(seq)] = seq
-            mask[row, self.starts[i]:len(seq) // self.k] = True
+        """Example i right-padded with EOS to the block size, and its loss mask."""
+        seq = self.ids[i]
+        ids = torch.full((self.block_size,), self.eos_id, dtype=torch.long)
+        ids[:len(seq)] = seq
+        mask = torch.zeros(self.block_size // self.k, dtype=torch.bool)
+        mask[self.starts[i]:len(seq) // self.k] = True
         return {"input_ids": ids, "loss_mask": mask}
 
 

@@ -126,7 +126,8 @@ def model_card(path: str | Path, repo_id: str, evaluation: dict[str, Any] | None
     if kind == "calm":
         ae = config["autoencoder"]
         lines += [f"- **K = {config['chunk_size']}** tokens per step (one latent vector of size "
-                  f"{config['latent_size']} per chunk), energy head with {config['num_head_blocks']} blocks",
+                  f"{config['latent_size']} per chunk), {config.get('head', 'energy')} head with "
+                  f"{config['num_head_blocks']} blocks",
                   f"- backbone: {shape}, context {config['max_position_embeddings']} chunks "
                   f"({config['max_position_embeddings'] * config['chunk_size']} tokens)",
                   f"- parameters: {_millions(params['total'] - params['autoencoder'])} (+ "

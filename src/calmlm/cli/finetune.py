@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Fine-tune a CALM or baseline checkpoint (calmlm or reference format, or a Hub id such as "
                     "cccczshao/CALM-M) on JSON Lines rows {\"prompt\", \"completion\"} or {\"messages\": [...]}. "
                     "Only the completion is learned: CALM left-pads the prompt with EOS to a multiple of K (as "
-                    "generation does) and the energy loss scores only the completion's chunks; the baseline masks "
+                    "generation does) and the head's loss scores only the completion's chunks; the baseline masks "
                     "the prompt out of the cross-entropy. Writes a normal run folder (checkpoint/, metrics.jsonl).")
     p.add_argument("--model", required=True, help="checkpoint to start from: run folder, checkpoint, or Hub repo id")
     p.add_argument("--data", required=True, help="training examples: .jsonl (or .json array) of prompt/completion "
