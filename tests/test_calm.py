@@ -5,7 +5,7 @@ from calmlm.autoencoder import Autoencoder
 from calmlm.calm import CALM
 from calmlm.config import AutoencoderConfig, CALMConfig, autoencoder_preset, calm_preset
 from calmlm.errors import ConfigError
-from calmlm.losses import energy_loss, energy_score
+from calmlm.losses import energy_loss, energy_score, masked_mean
 
 
 def slow_energy_score(x, y, alpha):
@@ -33,6 +33,15 @@ def test_energy_loss_uses_posterior_targets():
     eps = torch.randn(9, 6, 5, generator=g)
     y = mean + eps * log_std.exp()
     assert energy_loss(x, mean, log_std, 9, 1.0, eps).item() == pytest.approx(-slow_energy_score(x, y, 1.0).mean().item(), abs=1e-5)
+
+
+def test_masked_mean_averages_the_marked_positions():
+    values = torch.arange(12.0).view(3, 4)  # (M, P): the mask (P,) picks whole columns
+    mask = torch.tensor([True, False, False, True])
+    assert masked_mean(values, mask).item() == pytest.approx(values[:, [0, 3]].mean().item())
+    assert masked_mean(values, None) == values.mean() == masked_mean(values, torch.ones(4, dtype=torch.bool))
+    assert masked_mean(values.bfloat16(), mask).dtype == torch.float32
+    assert masked_mean(values, torch.zeros(4, dtype=torch.bool)).item() == 0.0  # nothing marked: no NaN
 
 
 def test_energy_score_is_proper_on_gaussians():

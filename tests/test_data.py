@@ -170,6 +170,9 @@ def test_token_dataset_blocks_are_memory_mapped(tmp_path, tok):
     with pytest.raises(IndexError):
         ds[len(ds)]
     assert stack_blocks(ds, [2, 0]).shape == (2, 7)
+    pairs = [{"input_ids": ds[i], "loss_mask": ds[i] > 3} for i in range(3)]  # dict blocks stack key by key
+    stacked = stack_blocks(pairs, [2, 0])
+    assert torch.equal(stacked["input_ids"], stack_blocks(ds, [2, 0])) and stacked["loss_mask"].dtype == torch.bool
     assert torch.equal(pickle.loads(pickle.dumps(ds))[5], ds[5])
     batches = list(iter_blocks(ds, 4, rank=1, world_size=2))
     assert torch.equal(torch.cat(batches), stack_blocks(ds, range(1, len(ds), 2)))

@@ -10,6 +10,7 @@ from torch import nn
 from .autoencoder import ModelOutput
 from .backbone import KVCache, Transformer
 from .config import BaselineConfig
+from .errors import ConfigError
 from .layers import init_linear_and_embedding
 from .losses import linear_cross_entropy
 
@@ -31,9 +32,17 @@ class BaselineLM(nn.Module):
         """(B, T) ids -> (B, T, V) next-token logits."""
         return self.lm_head(self.hidden_states(input_ids, cache))
 
-    def forward(self, input_ids: torch.Tensor) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None) -> ModelOutput:
+        """Next-token cross-entropy and accuracy. ``loss_mask`` (B, T) bool, one flag per input token (token 0
+        is never a target): average only over the target tokens it marks (e.g. the completion in fine-tuning)."""
+        targets = input_ids[:, 1:]
+        if loss_mask is not None:
+            if loss_mask.shape != input_ids.shape:
+                raise ConfigError(f"baseline loss_mask must have the input's shape {tuple(input_ids.shape)}, "
+                                  f"got {tuple(loss_mask.shape)}")
+            targets = targets.masked_fill(~loss_mask[:, 1:].bool(), -100)
         hidden = self.hidden_states(input_ids[:, :-1])
-        loss, acc = linear_cross_entropy(hidden, self.lm_head.weight, input_ids[:, 1:])
+        loss, acc = linear_cross_entropy(hidden, self.lm_head.weight, targets, ignore_index=-100)
         return ModelOutput(loss, {"ce": loss.detach(), "token_acc": acc.detach()})
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:

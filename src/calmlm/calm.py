@@ -75,13 +75,16 @@ class CALM(nn.Module):
 
     # -- training -------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, noise: torch.Tensor | None = None,
-                target_eps: torch.Tensor | None = None, t: torch.Tensor | None = None) -> ModelOutput:
+                target_eps: torch.Tensor | None = None, t: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None) -> ModelOutput:
         """The head's loss for predicting chunks 1..N-1 from the hidden states of chunks 0..N-2.
 
         Targets are ``head.num_targets`` draws from the autoencoder posterior of each true chunk, each paired
         with the position's hidden state. ``target_eps`` (M, B*(N-1), l) pins their draw (rows batch-major);
         ``noise`` pins the head's draws (energy: (S, B*(N-1), noise_size); flow: x0, diffusion: ε, both
-        (M, B*(N-1), l)) and ``t`` the flow/diffusion times (M, B*(N-1)), e.g. to compare with the reference."""
+        (M, B*(N-1), l)) and ``t`` the flow/diffusion times (M, B*(N-1)), e.g. to compare with the reference.
+        ``loss_mask`` (B, N) bool, one flag per input chunk (chunk 0 is never a target): average the loss only
+        over the chunks it marks (fine-tuning's completion)."""
         hidden = self.hidden_states(input_ids)[:, :-1]  # (B, N-1, d)
         with torch.no_grad():
             mean, log_std = self.autoencoder.encode(input_ids)
@@ -91,7 +94,8 @@ class CALM(nn.Module):
         if t is not None and self.config.head == "energy":
             raise ConfigError("t pins the flow/diffusion times; the energy head has none (pass noise only)")
         draws = {k: v for k, v in (("noise", noise), ("t", t)) if v is not None}
-        loss = self.head.loss(hidden, targets, **draws)
+        mask = None if loss_mask is None else _chunk_mask(loss_mask, input_ids, self.config.chunk_size)
+        loss = self.head.loss(hidden, targets, **draws, mask=mask)
         return ModelOutput(loss, {f"{self.config.head}_loss": loss.detach()})
 
     def set_head_options(self, **options: Any) -> None:
@@ -107,3 +111,12 @@ class CALM(nn.Module):
         """See :func:`calmlm.generation.generate`."""
         from .generation import generate
         return generate(self, input_ids, **kwargs)
+
+
+def _chunk_mask(loss_mask: torch.Tensor, input_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, N) per-chunk mask -> (B*(N-1),) flags of the predicted chunks 1..N-1, batch-major."""
+    shape = (input_ids.shape[0], input_ids.shape[1] // k)
+    if tuple(loss_mask.shape) != shape:
+        raise ConfigError(f"CALM loss_mask must have one flag per input chunk, shape {shape}, "
+                          f"got {tuple(loss_mask.shape)}")
+    return loss_mask[:, 1:].flatten()

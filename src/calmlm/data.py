@@ -507,9 +507,13 @@ def token_blocks(data: Blocks, block_size: int | None = None) -> tuple[Blocks, i
     return data, int(size)
 
 
-def stack_blocks(blocks: Blocks, indices: Sequence[int]) -> torch.Tensor:
-    """The blocks at ``indices`` as one (B, L) int64 batch."""
-    return torch.stack([torch.as_tensor(blocks[int(i)]) for i in indices]).long()
+def stack_blocks(blocks: Any, indices: Sequence[int]) -> Any:
+    """The blocks at ``indices`` as one (B, L) int64 batch; blocks that are dicts of tensors (fine-tuning's
+    ``{"input_ids", "loss_mask"}``) are stacked key by key into a dict of batches."""
+    rows = [blocks[int(i)] for i in indices]
+    if rows and isinstance(rows[0], dict):
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    return torch.stack([torch.as_tensor(r) for r in rows]).long()
 
 
 def iter_blocks(blocks: Blocks, batch_size: int, rank: int = 0, world_size: int = 1,

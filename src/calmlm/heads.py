@@ -10,8 +10,9 @@ Every head has the same interface:
   * ``head.noise(lead, device, dtype, generator)`` draws the randomness of ``len(lead)``-shaped samples;
   * ``head(hidden, noise) -> latents`` is deterministic given that noise (reproducible, testable);
   * ``head.sample(hidden, num_samples, generator)`` = ``head(hidden, head.noise(...))``;
-  * ``head.loss(hidden, targets, ...)`` is the training loss for posterior draws ``targets`` (M, P, l) of the
-    true chunks at hidden (P, d), with ``head.num_targets`` = M; ``CALM.forward`` uses it.
+  * ``head.loss(hidden, targets, ..., mask=None)`` is the training loss for posterior draws ``targets`` (M, P, l)
+    of the true chunks at hidden (P, d), with ``head.num_targets`` = M, averaged over the positions a (P,)
+    ``mask`` marks (fine-tuning's completion chunks) or all; ``CALM.forward`` uses it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 from .config import CALMConfig
 from .diffusion import GaussianDiffusion
 from .errors import ConfigError
-from .losses import energy_score
+from .losses import energy_score, masked_mean
 
 
 class ResidualBlock(nn.Module):
@@ -94,12 +95,13 @@ class EnergyHead(nn.Module):
         lead = tuple(hidden.shape[:-1]) if num_samples is None else (num_samples, *hidden.shape[:-1])
         return self(hidden, self.noise(lead, hidden.device, hidden.dtype, generator))
 
-    def loss(self, hidden: torch.Tensor, targets: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Negative energy score of num_samples draws at hidden (P, d) against targets (M, P, l), averaged;
-        ``noise`` (num_samples, P, noise_size) pins the draws."""
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor, noise: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Negative energy score of num_samples draws at hidden (P, d) against targets (M, P, l), averaged
+        (over the positions ``mask`` (P,) marks, if given); ``noise`` (num_samples, P, noise_size) pins the draws."""
         if noise is None:
             noise = self.noise((self.num_samples, hidden.shape[0]), hidden.device, hidden.dtype)
-        return -energy_score(self(hidden, noise), targets, self.alpha).mean()
+        return masked_mean(-energy_score(self(hidden, noise), targets, self.alpha), mask)
 
     def configure(self, cfg: CALMConfig) -> None:
         """No sampling options: one network call per sample."""
@@ -267,9 +269,10 @@ class FlowHead(nn.Module):
         return (self.net(xt, t, hidden, c_emb) - (targets - noise)).pow(2).mean(-1)
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor, t: torch.Tensor | None = None,
-             noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean flow-matching loss; hidden (P, d), targets (M, P, l), each target paired with its position."""
-        return self.row_losses(hidden, targets, t, noise).mean()
+             noise: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean flow-matching loss; hidden (P, d), targets (M, P, l), each target paired with its position;
+        averaged over the positions ``mask`` (P,) marks, if given."""
+        return masked_mean(self.row_losses(hidden, targets, t, noise), mask)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -343,9 +346,10 @@ class DiffusionHead(nn.Module):
         return self.loss_terms(hidden, targets, t, noise)["loss"]
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor, t: torch.Tensor | None = None,
-             noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean diffusion loss (mse + vb); hidden (P, d), targets (M, P, l)."""
-        return self.row_losses(hidden, targets, t, noise).mean()
+             noise: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean diffusion loss (mse + vb); hidden (P, d), targets (M, P, l); averaged over the positions
+        ``mask`` (P,) marks, if given."""
+        return masked_mean(self.row_losses(hidden, targets, t, noise), mask)
 
 
 HEADS = {"energy": EnergyHead, "flow": FlowHead, "diffusion": DiffusionHead}

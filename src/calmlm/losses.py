@@ -57,6 +57,16 @@ def energy_loss(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor, num_
     return -energy_score(x, y, alpha).mean()
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of per-position losses ``values`` (..., P) over the positions ``mask`` (P,) marks (e.g. the
+    completion chunks in fine-tuning; every position for None); masked, in at least float32 and 0 if none is
+    marked."""
+    if mask is None:
+        return values.mean()
+    w = mask.float().expand_as(values)
+    return (values * w).sum() / w.sum().clamp_min(1.0)
+
+
 # -- cross-entropy through the output projection, without materialising the logits --------------------
 
 class _LinearCrossEntropy(torch.autograd.Function):

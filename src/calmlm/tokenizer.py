@@ -68,6 +68,7 @@ class Tokenizer:
                 raise TokenizerError(f"{name} {token!r} is not in the tokenizer's vocabulary; "
                                      f"fix {CONFIG_FILE} or pass a token that exists")
         self._hash: str | None = None
+        self.chat_template: str | None = None  # Jinja template of tokenizer_config.json, kept through save/load
 
     # -- encoding ------------------------------------------------------------------------------------
 
@@ -129,6 +130,8 @@ class Tokenizer:
         self.backend.save(str(directory / "tokenizer.json"))
         config = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
                   "tokenizer_class": "PreTrainedTokenizerFast"}
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         return directory
 
@@ -158,7 +161,10 @@ class Tokenizer:
         for i, guesses in enumerate((_BOS_GUESSES, _EOS_GUESSES, _PAD_GUESSES)):
             if roles[i] is None and not config:  # no config file at all: recognise the usual names
                 roles[i] = next((g for g in guesses if g in vocab), None)
-        return cls(backend, *roles)
+        tok = cls(backend, *roles)
+        template = config.get("chat_template")
+        tok.chat_template = template if isinstance(template, str) else None
+        return tok
 
 
 def _token_name(value: Any) -> str | None:

@@ -1,6 +1,7 @@
 """One training engine for the autoencoder, CALM and the baseline.
 
-Every model's ``forward(input_ids)`` returns ``ModelOutput(loss, metrics)``; the engine only needs that.
+Every model's ``forward(input_ids)`` returns ``ModelOutput(loss, metrics)``; the engine only needs that. A
+dataset whose blocks are dicts (fine-tuning: input ids + loss mask) has them passed as keyword arguments.
 AdamW (fused on CUDA) with warm-up then constant or cosine LR, gradient accumulation, clipping, bf16
 autocast on CUDA, optional ``torch.compile``, DDP or FSDP2 (``TrainConfig.distributed``) under ``torchrun``,
 periodic evaluation, JSON-lines metrics, atomic checkpoints and exact (bit-identical on CPU) resume.
@@ -270,6 +271,13 @@ def _block_size_of(data: Any) -> int:
     return int(data[0].shape[-1])
 
 
+def _forward(model: nn.Module, batch: torch.Tensor | dict[str, torch.Tensor], device: torch.device) -> Any:
+    """``model(batch)``, or ``model(**batch)`` for a dict batch (fine-tuning's ``{"input_ids", "loss_mask"}``)."""
+    if isinstance(batch, dict):
+        return model(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})
+    return model(batch.to(device, non_blocking=True))
+
+
 @contextlib.contextmanager
 def _fixed_rng(seed: int, device: torch.device) -> Iterator[None]:
     """Run a block with freshly seeded generators and restore the previous states afterwards."""
@@ -302,7 +310,7 @@ def evaluate_loss(model: nn.Module, data: Any, batch_size: int, num_batches: int
             for s in range(0, len(mine), batch_size):
                 idx = mine[s:s + batch_size]
                 with autocast():
-                    out = model(stack_blocks(data, idx).to(device))
+                    out = _forward(model, stack_blocks(data, idx), device)
                 for k, v in {"loss": out.loss, **out.metrics}.items():
                     sums[k] = sums.get(k, 0) + v.detach().double() * len(idx)
                 count += len(idx)
@@ -626,7 +634,7 @@ class Trainer:
         metric_sums: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum):
             idx = next(self.sampler)
-            batch = stack_blocks(self.train_data, idx).to(self.device, non_blocking=True)
+            batch = stack_blocks(self.train_data, idx)
             last = micro == cfg.grad_accum - 1
             # skip the gradient all-reduce / reduce-scatter on all but the last micro-step
             sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
@@ -634,7 +642,7 @@ class Trainer:
                 self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
             with sync:
                 with self.autocast():
-                    out = self.engine(batch)
+                    out = _forward(self.engine, batch, self.device)
                 (out.loss / cfg.grad_accum).backward()
             loss_sum += out.loss.detach().float() / cfg.grad_accum
             for k, v in out.metrics.items():

@@ -12,7 +12,7 @@ from ..errors import CalmError
 # Module names in calmlm.cli, in the order `calm --help` lists them.
 COMMANDS = [
     "quickstart", "tokenizer", "train_ae", "eval_ae", "train", "train_baseline", "generate", "eval",
-    "compare", "plot", "convert", "flops",
+    "compare", "finetune", "push", "plot", "convert", "flops",
 ]
 
 
