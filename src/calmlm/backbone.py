@@ -44,7 +44,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, hd/2)
+        freqs = positions.float()[..., None] * self.inv_freq  # (..., T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
@@ -69,7 +69,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -82,7 +82,9 @@ class Attention(nn.Module):
         if self.num_kv_heads != self.num_heads:
             rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if past == 0:
+        if mask is not None:  # left-padded rows (see Transformer.forward)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif past == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
         elif t == 1:
             out = F.scaled_dot_product_attention(q, k, v)
@@ -101,8 +103,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, layer: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+                cache: KVCache | None, layer: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -124,15 +126,29 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_len or self.config.max_position_embeddings,
                        p.device, dtype or p.dtype)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """(B, T, d) input vectors -> (B, T, d) final hidden states (after the final RMSNorm)."""
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, d) input vectors -> (B, T, d) final hidden states (after the final RMSNorm).
+
+        ``pad`` (B,) counts each row's left-padding positions (rows of different lengths decoded as one
+        batch): a row's real positions are numbered from 0 and never attend to its padding, so each row
+        computes what it would alone. Pass the same ``pad`` at every step of a cached decode."""
         start = cache.length if cache is not None else 0
         if cache is not None and start + x.shape[1] > cache.max_len:
             raise ValueError(f"KV cache of {cache.max_len} positions is full")
         positions = torch.arange(start, start + x.shape[1], device=x.device)
+        mask = None
+        if pad is not None:
+            keys = torch.arange(start + x.shape[1], device=x.device)
+            causal = keys[None, :] <= positions[:, None]  # (T, S)
+            # A padding query attends to itself only, so its (unused) output stays finite.
+            real = (keys[None, None, :] >= pad[:, None, None]) | (keys[None, None, :] == positions[None, :, None])
+            mask = (causal[None] & real)[:, None]  # (B, 1, T, S)
+            positions = (positions[None, :] - pad[:, None]).clamp_min(0)  # (B, T)
         cos, sin = self.rotary(positions)
+        if pad is not None:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): broadcast over heads
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i)
+            x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:
             cache.length += x.shape[1]
         return self.norm(x)
