@@ -89,8 +89,6 @@ class Engine:
             raise GenerationError(f"n must be between 1 and the server's --max-batch-size ({self.max_batch_size}), "
                                   f"got {request.n}")
         _validate(self.model, request.temperature, request.max_tokens, request.n, request.sampler, request.pool_size)
-        if not self.is_calm and request.temperature <= 0:
-            raise GenerationError(f"temperature must be > 0, got {request.temperature}")
         if request.top_k is not None and request.top_k < 1:
             raise GenerationError(f"top_k must be >= 1, got {request.top_k}")
         vocab = self.model.config.vocab_size
