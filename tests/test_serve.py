@@ -304,3 +304,22 @@ def test_left_padded_rows_compute_what_they_compute_alone(kind):
         for i in range(2):
             torch.testing.assert_close(both[i], m.backbone(step[i:i + 1], alone[i])[0], rtol=1e-12, atol=1e-12)
     assert torch.isfinite(both).all()
+
+
+def test_serving_benchmark_runs_at_a_tiny_size(tmp_path):
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` is a folder beside the package
+    from benchmarks import serve as bench
+
+    out = tmp_path / "serve.json"
+    bench.main(["--device", "cpu", "--calm-preset", "debug", "--baseline-preset", "debug", "--concurrency", "1,4",
+                "--requests-per-client", "2", "--max-tokens", "8", "--prompt-len", "8", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["meta"]["device"].startswith("CPU")
+    rows = {(r["model"], r["concurrency"]): r for r in data["rows"]}
+    assert set(rows) == {(m, c) for m in ("calm", "baseline") for c in (1, 4)}
+    for (_, c), r in rows.items():
+        assert r["requests"] == 2 * c and r["tokens_per_s"] > 0 and r["requests_per_s"] > 0
+        assert r["tokens_per_s"] == pytest.approx(8 * r["requests_per_s"])  # no EOS: exactly max_tokens each
