@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             server.stop()
     by = {(r["model"], r["concurrency"]): r for r in results["rows"]}
-    print(f"\n| concurrency | CALM req/s | CALM tokens/s | baseline req/s | baseline tokens/s | CALM / baseline |")
+    print("\n| concurrency | CALM req/s | CALM tokens/s | baseline req/s | baseline tokens/s | CALM / baseline |")
     print("|---|---|---|---|---|---|")
     for c in levels:
         a, b = by[("calm", c)], by[("baseline", c)]

@@ -4,7 +4,6 @@ task definitions (YAML + a JSON Lines file in a tmp folder; nothing is downloade
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -66,7 +65,7 @@ def _responses(results, task):
 
 def test_registered_calm_model_runs_generate_until(setup, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    paths, manager, tok = setup
+    paths, manager, _ = setup
     args = f"pretrained={paths['calm']},dtype=float64,seed=3,greedy_temperature=0.5,calm_pool_size=16"
     first = _evaluate("calmlm", manager, "calm_tiny_gen", model_args=args, batch_size=4)
     assert 0.0 <= first["results"]["calm_tiny_gen"]["exact_match,none"] <= 1.0

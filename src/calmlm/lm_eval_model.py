@@ -68,7 +68,8 @@ class CalmLMEval(LM):
     # -- generation ----------------------------------------------------------------------------------
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         jobs = [_Job(self, i, *r.args) for i, r in enumerate(requests)]
-        for job in jobs:
+        # Longest prompts first, so that each batch holds prompts of similar length (little padding).
+        for job in sorted(jobs, key=lambda j: -len(j.request.prompt_ids)):
             self.engine.submit(job.request)  # the engine batches whatever is queued
         out = []
         for job in jobs:

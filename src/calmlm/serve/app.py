@@ -249,7 +249,8 @@ class _Decode:
 
 def create_app(server: Server) -> Any:
     """The FastAPI application for ``server``."""
-    from fastapi import FastAPI, Request as HTTPRequest
+    from fastapi import FastAPI
+    from fastapi import Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
