@@ -3,7 +3,7 @@
 A real uvicorn server on 127.0.0.1 per model (random weights: speed does not depend on them), and C client
 threads that each send completion requests back to back over HTTP (token-id prompts of ``--prompt-len``,
 exactly ``--max-tokens`` new tokens: no EOS). Reports requests/s, generated tokens/s, median latency and the
-mean batch the engine decoded, at each concurrency. Usage:
+mean number of sequences per decode step (continuous batching), at each concurrency. Usage:
     python benchmarks/serve.py [--calm-preset base --baseline-preset base] [--concurrency 1,4,16]
         [--requests-per-client 4] [--max-tokens 128] [--out bench_out/serve.json]
 """
@@ -94,7 +94,7 @@ def load(server: LocalServer, name: str, concurrency: int, per_client: int, prom
                     tokens.append(r.json()["usage"]["completion_tokens"])
 
     engine = server.server.engine
-    batches0 = engine.batches
+    steps0, rows0 = engine.steps, engine.rows_stepped
     threads = [threading.Thread(target=client, args=(c,)) for c in range(concurrency)]
     t0 = time.perf_counter()
     for t in threads:
@@ -104,11 +104,11 @@ def load(server: LocalServer, name: str, concurrency: int, per_client: int, prom
     wall = time.perf_counter() - t0
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
-    batches = engine.batches - batches0
+    steps = engine.steps - steps0
     return {"concurrency": concurrency, "requests": len(latencies), "wall_s": wall,
             "requests_per_s": len(latencies) / wall, "tokens_per_s": sum(tokens) / wall,
-            "median_latency_s": statistics.median(latencies), "batches": batches,
-            "mean_requests_per_batch": len(latencies) / batches if batches else None}
+            "median_latency_s": statistics.median(latencies), "decode_steps": steps,
+            "mean_batch": (engine.rows_stepped - rows0) / steps if steps else None}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -186,6 +186,33 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(srv):
     assert engine.largest_batch > 3 and engine.batches - batches < len(asks)  # some were decoded together
 
 
+def test_requests_join_a_running_batch_and_answer_as_alone(srv, monkeypatch):
+    """Continuous batching: requests sent while a batch decodes join it: a prompt longer than the batch's
+    cache (the batch is shifted) and a short one that outlives the others (its padding is then trimmed)."""
+    k = srv.server.engine.k
+    first = dict(model=srv.name, prompt="the cat sat on the mat, said the dog", max_tokens=25 * k, seed=1)
+    joiners = [dict(model=srv.name, prompt="a", max_tokens=40 * k, seed=2, n=2),
+               dict(model=srv.name, prompt="hello world, said the dog " * 8, max_tokens=3 * k, seed=3,
+                    temperature=0.5)]
+    alone = [[c.text for c in srv.client.completions.create(**a).choices] for a in [first, *joiners]]
+    engine = srv.server.engine
+    joined, forward = engine.joined, engine._forward
+
+    def slow_forward(*args):  # ~10 ms a step, so that the batch is still running when the others arrive
+        time.sleep(0.01)
+        return forward(*args)
+
+    monkeypatch.setattr(engine, "_forward", slow_forward)
+    stream = srv.client.completions.create(stream=True, **first)
+    pieces = iter(stream)
+    text = next(pieces).choices[0].text  # the first request is decoding now
+    with ThreadPoolExecutor(len(joiners)) as pool:
+        later = pool.map(lambda a: [c.text for c in srv.client.completions.create(**a).choices], joiners)
+        text += "".join(p.choices[0].text for p in pieces)
+        assert [[text], *later] == alone
+    assert engine.joined - joined == len(joiners)
+
+
 def test_a_failing_batch_or_a_vanished_client_does_not_take_the_server_down(srv, monkeypatch):
     engine = srv.server.engine
 

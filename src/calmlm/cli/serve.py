@@ -1,4 +1,4 @@
-"""`calm serve`: an OpenAI-compatible HTTP server (completions, chat, streaming) with dynamic batching."""
+"""`calm serve`: an OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from ..errors import CalmError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a CALM or baseline checkpoint over an OpenAI-compatible HTTP API",
                        description="Serve POST /v1/completions and /v1/chat/completions (stream: true for "
-                                   "server-sent events), GET /v1/models and GET /health. Requests that arrive "
-                                   "together are decoded as one batch. Needs the serve extra: "
+                                   "server-sent events), GET /v1/models and GET /health. Live requests are decoded "
+                                   "as one batch; new ones join it between decode steps. Needs the serve extra: "
                                    "pip install 'calmlm[serve]'.")
     p.add_argument("--model", required=True, help="checkpoint folder (native or reference format) or Hub repo id")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the name clients pass as `model` (default: the checkpoint folder's name)")
     p.add_argument("--max-batch-size", type=int, default=32, help="most sequences (requests x n) decoded at once")
     p.add_argument("--batch-wait-ms", type=float, default=2.0,
-                   help="how long a new batch waits for more requests to join after its first one")
+                   help="how long a new batch waits for more requests after its first one (later ones join "
+                        "the running batch)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file/folder if the checkpoint has none")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float64"], default="auto",

@@ -1,4 +1,4 @@
-"""``calm serve``: an OpenAI-compatible HTTP server with dynamic batching (the ``calmlm[serve]`` extra)."""
+"""``calm serve``: an OpenAI-compatible HTTP server with continuous batching (the ``calmlm[serve]`` extra)."""
 
 from .engine import Engine, Request
 

@@ -1,10 +1,11 @@
 """The batching engine behind ``calm serve``: a request queue drained by one worker thread.
 
-Dynamic batching (not continuous): the worker takes every request waiting in the queue (up to
-``max_batch_size`` sequences), left-pads their prompts to a common length and decodes them together in one
-KV-cached loop; a request leaves the batch when it is finished (EOS in every choice, ``max_tokens``, or
-cancelled by the server after a stop sequence / a client disconnect). Requests that arrive meanwhile wait
-for the next batch.
+Continuous batching: the worker decodes every live request in one KV-cached loop of up to
+``max_batch_size`` sequences (requests x n). A new batch waits ``batch_wait`` seconds after its first
+request for others; later requests join the running batch between two decode steps (prefilled on their own,
+then left-padded to the batch's cache length or the batch to theirs). A request leaves the batch when it is
+finished (EOS in every choice, ``max_tokens``, or cancelled by the server after a stop sequence / a client
+disconnect).
 
 Batching never changes an answer: the backbone masks each row's padding and numbers its positions from 0
 (``Transformer.forward(pad=...)``), and every request draws its randomness from its own generator, seeded
@@ -65,9 +66,12 @@ class Engine:
         self.eos = model.config.eos_token_id
         self.device = next(model.parameters()).device
         self.queue: queue.Queue[Request | None] = queue.Queue()
-        self._held: Request | None = None  # a request that did not fit in the last batch
-        self.batches = 0  # decoded batches, and the largest one (sequences): for tests and logs
-        self.largest_batch = 0
+        self._held: Request | None = None  # a request that did not fit in the batch yet
+        self._closed = False
+        self.joined = 0  # requests that joined a running batch
+        # For tests, logs and benchmarks: prefills (a fresh batch or requests joining it), the largest batch
+        # (sequences), decode steps and the sequences they decoded.
+        self.batches = self.largest_batch = self.steps = self.rows_stepped = 0
         self._thread = threading.Thread(target=self._work, name="calm-serve-engine", daemon=True)
         self._thread.start()
 
@@ -113,32 +117,41 @@ class Engine:
 
     # -- the worker ----------------------------------------------------------------------------------
     def _work(self) -> None:
-        while True:
-            first, self._held = self._held or self.queue.get(), None
+        while not self._closed:
+            first = self._held or self.queue.get()  # block while idle
+            self._held = None
             if first is None:
                 return
-            batch, rows = [first], first.n
-            deadline = time.monotonic() + self.batch_wait
-            while rows < self.max_batch_size:
+            batch = _Batch(self)
+            try:
+                batch.run([first, *self._take(first.n, self.batch_wait)])
+            except Exception as e:  # a batch-wide failure (e.g. out of memory) fails its requests, not the server
+                traceback.print_exc()
+                for x in batch.live:
+                    _safe_emit(x.request, e)
+
+    def _take(self, rows: int, wait: float = 0.0) -> list[Request]:
+        """Queued requests that fit beside ``rows`` sequences, waiting up to ``wait`` seconds for more."""
+        taken: list[Request] = []
+        deadline = time.monotonic() + wait
+        while rows < self.max_batch_size and not self._closed:
+            if self._held is not None:
+                nxt, self._held = self._held, None
+            else:
                 left = deadline - time.monotonic()
                 try:
                     nxt = self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is None:
-                    self.queue.put(None)  # close after this batch
-                    break
-                if rows + nxt.n > self.max_batch_size:
-                    self._held = nxt  # it leads the next batch
-                    break
-                batch.append(nxt)
-                rows += nxt.n
-            try:
-                self._decode(batch)
-            except Exception as e:  # a batch-wide failure (e.g. out of memory) fails its requests, not the server
-                traceback.print_exc()
-                for r in batch:
-                    _safe_emit(r, e)
+            if nxt is None:
+                self._closed = True  # finish the running batch, then stop
+                break
+            if rows + nxt.n > self.max_batch_size:
+                self._held = nxt  # it joins as soon as rows free up
+                break
+            taken.append(nxt)
+            rows += nxt.n
+        return taken
 
     def _positions(self, prompt_len: int) -> int:
         """Backbone positions a prompt takes: chunks after left-padding to a multiple of K (an empty prompt is
@@ -193,55 +206,111 @@ class Engine:
                 out[i] = torch.full((r.n, self.k), self.eos or 0, dtype=torch.long, device=self.device)
         return out  # type: ignore[return-value]
 
+
+class _Batch:
+    """The running batch: live requests, their KV cache (B, ..., L, ...) with a common length L, each row's
+    left padding ``pad`` (B,) and the state to sample the next tokens from (B, d) or (B, V).
+
+    Continuous batching: between two decode steps, queued requests are prefilled on their own and joined to
+    the batch by left-padding whichever side has the shorter cache; finished requests' rows are dropped and
+    padding columns no row needs any more are trimmed. Padding shifts a row's cache, never its positions."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.live: list[_Live] = []
+        self.cache: Any = None
+        self.pad = self.state = torch.empty(0)
+
     @torch.no_grad()
-    def _decode(self, batch: list[Request]) -> None:
-        live = [_Live(r, self.device) for r in batch if not r.cancelled.is_set()]
-        for r in batch:
+    def run(self, requests: list[Request]) -> None:
+        e = self.engine
+        while True:
+            self.admit(requests)
+            if not self.live:
+                return
+            self.step()
+            requests = e._take(sum(x.request.n for x in self.live))
+
+    def admit(self, requests: list[Request]) -> None:
+        e = self.engine
+        new = []
+        for r in requests:
             if r.cancelled.is_set():
                 _safe_emit(r, None)
-        if not live:
+            else:
+                new.append(_Live(r, e.device))
+        if not new:
             return
-        prompts = [self._prompt_row(x.request.prompt_ids) for x in live]
+        remaining = max(x.steps(e.k) - x.step for x in [*self.live, *new])
+        self.live += new  # from here on, a failure is reported to these requests too
+        prompts = [e._prompt_row(x.request.prompt_ids) for x in new]
         width = max(len(p) for p in prompts)  # tokens; a multiple of K for CALM
-        rows, pads, start = [], [], 0
-        for x, p in zip(live, prompts):
+        rows, pads = [], []
+        for x, p in zip(new, prompts):
+            rows += [[0] * (width - len(p)) + p] * x.request.n
+            pads += [(width - len(p)) // e.k] * x.request.n
+        ids = torch.tensor(rows, dtype=torch.long, device=e.device)
+        pad = torch.tensor(pads, dtype=torch.long, device=e.device)
+        if self.cache is None:  # a fresh batch: prefill straight into a cache with room for every step
+            self.cache = e.model.backbone.new_cache(ids.shape[0], width // e.k + remaining)
+            self.state, self.pad = e._forward(ids, self.cache, pad), pad
+        else:  # join: prefill alone, then copy both caches into one, right-aligned at the longer length
+            cache = e.model.backbone.new_cache(ids.shape[0], width // e.k)
+            state = e._forward(ids, cache, pad)
+            old = self.cache
+            length = max(old.length, cache.length)
+            merged = e.model.backbone.new_cache(len(self.pad) + len(pad), length + remaining)
+            for part, rows_, shift in ((old, slice(0, len(self.pad)), length - old.length),
+                                       (cache, slice(len(self.pad), None), length - cache.length)):
+                merged.k[:, rows_, :, shift:length] = part.k[:, :, :, :part.length]
+                merged.v[:, rows_, :, shift:length] = part.v[:, :, :, :part.length]
+            merged.length = length
+            self.pad = torch.cat([self.pad + (length - old.length), pad + (length - cache.length)])
+            self.state, self.cache = torch.cat([self.state, state]), merged
+            e.joined += len(new)
+        self._reindex()
+        e.batches += 1
+        e.largest_batch = max(e.largest_batch, len(self.pad))
+
+    def step(self) -> None:
+        """Sample every live request's next tokens, hand them out, drop finished requests, feed the rest."""
+        e = self.engine
+        e.steps += 1
+        e.rows_stepped += len(self.pad)
+        keep, feed = [], []
+        for x, tokens in zip(self.live, e._propose(self.live, self.state)):
+            tokens, x.done = _stop_after_eos(tokens, x.done, e.eos)
+            x.step += 1
+            if x.error is not None:
+                _safe_emit(x.request, x.error)
+                continue
+            _safe_emit(x.request, tokens.tolist())
+            if x.step >= x.steps(e.k) or bool(x.done.all()) or x.request.cancelled.is_set():
+                _safe_emit(x.request, None)
+                continue
+            keep.append(x)
+            feed.append(tokens)
+        if not keep:
+            self.live, self.cache = [], None
+            return
+        if len(keep) < len(self.live):  # drop finished requests' rows, then padding columns no row needs
+            index = torch.cat([torch.arange(x.rows.start, x.rows.stop, device=e.device) for x in keep])
+            self.pad, self.state = self.pad[index], self.state[index]
+            c = self.cache
+            c.k, c.v = c.k[:, index], c.v[:, index]
+            trim = int(self.pad.min())
+            if trim:
+                c.k, c.v = c.k[:, :, :, trim:], c.v[:, :, :, trim:]
+                c.max_len, c.length, self.pad = c.max_len - trim, c.length - trim, self.pad - trim
+            self.live = keep
+            self._reindex()
+        self.state = e._forward(torch.cat(feed), self.cache, self.pad)
+
+    def _reindex(self) -> None:
+        start = 0
+        for x in self.live:
             x.rows = slice(start, start + x.request.n)
             start += x.request.n
-            rows += [[0] * (width - len(p)) + p] * x.request.n
-            pads += [(width - len(p)) // self.k] * x.request.n
-        self.batches += 1
-        self.largest_batch = max(self.largest_batch, start)
-        ids = torch.tensor(rows, dtype=torch.long, device=self.device)
-        pad = torch.tensor(pads, dtype=torch.long, device=self.device)
-        steps = max(x.steps(self.k) for x in live)
-        cache = self.model.backbone.new_cache(ids.shape[0], width // self.k + steps)
-        state = self._forward(ids, cache, pad)
-        for step in range(steps):
-            new = self._propose(live, state)
-            keep, feed = [], []
-            for x, tokens in zip(live, new):
-                tokens, x.done = _stop_after_eos(tokens, x.done, self.eos)
-                if x.error is not None:
-                    _safe_emit(x.request, x.error)
-                    continue
-                _safe_emit(x.request, tokens.tolist())
-                if step + 1 >= x.steps(self.k) or bool(x.done.all()) or x.request.cancelled.is_set():
-                    _safe_emit(x.request, None)
-                    continue
-                keep.append(x)
-                feed.append(tokens)
-            if not keep:
-                return
-            if len(keep) < len(live):  # drop finished requests' rows from the batch and the cache
-                index = torch.cat([torch.arange(x.rows.start, x.rows.stop, device=self.device) for x in keep])
-                cache.k, cache.v = cache.k[:, index], cache.v[:, index]
-                pad, state = pad[index], state[index]
-                start = 0
-                for x in keep:
-                    x.rows = slice(start, start + x.request.n)
-                    start += x.request.n
-            live = keep
-            state = self._forward(torch.cat(feed), cache, pad)
 
 
 class _Live:
@@ -254,6 +323,7 @@ class _Live:
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.done = torch.zeros(request.n, dtype=torch.bool, device=device)
         self.error: Exception | None = None
+        self.step = 0  # decode steps done
 
     def steps(self, k: int) -> int:
         return math.ceil(self.request.max_tokens / k)
