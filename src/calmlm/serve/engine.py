@@ -277,15 +277,21 @@ class _Batch:
         e = self.engine
         e.steps += 1
         e.rows_stepped += len(self.pad)
-        keep, feed = [], []
+        new = []
         for x, tokens in zip(self.live, e._propose(self.live, self.state)):
             tokens, x.done = _stop_after_eos(tokens, x.done, e.eos)
+            new.append(tokens)
+        # One device-to-host copy per step for every request's tokens and EOS flags.
+        host = torch.cat([torch.cat([t, x.done[:, None].long()], 1) for t, x in zip(new, self.live)]).tolist()
+        keep, feed = [], []
+        for x, tokens in zip(self.live, new):
             x.step += 1
+            rows = host[x.rows]
             if x.error is not None:
                 _safe_emit(x.request, x.error)
                 continue
-            _safe_emit(x.request, tokens.tolist())
-            if x.step >= x.steps(e.k) or bool(x.done.all()) or x.request.cancelled.is_set():
+            _safe_emit(x.request, [r[:-1] for r in rows])
+            if x.step >= x.steps(e.k) or all(r[-1] for r in rows) or x.request.cancelled.is_set():
                 _safe_emit(x.request, None)
                 continue
             keep.append(x)
