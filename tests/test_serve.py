@@ -284,6 +284,9 @@ def test_malformed_json_and_wrong_body(srv):
     assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
     r = httpx.post(srv.url + "/v1/chat/completions", json={"model": srv.name, "messages": []}, timeout=30)
     assert r.status_code == 400 and "messages must not be empty" in r.json()["error"]["message"]
+    r = httpx.post(srv.url + "/v1/completions", timeout=30, json={  # null means "unset", as clients send it
+        "model": srv.name, "prompt": "a", "max_tokens": 3, "temperature": None, "n": None, "stop": None})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1
 
 
 def test_chat_prompt_templates(servers):

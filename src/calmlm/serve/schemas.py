@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic_core import PydanticUndefined
 
 
 class _Sampling(BaseModel):
@@ -22,6 +23,16 @@ class _Sampling(BaseModel):
     top_k: int | None = None  # baseline only (not in the OpenAI API; vLLM-style extra)
     calm_sampler: Literal["batch", "exact"] = "batch"  # CALM, T < 1: batch approximation or exact rejection
     calm_pool_size: int = 200  # CALM batch sampler: draws per step
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """Clients send ``null`` for options they leave unset: treat it as the default."""
+        if value is None and info.field_name is not None:
+            default = cls.model_fields[info.field_name].default
+            if default is not PydanticUndefined:
+                return default
+        return value
 
 
 class CompletionRequest(_Sampling):
