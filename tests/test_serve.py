@@ -170,6 +170,38 @@ def test_echo(srv):
     assert got.choices[0].text == "the cat" + alone.choices[0].text
 
 
+@torch.no_grad()
+def test_baseline_logprobs_are_the_model_log_probabilities(servers):
+    srv = servers["baseline"]
+    tok, model = srv.server.tokenizer, srv.server.model
+    r = srv.client.completions.create(model=srv.name, prompt="the cat", max_tokens=6, seed=4, logprobs=3,
+                                      temperature=0.8)
+    ids = tok.encode("the cat")
+    out = generate(model, ids, 6, seed=4, temperature=0.8, eos_token_id=srv.server.eos)[0].tolist()
+    new = out[len(ids):]
+    if srv.server.eos in new:
+        new = new[:new.index(srv.server.eos)]
+    lp = torch.log_softmax(model.logits(torch.tensor([out[:-1]])).float(), -1)[0, len(ids) - 1:]
+    got = r.choices[0].logprobs
+    assert got.tokens == [tok.decode([t]) for t in new]
+    assert got.token_logprobs == pytest.approx([float(lp[i, t]) for i, t in enumerate(new)], abs=1e-9)
+    for i, top in enumerate(got.top_logprobs):  # token string -> log p (ids that decode alike share a key)
+        best = lp[i].topk(3)
+        expected = dict(zip([tok.decode([t]) for t in best.indices.tolist()], best.values.tolist()))
+        assert top == pytest.approx(expected, abs=1e-9)
+    assert got.text_offset[0] == 0 and got.text_offset == sorted(got.text_offset)
+
+    chat = srv.client.chat.completions.create(model=srv.name, messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=4, seed=1, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.logprob <= c.top_logprobs[0].logprob + 1e-9 for c in content)
+    for ask, words in [(dict(logprobs=6), "between 0 and 5"), (dict(logprobs=1, stream=True), "stream"),
+                       (dict(logprobs=1, echo=True), "echo with logprobs")]:
+        assert words in _error(srv, **ask).body["message"]
+    assert "top_logprobs needs logprobs" in _error(srv, "chat", top_logprobs=2).body["message"]
+
+
 def test_concurrent_requests_are_batched_and_answer_as_alone(srv):
     prompts = ["the cat", "a dog and a cat sat", "", "hello world, said", "the mat", "a"]
     asks = [dict(model=srv.name, prompt=p, max_tokens=4 + 3 * i, seed=i, n=1 + i % 2,

@@ -178,7 +178,7 @@ class _Job:
             self.finished.set()
         elif not self.request.cancelled.is_set():
             eos = self.lm.model.config.eos_token_id
-            tokens = item[0]
+            tokens = item.tokens[0]
             if eos in tokens:
                 tokens = tokens[:tokens.index(eos)]
                 self.request.cancel()

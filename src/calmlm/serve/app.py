@@ -89,12 +89,12 @@ class Server:
                            "top_k")
 
     def _requests(self, prompts: list[list[int]], req: CompletionRequest | ChatRequest,
-                  max_tokens: int | None, emit_for: Any) -> list[Request]:
+                  max_tokens: int | None, emit_for: Any, logprobs: int | None = None) -> list[Request]:
         out = []
         for i, ids in enumerate(prompts):
             mt = max_tokens if max_tokens is not None else self.engine.room(len(ids))
             r = Request(ids, mt, emit_for(i), temperature=req.temperature, n=req.n, seed=req.seed,
-                        top_k=req.top_k, sampler=req.calm_sampler, pool_size=req.calm_pool_size)
+                        top_k=req.top_k, sampler=req.calm_sampler, pool_size=req.calm_pool_size, logprobs=logprobs)
             try:
                 self.engine.check(r)
             except CalmError as e:
@@ -127,20 +127,33 @@ class Server:
     def completion(self, req: CompletionRequest) -> tuple[list[Request], _Decode]:
         self._check_common(req)
         if req.logprobs is not None:
-            raise APIError(400, LIKELIHOOD_FREE if self.is_calm else
-                           "logprobs are not implemented by calm serve yet; score text with `calm eval`", "logprobs")
+            self._check_logprobs(req, req.logprobs, 5)
+            if req.echo:
+                raise APIError(400, "echo with logprobs (the prompt's log-probabilities) is not implemented by calm "
+                                    "serve; score prompts with lm-evaluation-harness (`--model calmlm`)", "echo")
         if req.max_tokens is not None and req.max_tokens < 1:
             raise APIError(400, f"max_tokens must be >= 1, got {req.max_tokens}", "max_tokens")
         prompts, texts = self._prompt_ids(req.prompt)
         decode = _Decode(self, len(prompts), req.n, self._stops(req.stop), max_tokens=req.max_tokens,
                          prefixes=texts if req.echo else None)
-        return self._requests(prompts, req, req.max_tokens, decode.emit_for), decode
+        return self._requests(prompts, req, req.max_tokens, decode.emit_for, req.logprobs), decode
+
+    def _check_logprobs(self, req: CompletionRequest | ChatRequest, top: int, most: int) -> None:
+        if self.is_calm:
+            raise APIError(400, LIKELIHOOD_FREE, "logprobs")
+        if not 0 <= top <= most:
+            raise APIError(400, f"the number of top logprobs must be between 0 and {most}, got {top}", "logprobs")
+        if req.stream:
+            raise APIError(400, "logprobs are not supported with stream: true; ask without streaming", "logprobs")
 
     def chat(self, req: ChatRequest) -> tuple[list[Request], _Decode]:
         self._check_common(req)
+        top = None
         if req.logprobs or req.top_logprobs:
-            raise APIError(400, LIKELIHOOD_FREE if self.is_calm else
-                           "logprobs are not implemented by calm serve yet", "logprobs")
+            if not req.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+            top = req.top_logprobs or 0
+            self._check_logprobs(req, top, 20)
         if not req.messages:
             raise APIError(400, "messages must not be empty", "messages")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -149,7 +162,7 @@ class Server:
         prompt = self.chat_prompt(req.messages)
         ids = self.tokenizer.encode(prompt)
         decode = _Decode(self, 1, req.n, self._stops(req.stop), max_tokens=max_tokens)
-        return self._requests([ids], req, max_tokens, decode.emit_for), decode
+        return self._requests([ids], req, max_tokens, decode.emit_for, top), decode
 
     def chat_prompt(self, messages: list[ChatMessage]) -> str:
         if self.chat_template is None:
@@ -168,6 +181,7 @@ class _Choice:
         self.prefix = prefix
         self.finish: str | None = None
         self.sent = 0  # characters of prefix + text already streamed
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # per token in ids, when asked for
 
 
 class _Decode:
@@ -208,21 +222,23 @@ class _Decode:
                 for c in group:
                     c.finish = c.finish or "length"
             else:
-                for c, tokens in zip(group, item):
-                    self._add(c, tokens, request.max_tokens)
+                for j, (c, tokens) in enumerate(zip(group, item.tokens)):
+                    self._add(c, tokens, request.max_tokens, item.logprobs[j] if item.logprobs else None)
                 if all(c.finish for c in group):
                     request.cancel()  # e.g. every choice met a stop string: free its batch rows
             yield list(range(index * self.n, (index + 1) * self.n))
 
-    def _add(self, c: _Choice, tokens: list[int], max_tokens: int) -> None:
+    def _add(self, c: _Choice, tokens: list[int], max_tokens: int, logprobs: list[Any] | None = None) -> None:
         if c.finish:
             return
         eos = self.server.eos
-        for t in tokens:
+        for i, t in enumerate(tokens):
             if t == eos:
                 c.finish = "stop"
                 break
             c.ids.append(t)
+            if logprobs is not None:
+                c.logprobs.append(logprobs[i])
             if len(c.ids) >= max_tokens:
                 c.finish = "length"
                 break
@@ -240,6 +256,24 @@ class _Decode:
             return ""
         out, c.sent = safe[c.sent:], len(safe)
         return out
+
+    def logprobs(self, c: _Choice, chat: bool) -> dict[str, Any] | None:
+        """The OpenAI ``logprobs`` object of a choice, or None: every token it generated (after a stop string,
+        up to the end of the step that met it)."""
+        if not c.logprobs:
+            return None
+        name = self.server.tokenizer.decode
+        pieces = [(name([t]), lp, [(name([i]), v) for i, v in top]) for t, (lp, top) in zip(c.ids, c.logprobs)]
+        if chat:
+            return {"content": [{"token": tok, "logprob": lp, "bytes": list(tok.encode()),
+                                 "top_logprobs": [{"token": a, "logprob": v, "bytes": list(a.encode())} for a, v in top]}
+                                for tok, lp, top in pieces]}
+        offsets, at = [], len(c.prefix)
+        for tok, _, _ in pieces:
+            offsets.append(at)
+            at += len(tok)
+        return {"tokens": [tok for tok, _, _ in pieces], "token_logprobs": [lp for _, lp, _ in pieces],
+                "top_logprobs": [dict(top) for _, _, top in pieces], "text_offset": offsets}
 
     def usage(self, prompt_tokens: int) -> dict[str, int]:
         completion = sum(len(c.ids) for c in self.choices)
@@ -327,9 +361,9 @@ def create_app(server: Server) -> Any:
         for i, c in enumerate(decode.choices):
             if chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": c.text},
-                                "logprobs": None, "finish_reason": c.finish})
+                                "logprobs": decode.logprobs(c, chat), "finish_reason": c.finish})
             else:
-                choices.append({"index": i, "text": c.prefix + c.text, "logprobs": None,
+                choices.append({"index": i, "text": c.prefix + c.text, "logprobs": decode.logprobs(c, chat),
                                 "finish_reason": c.finish})
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": server.model_name, "choices": choices, "usage": decode.usage(prompt_tokens)}

@@ -29,9 +29,18 @@ import torch
 from ..errors import GenerationError
 from ..generation import _next_chunk, _stop_after_eos, _validate, sample_logits
 
-# Called from the worker thread with each step's new tokens, one list per choice (K tokens for CALM, 1 for
-# the baseline), then once with None when the request is finished, or with an exception when it failed.
+# Called from the worker thread with each step's Step, then once with None when the request is finished, or
+# with an exception when it failed.
 Emit = Callable[[Any], None]
+
+
+@dataclass
+class Step:
+    """One decode step of a request: per choice, the new tokens (K for CALM, 1 for the baseline) and, for a
+    baseline request with ``logprobs``, per token (log-probability, [(id, log-probability)] of the top ones)."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[tuple[float, list[tuple[int, float]]]]] | None = None
 
 
 @dataclass
@@ -45,6 +54,7 @@ class Request:
     top_k: int | None = None  # baseline
     sampler: str = "batch"  # CALM, T < 1
     pool_size: int = 200  # CALM batch sampler
+    logprobs: int | None = None  # baseline: report the sampled tokens' log-probabilities and this many top ones
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -93,6 +103,8 @@ class Engine:
             raise GenerationError(f"n must be between 1 and the server's --max-batch-size ({self.max_batch_size}), "
                                   f"got {request.n}")
         _validate(self.model, request.temperature, request.max_tokens, request.n, request.sampler, request.pool_size)
+        if request.logprobs is not None and (self.is_calm or not 0 <= request.logprobs <= 20):
+            raise GenerationError("logprobs needs the baseline (CALM is likelihood-free) and 0 <= logprobs <= 20")
         if request.top_k is not None and request.top_k < 1:
             raise GenerationError(f"top_k must be >= 1, got {request.top_k}")
         vocab = self.model.config.vocab_size
@@ -201,6 +213,8 @@ class Engine:
                     out[i] = _next_chunk(self.model, s, r.temperature, r.sampler, r.pool_size, live.gen)
                 else:
                     out[i] = sample_logits(s, r.temperature, r.top_k, live.gen)[:, None]
+                    if r.logprobs is not None:
+                        live.logprobs = _logprobs(s, out[i][:, 0], r.logprobs)
             except Exception as e:  # this request fails alone
                 live.error = e
                 out[i] = torch.full((r.n, self.k), self.eos or 0, dtype=torch.long, device=self.device)
@@ -290,7 +304,7 @@ class _Batch:
             if x.error is not None:
                 _safe_emit(x.request, x.error)
                 continue
-            _safe_emit(x.request, [r[:-1] for r in rows])
+            _safe_emit(x.request, Step([r[:-1] for r in rows], x.logprobs))
             if x.step >= x.steps(e.k) or all(r[-1] for r in rows) or x.request.cancelled.is_set():
                 _safe_emit(x.request, None)
                 continue
@@ -330,9 +344,19 @@ class _Live:
         self.done = torch.zeros(request.n, dtype=torch.bool, device=device)
         self.error: Exception | None = None
         self.step = 0  # decode steps done
+        self.logprobs: list[list[tuple[float, list[tuple[int, float]]]]] | None = None  # of the last step
 
     def steps(self, k: int) -> int:
         return math.ceil(self.request.max_tokens / k)
+
+
+def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> list[list[tuple[float, list[tuple[int, float]]]]]:
+    """(n, V) logits and the (n,) sampled ids -> per row, [(log p(chosen), top ``top`` (id, log p))] under the
+    model's distribution (before temperature and top-k, as OpenAI-style servers report it)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    picked = lp.gather(-1, chosen[:, None])[:, 0].tolist()
+    values, ids = lp.topk(top, dim=-1) if top else (lp[:, :0], chosen[:, None][:, :0])
+    return [[(p, list(zip(i, v)))] for p, i, v in zip(picked, ids.tolist(), values.tolist())]
 
 
 def _safe_emit(request: Request, item: Any) -> None:
