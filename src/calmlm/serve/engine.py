@@ -111,6 +111,9 @@ class Engine:
         if any(not 0 <= t < vocab for t in request.prompt_ids):
             raise GenerationError(f"prompt token ids must be in [0, {vocab}), the model's vocabulary")
         length = len(request.prompt_ids)
+        cfg = self.model.config
+        if not length and not self.is_calm and cfg.bos_token_id is None and self.eos is None:
+            raise GenerationError("an empty prompt needs a BOS or EOS token id to start from; give a prompt")
         if self._positions(length) > self.model.config.max_position_embeddings:
             raise GenerationError(f"the prompt has {length} tokens, longer than the model's context of "
                                   f"{self.context} tokens; shorten it")
@@ -177,11 +180,8 @@ class Engine:
             pad_id = self.eos if self.eos is not None else cfg.autoencoder.mask_token_id
             pad = (-len(ids)) % self.k if ids else self.k
             return [pad_id] * pad + ids
-        if not ids:
-            start = cfg.bos_token_id if cfg.bos_token_id is not None else self.eos
-            if start is None:
-                raise GenerationError("an empty prompt needs a BOS or EOS token id to start from; give a prompt")
-            return [start]
+        if not ids:  # check() made sure there is one of the two
+            return [cfg.bos_token_id if cfg.bos_token_id is not None else self.eos]
         return ids
 
     def _forward(self, ids: torch.Tensor, cache: Any, pad: torch.Tensor) -> torch.Tensor:
