@@ -332,9 +332,14 @@ def test_chat_prompt_templates(servers):
     templated = Server(s.model, s.tokenizer, "t", chat_template=(
         "{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}"))
+    strict = Server(s.model, s.tokenizer, "t", chat_template="{{ raise_exception('roles must alternate') }}")
     try:
         assert templated.chat_prompt(messages[1:2]) == "<user>hi<eos><assistant>"
+        with pytest.raises(Exception, match="chat template refused these messages: roles must alternate") as info:
+            strict.chat_prompt(messages)
+        assert info.value.status == 400
     finally:
+        strict.engine.close()
         templated.engine.close()
 
 

@@ -52,6 +52,10 @@ def read_chat_template(directory: str | Path | None) -> str | None:
     return template if isinstance(template, str) else None
 
 
+def _raise(message: str) -> None:
+    raise ValueError(message)
+
+
 class Server:
     """The model, its tokenizer and the engine, and the OpenAI request handling on top of them."""
 
@@ -68,7 +72,9 @@ class Server:
         if chat_template is not None:
             import jinja2.sandbox
 
-            self.chat_template = jinja2.sandbox.ImmutableSandboxedEnvironment().from_string(chat_template)
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment()
+            env.globals["raise_exception"] = _raise  # as in Hugging Face chat templates
+            self.chat_template = env.from_string(chat_template)
 
     # -- validation shared by both endpoints -----------------------------------------------------------
     def _check_common(self, req: CompletionRequest | ChatRequest) -> None:
@@ -134,8 +140,7 @@ class Server:
         if req.max_tokens is not None and req.max_tokens < 1:
             raise APIError(400, f"max_tokens must be >= 1, got {req.max_tokens}", "max_tokens")
         prompts, texts = self._prompt_ids(req.prompt)
-        decode = _Decode(self, len(prompts), req.n, self._stops(req.stop), max_tokens=req.max_tokens,
-                         prefixes=texts if req.echo else None)
+        decode = _Decode(self, len(prompts), req.n, self._stops(req.stop), prefixes=texts if req.echo else None)
         return self._requests(prompts, req, req.max_tokens, decode.emit_for, req.logprobs), decode
 
     def _check_logprobs(self, req: CompletionRequest | ChatRequest, top: int, most: int) -> None:
@@ -161,15 +166,18 @@ class Server:
             raise APIError(400, f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
         prompt = self.chat_prompt(req.messages)
         ids = self.tokenizer.encode(prompt)
-        decode = _Decode(self, 1, req.n, self._stops(req.stop), max_tokens=max_tokens)
+        decode = _Decode(self, 1, req.n, self._stops(req.stop))
         return self._requests([ids], req, max_tokens, decode.emit_for, top), decode
 
     def chat_prompt(self, messages: list[ChatMessage]) -> str:
         if self.chat_template is None:
             return simple_chat_prompt(messages)
-        return self.chat_template.render(messages=[{"role": m.role, "content": m.text()} for m in messages],
-                                         add_generation_prompt=True, bos_token=self.tokenizer.bos_token or "",
-                                         eos_token=self.tokenizer.eos_token or "")
+        try:
+            return self.chat_template.render(messages=[{"role": m.role, "content": m.text()} for m in messages],
+                                             add_generation_prompt=True, bos_token=self.tokenizer.bos_token or "",
+                                             eos_token=self.tokenizer.eos_token or "")
+        except Exception as e:  # e.g. a template that raises on roles it does not support
+            raise APIError(400, f"the model's chat template refused these messages: {e}", "messages") from None
 
 
 class _Choice:
@@ -188,7 +196,7 @@ class _Decode:
     """Collects the engine's tokens for one HTTP request (several prompts x n choices) from the worker thread
     into an asyncio queue, and turns them into choices."""
 
-    def __init__(self, server: Server, prompts: int, n: int, stops: list[str], max_tokens: int | None,
+    def __init__(self, server: Server, prompts: int, n: int, stops: list[str],
                  prefixes: list[str] | None = None) -> None:
         self.server, self.n, self.stops = server, n, stops
         self.hold = max((len(s) for s in stops), default=1) - 1  # characters that may start a stop string
@@ -197,7 +205,6 @@ class _Decode:
         self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self.requests: list[Request] = []
         self.pending = prompts
-        self.max_tokens = max_tokens
 
     def emit_for(self, index: int) -> Any:
         def emit(item: Any) -> None:
