@@ -32,7 +32,7 @@ from benchmarks.generation import build_pair, resolve_dtype, time_generation  # 
 from calmlm.config import BaselineConfig, CALMConfig, baseline_preset, calm_preset  # noqa: E402
 from calmlm.flops import count_parameters, training_flops_per_token  # noqa: E402
 from calmlm.models import build_model  # noqa: E402
-from calmlm.trainer import TrainConfig, Trainer  # noqa: E402
+from calmlm.trainer import TrainConfig, Trainer, resolve_precision  # noqa: E402
 
 # Dense (no sparsity) BF16 tensor-core peaks in TFLOPS, from the NVIDIA product datasheets. Matched as
 # substrings of torch.cuda.get_device_name in this order, so specific names come before their prefixes
@@ -159,7 +159,7 @@ def lookup_peak(gpu_name: str) -> tuple[str, float] | None:
 
 
 class RandomBlocks:
-    """Fixed random token blocks with the interface the Trainer reads (len, block_size, batch)."""
+    """Fixed random token blocks with the interface the Trainer reads (len, block_size, [i])."""
 
     def __init__(self, num_blocks: int, block_size: int, vocab_size: int, seed: int = 0) -> None:
         self.block_size = block_size
@@ -169,8 +169,8 @@ class RandomBlocks:
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def batch(self, indices: list[int]) -> torch.Tensor:
-        return self.blocks[indices]
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.blocks[i]
 
 
 def bench_training_one(preset: str, config: CALMConfig | BaselineConfig, args: argparse.Namespace,
@@ -227,7 +227,7 @@ def check_block_size(args: argparse.Namespace) -> None:
 
 def bench_training(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     precision = TRAIN_PRECISION[args.dtype]
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")  # as Trainer.use_bf16
+    bf16 = resolve_precision(precision, device) == "bf16"  # as the Trainer decides
     peak, peak_note = peak_tflops(device, bf16, args.peak_tflops)
     rows = []
     for (_, preset), config in training_configs(args.pairs).items():

@@ -31,7 +31,8 @@ def config(out_dir: str | Path, batch_size: int, **overrides: Any) -> TrainConfi
     # grad_clip far below the gradient norm: every step clips, so a wrong (per-shard) norm changes the weights
     return TrainConfig(**{**dict(lr=1e-3, warmup_steps=1, max_steps=4, batch_size=batch_size, grad_accum=2,
                                  grad_clip=0.05, eval_every=2, eval_batches=2, save_every=0, log_every=1,
-                                 out_dir=str(out_dir), progress=False, eps=1e-4), **overrides})
+                                 out_dir=str(out_dir), progress=False, eps=1e-4, precision="fp32"),  # exact: fp32
+                          **overrides})
 
 
 def baseline(rank: int = 0) -> torch.nn.Module:

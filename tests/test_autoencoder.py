@@ -77,8 +77,8 @@ def test_dropout_only_in_training():
 def test_latent_dropout_applies_in_training():
     ae = _ae(token_dropout=0.0, latent_dropout=0.5)
     captured = []
-    orig = ae.decoder.forward
-    ae.decoder.forward = lambda z: (captured.append(z.clone()), orig(z))[1]
+    orig = ae.decoder.expand  # the decoder's first step: sees z
+    ae.decoder.expand = lambda z: (captured.append(z.clone()), orig(z))[1]
     ids = torch.randint(1, 512, (8, 32))
     ae.train(); ae(ids)
     assert 0.35 < (captured[-1] == 0).float().mean().item() < 0.65

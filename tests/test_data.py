@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from calmlm.data import (BlockSampler, TokenDataset, build_token_file, is_validation, open_corpus, prepare_corpus,
-                         split_documents, stdlib_corpus, token_dtype)
+from calmlm.data import (BlockSampler, TokenDataset, build_token_file, is_validation, iter_blocks, open_corpus,
+                         prepare_corpus, split_documents, stack_blocks, stdlib_corpus, token_blocks,
+                         token_dtype)
 from calmlm.errors import DataError, TokenizerError
 from calmlm.tokenizer import train_tokenizer
 
@@ -168,10 +169,26 @@ def test_token_dataset_blocks_are_memory_mapped(tmp_path, tok):
     assert ds[3].tolist() == flat[21:28].tolist() and ds[-1].tolist() == flat[(len(ds) - 1) * 7:len(ds) * 7].tolist()
     with pytest.raises(IndexError):
         ds[len(ds)]
-    assert ds.batch([2, 0]).shape == (2, 7)
+    assert stack_blocks(ds, [2, 0]).shape == (2, 7)
     assert torch.equal(pickle.loads(pickle.dumps(ds))[5], ds[5])
-    batches = list(ds.iter_batches(4, rank=1, world_size=2))
-    assert torch.equal(torch.cat(batches), ds.batch(range(1, len(ds), 2)))
+    batches = list(iter_blocks(ds, 4, rank=1, world_size=2))
+    assert torch.equal(torch.cat(batches), stack_blocks(ds, range(1, len(ds), 2)))
+
+
+def test_evaluation_data_is_read_once_with_clear_errors(tmp_path, tok):
+    build_token_file(DOCS[:20], tok, tmp_path / "t.tokens")
+    ds = TokenDataset(tmp_path / "t.tokens", block_size=8)
+    recut, size = token_blocks(ds, 4)  # the same tokens in blocks of 4
+    assert size == 4 and len(recut) == 2 * len(ds) and torch.equal(torch.cat([recut[0], recut[1]]), ds[0])
+    blocks, size = token_blocks(torch.arange(20), 8)  # a flat stream: whole blocks, remainder dropped
+    assert size == 8 and blocks.shape == (2, 8)
+    assert token_blocks(blocks)[1] == 8 and token_blocks(list(blocks))[1] == 8  # any dataset of blocks
+    with pytest.raises(DataError, match="needs block_size"):
+        token_blocks(torch.arange(20))
+    with pytest.raises(DataError, match="hold 8 tokens but block_size=4"):
+        token_blocks(list(blocks), 4)
+    with pytest.raises(DataError, match="token tensor"):
+        token_blocks(iter(blocks))
 
 
 # -- sampler -------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ def test_distributed_option_is_validated_and_on_the_cli():
         build_parser().parse_args(["train-baseline", "--out", "run", "--distributed", "zero3"])
 
 
+@pytest.mark.multiprocess
 def test_two_process_fsdp_matches_single_process_and_checkpoints_interoperate(tmp_path):
     # a step-2 checkpoint written without FSDP, for the worker to resume under FSDP
     Trainer(w.baseline(), w.train_data(), w.val_data(), w.config(tmp_path / "single_half", 4)).fit(stop_at=2)

@@ -17,8 +17,8 @@ from calmlm.baseline import BaselineLM
 from calmlm.calm import CALM
 from calmlm.config import baseline_preset, calm_preset
 from calmlm.errors import CalmError
-from calmlm.metrics import (CALMAdapter, BaselineAdapter, LogitsAdapter, accuracy_diversity, brierlm_from_sums,
-                            evaluate_brierlm, make_brierlm_eval_fn)
+from calmlm.metrics import (Continuations, accuracy_diversity, brierlm_from_sums, evaluate_brierlm,
+                            make_brierlm_eval_fn)
 
 DELTA = 1e-8
 V = 6
@@ -39,7 +39,7 @@ def markov_blocks(p: torch.Tensor, num_blocks: int, length: int, seed: int) -> t
 
 
 class MarkovChunks:
-    """A ChunkSampler whose next chunk is K steps of the chain from the last token (the 'hidden state')."""
+    """A sampling Continuable whose next chunk is K steps of the chain from the last token (the 'hidden state')."""
 
     def __init__(self, p: torch.Tensor, k: int) -> None:
         self.p, self.chunk_size = p.float(), k
@@ -64,13 +64,21 @@ class MarkovChunks:
 
 
 class MarkovLogits:
-    """A baseline stand-in exposing only logits(ids) (evaluated through LogitsAdapter)."""
+    """A baseline stand-in: the hidden state is the last token, the head gives the chain's exact log-probabilities."""
+
+    chunk_size = 1
 
     def __init__(self, p: torch.Tensor) -> None:
         self.log_p = p.float().log()
 
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.log_p[ids]
+    def start(self, ids: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return ids[..., None].float(), None
+
+    def extend(self, state: None, chunks: torch.Tensor) -> torch.Tensor:
+        return chunks[..., -1:].float()
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.log_p[hidden[..., 0].long()]
 
 
 def exact_terms(p: torch.Tensor, ids: torch.Tensor, n: int, k: int, estimator: str) -> tuple[float, float, int]:
@@ -182,7 +190,7 @@ def test_branch_forward_matches_plain_forwards() -> None:
     for k in (1, 2):
         model = CALM(calm_preset("debug", chunk_size=k, num_kv_heads=2)).eval()  # GQA path too
         ids = torch.randint(0, 512, (2, 6 * k))
-        adapter = CALMAdapter(model)
+        adapter = Continuations(model)
         hidden, state = adapter.start(ids)
         torch.testing.assert_close(hidden, model.hidden_states(ids))
         chunks = [torch.randint(0, 512, (2, 2, 6, k)) for _ in range(3)]
@@ -196,19 +204,22 @@ def test_branch_forward_matches_plain_forwards() -> None:
                                                    atol=1e-5, rtol=1e-4)
 
 
-def test_baseline_adapter_matches_logits_adapter() -> None:
+def test_baseline_continuations_match_plain_logits() -> None:
     torch.manual_seed(0)
     model = BaselineLM(baseline_preset("debug")).eval()
     ids = torch.randint(0, 512, (2, 7))
-    fast, slow = BaselineAdapter(model), LogitsAdapter(model)
+    fast = Continuations(model)
     with torch.no_grad():
         h_fast, s_fast = fast.start(ids)
-        h_slow, s_slow = slow.start(ids)
-        torch.testing.assert_close(fast.head(h_fast), h_slow, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(fast.head(h_fast), model.logits(ids), atol=1e-5, rtol=1e-4)
+        cont = []
         for _ in range(3):
             tokens = torch.randint(0, 512, (2, 2, 7))
-            torch.testing.assert_close(fast.head(fast.extend(s_fast, tokens)), slow.extend(s_slow, tokens),
-                                       atol=1e-5, rtol=1e-4)
+            cont.append(tokens)
+            slow = torch.stack([torch.stack([model.logits(torch.cat([ids[:, :j + 1]] + [c[s, :, j:j + 1] for c in cont],
+                                                                    1))[:, -1] for j in range(7)], 1)
+                                for s in range(2)])
+            torch.testing.assert_close(fast.head(fast.extend(s_fast, tokens[..., None])), slow, atol=1e-5, rtol=1e-4)
 
 
 # -- real models end to end ----------------------------------------------------------------------------------
@@ -303,6 +314,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_ddp_sums_are_all_reduced(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
     import socket

@@ -331,7 +331,7 @@ def test_aliases_that_differ_are_rejected(tmp_path: Path) -> None:
 @needs_tiny
 @pytest.mark.parametrize("edit, pattern", [
     (lambda c: c.update(architectures=["GPT2LMHeadModel"]), "unknown architectures"),
-    (lambda c: c.update(architectures=["DiffusionTransformer"]), "only the energy head"),
+    (lambda c: c.update(architectures=["DiffusionTransformer"]), "but the weights hold the energy head"),
     (lambda c: c.update(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
     (lambda c: c.update(attention_bias=True), "attention_bias"),
     (lambda c: c.update(mlp_bias=True), "mlp_bias"),

@@ -126,7 +126,7 @@ def test_bad_temperature_raises_everywhere(temperature) -> None:
     calls = [
         lambda: split_inverse_temperature(temperature),
         lambda: exact_temperature_sample(lambda: 0, temperature),
-        lambda: exact_temperature_sample_batch(lambda m: torch.zeros(2, m), 2, temperature),
+        lambda: exact_temperature_sample_batch(lambda m, active: torch.zeros(len(active), m), 2, temperature),
         lambda: batch_temperature_sample(pool, temperature),
         lambda: expected_exact_draws(ZIPF, temperature),
     ]
@@ -146,7 +146,7 @@ def test_other_bad_inputs_raise() -> None:
     with pytest.raises(GenerationError, match="max_draws"):
         exact_temperature_sample(lambda: 0, 0.5, max_draws=0)
     with pytest.raises(GenerationError, match="proposals_per_round"):
-        exact_temperature_sample_batch(lambda m: torch.zeros(2, m), 2, 0.5, proposals_per_round=0)
+        exact_temperature_sample_batch(lambda m, active: torch.zeros(len(active), m), 2, 0.5, proposals_per_round=0)
     with pytest.raises(GenerationError, match="shape"):
         exact_temperature_sample_batch(lambda m, active: torch.zeros(len(active), m + 1), 2, 0.5)
     with pytest.raises(GenerationError, match="probs"):
@@ -298,10 +298,10 @@ def test_batch_exact_finished_positions_stop_costing() -> None:
     assert int(draws.sum()) == total
 
 
-def test_batch_exact_single_argument_draw_and_reproducible() -> None:
+def test_batch_exact_is_reproducible() -> None:
     def make():
         g = torch.Generator().manual_seed(51)
-        return lambda m: zipf(g, (300, m))
+        return lambda m, active: zipf(g, (active.numel(), m))
 
     a = exact_temperature_sample_batch(make(), 300, 0.8, generator=torch.Generator().manual_seed(52))
     b = exact_temperature_sample_batch(make(), 300, 0.8, generator=torch.Generator().manual_seed(52))
@@ -326,9 +326,8 @@ def test_batch_exact_max_rounds_guard() -> None:
 
 
 @pytest.fixture(params=["numpy", "torch"])
-def backend(request, monkeypatch) -> str:
+def backend(request) -> str:
     """Run a batch-approximation test on the CPU numpy path and on the torch path (used on GPU)."""
-    monkeypatch.setattr(sampling, "_USE_NUMPY", request.param == "numpy")
     return request.param
 
 
@@ -361,9 +360,10 @@ def test_row_packing_is_exact(dtype: torch.dtype, low: int, high: int, dims: int
     assert torch.equal(counts, by_pairs.gather(1, perm))
 
 
-def replicate_and_sample(pool_row: torch.Tensor, temperature: float, positions: int, seed: int) -> torch.Tensor:
+def replicate_and_sample(pool_row: torch.Tensor, temperature: float, positions: int, seed: int,
+                         use_numpy: bool = True) -> torch.Tensor:
     pool = pool_row.unsqueeze(0).expand(positions, *pool_row.shape)
-    return batch_temperature_sample(pool, temperature, generator=torch.Generator().manual_seed(seed))
+    return batch_temperature_sample(pool, temperature, generator=torch.Generator().manual_seed(seed), use_numpy=use_numpy)
 
 
 @pytest.mark.parametrize(
@@ -382,7 +382,7 @@ def test_approx_weights(backend: str, temperature: float, weights: list[float]) 
     exact = sampling._selection_probs(pool_row[None], temperature)[0]
     per_value = torch.zeros(3, dtype=torch.float64).scatter_add_(0, pool_row, exact)
     assert torch.allclose(per_value, w / w.sum(), atol=1e-12)
-    out = replicate_and_sample(pool_row, temperature, 20_000, seed=61)
+    out = replicate_and_sample(pool_row, temperature, 20_000, seed=61, use_numpy=backend == "numpy")
     counts = torch.bincount(out, minlength=3)
     if int((w > 0).sum()) == 1:
         assert int(counts[w > 0].sum()) == 20_000
@@ -393,7 +393,7 @@ def test_approx_weights(backend: str, temperature: float, weights: list[float]) 
 
 def test_approx_fallback_all_distinct_is_uniform(backend: str) -> None:
     pool_row = torch.randperm(20, generator=torch.Generator().manual_seed(62)) * 3
-    out = replicate_and_sample(pool_row, 0.5, 40_000, seed=63)
+    out = replicate_and_sample(pool_row, 0.5, 40_000, seed=63, use_numpy=backend == "numpy")
     counts = torch.bincount(out, minlength=60)[pool_row]
     assert int(counts.sum()) == 40_000
     stat, threshold = chi2(counts, torch.full((20,), 1 / 20))
@@ -408,7 +408,7 @@ def test_approx_float_rows_use_lexicographic_path(backend: str) -> None:
     """Float rows (e.g. latent vectors) cannot be packed: they are sorted column by column."""
     base, near = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([0.5, -1.0, 2.5])
     pool_row = torch.stack([base, near, base, near, base, torch.tensor([9.0, 9.0, 9.0])])
-    out = replicate_and_sample(pool_row, 0.5, 20_000, seed=68)
+    out = replicate_and_sample(pool_row, 0.5, 20_000, seed=68, use_numpy=backend == "numpy")
     is_base, is_near = (out == base).all(1), (out == near).all(1)
     assert bool((is_base | is_near).all())
     stat, threshold = chi2(torch.stack([is_base.sum(), is_near.sum()]), torch.tensor([0.75, 0.25]))
@@ -418,7 +418,7 @@ def test_approx_float_rows_use_lexicographic_path(backend: str) -> None:
 def test_approx_partial_fallback_picks_most_repeated(backend: str) -> None:
     """n = 3 but the largest count is 2: use C(c, 2), i.e. values 0 and 1 equally often."""
     pool_row = torch.tensor([0, 4, 1, 2, 0, 3, 1])
-    out = replicate_and_sample(pool_row, 1 / 3, 20_000, seed=64)
+    out = replicate_and_sample(pool_row, 1 / 3, 20_000, seed=64, use_numpy=backend == "numpy")
     assert set(out.unique().tolist()) == {0, 1}
     share = float((out == 0).double().mean())
     assert abs(share - 0.5) < 5.33 * math.sqrt(0.25 / 20_000)
@@ -429,8 +429,8 @@ def test_approx_positions_are_independent_and_reproducible(backend: str) -> None
     pool = zipf(g, (64, 200))
     pool[0] = 7  # a position whose pool is constant must return 7
     pool[1, :150] = 3  # dominant value at T = 1/3
-    a = batch_temperature_sample(pool, 1 / 3, generator=torch.Generator().manual_seed(66))
-    b = batch_temperature_sample(pool, 1 / 3, generator=torch.Generator().manual_seed(66))
+    a = batch_temperature_sample(pool, 1 / 3, generator=torch.Generator().manual_seed(66), use_numpy=backend == "numpy")
+    b = batch_temperature_sample(pool, 1 / 3, generator=torch.Generator().manual_seed(66), use_numpy=backend == "numpy")
     assert torch.equal(a, b) and a.shape == (64,)
     assert int(a[0]) == 7
     assert bool((pool == a[:, None]).any(1).all())  # every output comes from its own pool
@@ -441,7 +441,7 @@ def test_approx_multidim_rows(backend: str) -> None:
     near = torch.tensor([5, 6, 7, 9])  # equal to base on 3 of 4 ids
     other = torch.tensor([1, 2, 3, 4])
     pool_row = torch.stack([base, base, base, near, near, other])  # counts 3, 2, 1
-    out = replicate_and_sample(pool_row, 0.5, 20_000, seed=67)
+    out = replicate_and_sample(pool_row, 0.5, 20_000, seed=67, use_numpy=backend == "numpy")
     assert out.shape == (20_000, 4)
     is_base, is_near = (out == base).all(1), (out == near).all(1)
     assert bool((is_base | is_near).all())
@@ -490,11 +490,11 @@ def test_approx_sampling_matches_selection_probs_on_a_realistic_pool(backend: st
     pool_row = zipf(torch.Generator().manual_seed(69), (200,))
     probs = sampling._selection_probs(pool_row[None], temperature)[0]
     per_value = torch.zeros(NUM, dtype=torch.float64).scatter_add_(0, pool_row, probs)
-    out = replicate_and_sample(pool_row, temperature, 40_000, seed=70)
+    out = replicate_and_sample(pool_row, temperature, 40_000, seed=70, use_numpy=backend == "numpy")
     stat, threshold = chi2(torch.bincount(out, minlength=NUM), per_value)
     assert stat < threshold
     # the same test rejects sampling at the wrong temperature (T = 1: uniform over the pool)
-    wrong = replicate_and_sample(pool_row, 1.0, 40_000, seed=70)
+    wrong = replicate_and_sample(pool_row, 1.0, 40_000, seed=70, use_numpy=backend == "numpy")
     assert chi2(torch.bincount(wrong, minlength=NUM), per_value)[0] > threshold
 
 
@@ -502,7 +502,7 @@ def test_approx_mixed_fallback_and_regular_positions(backend: str) -> None:
     """Fallback and regular positions side by side in one call keep their own rules."""
     regular, distinct = torch.tensor([0, 0, 0, 1, 1, 2]), torch.arange(10, 16)
     pool = torch.stack([regular, distinct] * 10_000)
-    out = batch_temperature_sample(pool, 0.5, generator=torch.Generator().manual_seed(72))
+    out = batch_temperature_sample(pool, 0.5, generator=torch.Generator().manual_seed(72), use_numpy=backend == "numpy")
     stat, threshold = chi2(torch.bincount(out[0::2], minlength=3), torch.tensor([0.75, 0.25, 0.0]))
     assert stat < threshold
     stat, threshold = chi2(torch.bincount(out[1::2] - 10, minlength=6), torch.full((6,), 1 / 6))

@@ -351,8 +351,9 @@ def test_cli_lists_serve():
 
 @pytest.mark.parametrize("kind", ["calm", "baseline"])
 def test_left_padded_rows_compute_what_they_compute_alone(kind):
-    """Transformer.forward(pad=...): a row's real positions see neither its padding nor a shifted position,
-    in the prefill and in later cached steps."""
+    """Transformer.forward with left_padding's positions and mask: a row's real positions see neither its
+    padding nor a shifted position, in the prefill and in later cached steps."""
+    from calmlm.backbone import left_padding
     from calmlm.models import build_model as build
 
     torch.manual_seed(0)
@@ -362,12 +363,12 @@ def test_left_padded_rows_compute_what_they_compute_alone(kind):
     x = torch.cat([long, torch.cat([torch.randn(1, 4, d, dtype=torch.float64), short], 1)])
     pad = torch.tensor([0, 4])
     cache, alone = m.backbone.new_cache(2, 12), [m.backbone.new_cache(1, 12) for _ in range(2)]
-    both = m.backbone(x, cache, pad)
+    both = m.backbone(x, cache, *left_padding(pad, 0, 7))
     torch.testing.assert_close(both[0], m.backbone(long, alone[0])[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(both[1, 4:], m.backbone(short, alone[1])[0], rtol=1e-12, atol=1e-12)
     for _ in range(2):
         step = torch.randn(2, 1, d, dtype=torch.float64)
-        both = m.backbone(step, cache, pad)
+        both = m.backbone(step, cache, *left_padding(pad, cache.length, 1))
         for i in range(2):
             torch.testing.assert_close(both[i], m.backbone(step[i:i + 1], alone[i])[0], rtol=1e-12, atol=1e-12)
     assert torch.isfinite(both).all()

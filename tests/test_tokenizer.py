@@ -131,20 +131,6 @@ def test_small_tiktoken_file_with_specials(tmp_path):
 
 # -- Llama 3 (tiktoken tokenizer.model from ../shared) -------------------------------------------------
 
-def _reference_bpe(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
-    """tiktoken's algorithm: a whole-token piece maps to it, else repeatedly merge the lowest-ranked pair."""
-    if piece in ranks:
-        return [ranks[piece]]
-    parts = [bytes([b]) for b in piece]
-    while True:
-        best = min(((ranks[parts[i] + parts[i + 1]], i) for i in range(len(parts) - 1)
-                    if parts[i] + parts[i + 1] in ranks), default=None)
-        if best is None:
-            return [ranks[p] for p in parts]
-        i = best[1]
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
-
-
 def test_llama3_loads_fast_with_its_specials(shared_dir):
     start = time.perf_counter()
     tok = Tokenizer.load(shared_dir / "data" / "llama3_tokenizer")
@@ -174,11 +160,15 @@ def test_llama3_round_trip_tricky_text(llama3):
         assert llama3.decode(llama3.encode(text)) == text
 
 
-def test_llama3_matches_reference_tiktoken_bpe(llama3, llama3_ranks, shared_dir):
-    regex = pytest.importorskip("regex")
-    pattern = regex.compile(LLAMA3_PATTERN)
+def test_llama3_matches_tiktoken(llama3, shared_dir):
+    """Id for id against the real tiktoken (the reference tokenizer of the Llama 3 release)."""
+    tiktoken = pytest.importorskip("tiktoken", reason="pip install tiktoken (in the test extra)")
+    from tiktoken.load import load_tiktoken_bpe
+
+    path = shared_dir / "data" / "llama3_tokenizer" / "tokenizer.model"
+    reference = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=load_tiktoken_bpe(str(path)),
+                                  special_tokens={})
     wiki = (shared_dir / "data" / "wikitext103_test_documents.jsonl").read_text().splitlines()
     texts = TRICKY + [json.loads(line)["text"][:20000] for line in wiki[:3]]
     for text in texts:
-        expected = [i for piece in pattern.findall(text) for i in _reference_bpe(piece.encode(), llama3_ranks)]
-        assert llama3.encode(text) == expected
+        assert llama3.encode(text) == reference.encode_ordinary(text)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import calmlm
+
 from calmlm.checkpoint import load_model
 from calmlm.config import autoencoder_preset, baseline_preset, calm_preset
 from calmlm.errors import CalmError, CheckpointError, ConfigError, DataError
@@ -33,7 +35,7 @@ class Blocks:
 
 def _cfg(tmp_path: Path, **kw) -> TrainConfig:
     base = dict(lr=1e-3, warmup_steps=2, max_steps=6, batch_size=2, eval_every=3, eval_batches=2, save_every=0,
-                log_every=1, block_size=16, out_dir=str(tmp_path / "run"), progress=False)
+                log_every=1, block_size=16, out_dir=str(tmp_path / "run"), progress=False, precision="fp32")  # exact comparisons need fp32
     return TrainConfig(**{**base, **kw})
 
 
@@ -127,6 +129,18 @@ def test_metrics_jsonl_and_checkpoint(tmp_path):
         p.name for p in ck.iterdir()}
     assert json.loads((ck / "trainer_state.json").read_text())["step"] == 4
     assert load_model(ck, expect="autoencoder").config == autoencoder_preset("debug")
+
+
+def test_run_record_has_code_version_and_resolved_configs(tmp_path):
+    cfg = _cfg(tmp_path, max_steps=1, eval_every=0)
+    model = _model("calm")
+    Trainer(model, Blocks(4, 16), None, cfg, metadata={"data": {"spec": "x.txt"}}).fit()
+    run = json.loads((Path(cfg.out_dir) / "run.json").read_text())
+    assert run["code"]["calmlm"] == calmlm.__version__ and run["code"]["torch"] == torch.__version__
+    if (Path(calmlm.__file__).parents[2] / ".git").exists():  # a checkout (as in CI): the commit is recorded
+        assert len(run["code"]["git_commit"]) == 40 and isinstance(run["code"]["dirty"], bool)
+    assert run["train_config"] == cfg.to_dict() and run["model_config"] == model.config.to_dict()
+    assert run["data"] == {"spec": "x.txt"} and run["world_size"] == 1
 
 
 def test_time_budget_stops_cleanly(tmp_path):

@@ -17,6 +17,7 @@ from torch import nn
 from .config import AutoencoderConfig
 from .errors import ConfigError
 from .layers import ResidualMLP, RMSNorm, init_linear_and_embedding
+from .losses import linear_cross_entropy
 
 
 @dataclass
@@ -78,9 +79,17 @@ class Decoder(nn.Module):
     def slot_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d) slot vectors -> (..., V) logits. Position-wise (no mixing between slots), so any subset
         of slots can be decoded on its own."""
+        return F.linear(self.slot_hidden(x), self.output_weight)
+
+    def slot_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d) slot vectors -> (..., d) final normed states, the input of the tied output projection."""
         for layer in self.decoder_layers[len(self.decoder_layers) // 2:]:
             x = layer(x)
-        return F.linear(self.norm(x), self._embedding[0].weight)
+        return self.norm(x)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self._embedding[0].weight
 
 
 class Autoencoder(nn.Module):
@@ -177,13 +186,12 @@ class Autoencoder(nn.Module):
         if noise_std:
             z = z + noise_std * torch.randn_like(z)
         z = F.dropout(z, cfg.latent_dropout, self.training)
-        logits = self.decoder(z.to(mean.dtype) if z.dtype != mean.dtype else z)
-        ce = F.cross_entropy(logits.float().flatten(0, -2), input_ids.flatten())
+        hidden = self.decoder.slot_hidden(self.decoder.expand(z.to(mean.dtype) if z.dtype != mean.dtype else z))
+        ce, acc = linear_cross_entropy(hidden, self.decoder.output_weight, input_ids)  # (B, N, K, d) vs (B, N*K)
         kl_raw = kl_per_dim(mean, log_std)  # (B, N, l)
         kl = kl_raw.clamp(min=cfg.kl_clamp).sum(-1).mean()
         loss = cfg.chunk_size * ce + cfg.kl_weight * kl
         with torch.no_grad():
-            acc = (logits.argmax(-1) == input_ids).float().mean()
             active = (kl_raw.mean((0, 1)) > cfg.kl_clamp).float().sum()
         return ModelOutput(loss, {"ce": ce.detach(), "kl": kl.detach(), "token_acc": acc, "active_dims": active})
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .autoencoder import ModelOutput
 from .backbone import KVCache, Transformer
 from .config import BaselineConfig
 from .layers import init_linear_and_embedding
+from .losses import linear_cross_entropy
 
 
 class BaselineLM(nn.Module):
@@ -32,9 +32,9 @@ class BaselineLM(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, cache))
 
     def forward(self, input_ids: torch.Tensor) -> ModelOutput:
-        logits = self.logits(input_ids[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), input_ids[:, 1:].flatten())
-        return ModelOutput(loss, {"ce": loss.detach()})
+        hidden = self.hidden_states(input_ids[:, :-1])
+        loss, acc = linear_cross_entropy(hidden, self.lm_head.weight, input_ids[:, 1:])
+        return ModelOutput(loss, {"ce": loss.detach(), "token_acc": acc.detach()})
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """See :func:`calmlm.generation.generate`."""

@@ -2,7 +2,7 @@
 
 Each step reads the previous chunks as *discrete* tokens (the K token embeddings of a chunk are
 concatenated and compressed by an MLP into one input vector), the backbone emits a hidden state, and the
-generative head draws the next chunk's latent in one step. The frozen autoencoder is part of the model:
+generative head draws the next chunk's latent (the energy head in one step; see heads.py for the others). The frozen autoencoder is part of the model:
 its encoder gives the training targets, its decoder turns generated latents back into K tokens.
 """
 
@@ -15,11 +15,11 @@ from torch import nn
 
 from .autoencoder import Autoencoder, ModelOutput
 from .backbone import KVCache, Transformer
-from .config import CALMConfig, check_compatible
+from .config import HEAD_SAMPLING_OPTIONS, CALMConfig, check_compatible
 from .errors import ConfigError
 from .heads import HEADS
 from .layers import init_linear_and_embedding
-from .losses import energy_loss
+from .losses import posterior_targets
 
 
 class CALM(nn.Module):
@@ -75,22 +75,33 @@ class CALM(nn.Module):
 
     # -- training -------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, noise: torch.Tensor | None = None,
-                target_eps: torch.Tensor | None = None) -> ModelOutput:
-        """Energy loss for predicting chunks 1..N-1 from the hidden states of chunks 0..N-2.
+                target_eps: torch.Tensor | None = None, t: torch.Tensor | None = None) -> ModelOutput:
+        """The head's loss for predicting chunks 1..N-1 from the hidden states of chunks 0..N-2.
 
-        ``noise`` (S, B*(N-1), noise_size) and ``target_eps`` (M, B*(N-1), l) pin the random draws
-        (rows batch-major), e.g. to compare with the reference implementation."""
-        cfg = self.config
+        Targets are ``head.num_targets`` draws from the autoencoder posterior of each true chunk, each paired
+        with the position's hidden state. ``target_eps`` (M, B*(N-1), l) pins their draw (rows batch-major);
+        ``noise`` pins the head's draws (energy: (S, B*(N-1), noise_size); flow: x0, diffusion: ε, both
+        (M, B*(N-1), l)) and ``t`` the flow/diffusion times (M, B*(N-1)), e.g. to compare with the reference."""
         hidden = self.hidden_states(input_ids)[:, :-1]  # (B, N-1, d)
         with torch.no_grad():
             mean, log_std = self.autoencoder.encode(input_ids)
         mean, log_std = mean[:, 1:].flatten(0, 1), log_std[:, 1:].flatten(0, 1)  # (P, l)
         hidden = hidden.flatten(0, 1)  # (P, d)
-        if noise is None:
-            noise = self.head.noise((cfg.num_samples, hidden.shape[0]), hidden.device, hidden.dtype)
-        x = self.head(hidden, noise)  # (S, P, l)
-        loss = energy_loss(x, mean, log_std, cfg.num_targets, cfg.energy_alpha, target_eps)
-        return ModelOutput(loss, {"energy_loss": loss.detach()})
+        targets = posterior_targets(mean, log_std, self.head.num_targets, target_eps)  # (M, P, l)
+        if t is not None and self.config.head == "energy":
+            raise ConfigError("t pins the flow/diffusion times; the energy head has none (pass noise only)")
+        draws = {k: v for k, v in (("noise", noise), ("t", t)) if v is not None}
+        loss = self.head.loss(hidden, targets, **draws)
+        return ModelOutput(loss, {f"{self.config.head}_loss": loss.detach()})
+
+    def set_head_options(self, **options: Any) -> None:
+        """Change sampling options of a trained model's head (flow_steps, flow_solver, diffusion_sample_steps);
+        the weights stay valid, so a flow model can be sampled with 10 calls or a diffusion model with 50 steps."""
+        bad = sorted(set(options) - set(HEAD_SAMPLING_OPTIONS))
+        if bad:
+            raise ConfigError(f"{bad} cannot change after training; sampling options: {list(HEAD_SAMPLING_OPTIONS)}")
+        self.config = self.config.replace(**options)
+        self.head.configure(self.config)
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """See :func:`calmlm.generation.generate`."""

@@ -136,40 +136,15 @@ def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _shards(tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[dict[str, torch.Tensor]]:
-    """Greedy split in key order; a tensor larger than the limit gets a shard of its own."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    return shards
-
-
 def write_weights(model: nn.Module, directory: Path, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> None:
-    """Write the weights into an existing directory (not atomic by itself; see ``save_model``)."""
-    from safetensors.torch import save_file
+    """Write the weights into an existing directory (not atomic by itself; see ``save_model``): one
+    safetensors file, or shards + index in the Hugging Face layout, by ``huggingface_hub``'s own writer."""
+    from huggingface_hub import save_torch_state_dict
 
     if max_shard_size <= 0:
         raise CheckpointError(f"max_shard_size must be positive, got {max_shard_size}")
-    tensors = _unique_state_dict(model)
-    shards = _shards(tensors, max_shard_size)
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(directory / WEIGHTS_FILE), metadata=meta)
-        return
-    n = len(shards)
-    weight_map: dict[str, str] = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{n:05d}.safetensors"
-        save_file(shard, str(directory / name), metadata=meta)
-        weight_map.update({k: name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    _write_json(directory / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    save_torch_state_dict(_unique_state_dict(model), directory, max_shard_size=max_shard_size,
+                          metadata={"format": "pt"})
 
 
 def save_model(model: nn.Module, directory: str | Path, tokenizer: Any = None,
@@ -469,11 +444,6 @@ def save_training_state(directory: str | Path, optimizer: torch.optim.Optimizer 
                directory / OPTIMIZER_FILE)
     if rng is not None:
         torch.save({"rng": rng}, directory / RNG_FILE)
-
-
-def has_training_state(directory: str | Path) -> bool:
-    d = Path(directory)
-    return (d / TRAINER_STATE_FILE).is_file() and (d / OPTIMIZER_FILE).is_file()
 
 
 def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer | None = None,

@@ -124,18 +124,31 @@ class BaselineConfig(BackboneConfig):
     eos_token_id: int | None = None
 
 
+HEAD_TYPES = ("energy", "flow", "diffusion")
+FLOW_SOLVERS = ("midpoint", "euler")
+HEAD_SAMPLING_OPTIONS = ("flow_steps", "flow_solver", "diffusion_sample_steps")  # changeable after training
+
+
 @dataclass
 class CALMConfig(BackboneConfig):
-    """The next-vector model of paper §3: backbone over chunks + energy generative head + frozen autoencoder."""
+    """The next-vector model of paper §3: backbone over chunks + generative head + frozen autoencoder.
+
+    ``head`` picks the generative head: "energy" (the paper's choice, one network call per sample),
+    "flow" (flow matching, an ODE solved in ``flow_steps`` network evaluations) or "diffusion"
+    (DDPM with learned variance, ``diffusion_steps`` training steps respaced to ``diffusion_sample_steps``)."""
 
     kind: ClassVar[str] = "calm"
 
     chunk_size: int = 4  # K; must equal the autoencoder's
     latent_size: int = 128  # l; must equal the autoencoder's
-    head: str = "energy"
-    noise_size: int = 64
+    head: str = "energy"  # one of HEAD_TYPES
+    noise_size: int = 64  # energy head only
     num_head_blocks: int = 4  # residual MLP blocks of the generative head
-    num_samples: int = 8  # N model samples per position for the energy loss
+    num_samples: int = 8  # energy: N model samples per position; flow/diffusion: posterior targets per position
+    flow_steps: int = 20  # flow: network evaluations per sample (the midpoint solver takes flow_steps // 2 steps)
+    flow_solver: str = "midpoint"  # flow: "midpoint" or "euler"
+    diffusion_steps: int = 1000  # diffusion: training timesteps of the cosine schedule
+    diffusion_sample_steps: int = 100  # diffusion: reverse steps of the respaced sampling chain
     num_targets: int = 100  # M targets drawn from the autoencoder posterior
     energy_alpha: float = 1.0  # exponent of the distances in the energy score, in (0, 2)
     layer_norm_eps: float = 1e-6  # LayerNorms of the input compression and of the head
@@ -145,11 +158,19 @@ class CALMConfig(BackboneConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive(self, "chunk_size", "latent_size", "noise_size", "num_head_blocks", "num_samples", "num_targets")
-        if self.head != "energy":
-            raise ConfigError(f"unknown generative head {self.head!r}; available: 'energy'")
-        if self.num_samples < 2:
+        _positive(self, "chunk_size", "latent_size", "noise_size", "num_head_blocks", "num_samples", "num_targets",
+                  "flow_steps", "diffusion_steps", "diffusion_sample_steps")
+        if self.head not in HEAD_TYPES:
+            raise ConfigError(f"unknown generative head {self.head!r}; available: {', '.join(map(repr, HEAD_TYPES))}")
+        if self.head == "energy" and self.num_samples < 2:
             raise ConfigError("num_samples must be >= 2: the energy score's diversity term needs two samples")
+        if self.flow_solver not in FLOW_SOLVERS:
+            raise ConfigError(f"unknown flow_solver {self.flow_solver!r}; available: {', '.join(FLOW_SOLVERS)}")
+        if self.flow_solver == "midpoint" and self.flow_steps < 2:
+            raise ConfigError("flow_steps must be >= 2 for the midpoint solver (two network calls per step)")
+        if self.diffusion_sample_steps > self.diffusion_steps:
+            raise ConfigError(f"diffusion_sample_steps {self.diffusion_sample_steps} exceeds diffusion_steps "
+                              f"{self.diffusion_steps}: the sampling chain is a subset of the training steps")
         if not 0.0 < self.energy_alpha < 2.0:
             raise ConfigError(f"energy_alpha must be in (0, 2) for a strictly proper score, got {self.energy_alpha}")
         if isinstance(self.autoencoder, dict):

@@ -41,7 +41,7 @@ import sysconfig
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -467,20 +467,58 @@ class TokenDataset:
         start = (self.start + i % self.num_blocks) * self.block_size
         return torch.from_numpy(self.tokens[start:start + self.block_size].astype(np.int64))  # (T,)
 
-    def batch(self, indices: Sequence[int]) -> torch.Tensor:
-        """The blocks at ``indices`` stacked: (B, T) int64."""
-        return torch.stack([self[int(i)] for i in indices])
-
-    def iter_batches(self, batch_size: int, rank: int = 0, world_size: int = 1,
-                     max_blocks: int | None = None) -> Iterator[torch.Tensor]:
-        """Evaluation order: the first ``max_blocks`` blocks in order, block i on rank i % world_size."""
-        n = self.num_blocks if max_blocks is None else min(max_blocks, self.num_blocks)
-        mine = range(rank, n, world_size)
-        for s in range(0, len(mine), batch_size):
-            yield self.batch(mine[s:s + batch_size])
+    def recut(self, block_size: int) -> TokenDataset:
+        """The whole blocks of ``block_size`` tokens inside this dataset's tokens (same file)."""
+        start, end = self.start * self.block_size, (self.start + self.num_blocks) * self.block_size
+        first, last = -(-start // block_size), end // block_size
+        return TokenDataset(self.path, block_size, (first, max(first, last)))
 
     def __repr__(self) -> str:
         return f"TokenDataset({self.path}, block_size={self.block_size}, num_blocks={self.num_blocks})"
+
+
+# -- the one input type of evaluation (and of the trainer's batches) -------------------------------------------
+
+Blocks = Union[TokenDataset, Sequence[torch.Tensor], torch.Tensor]  # anything with len and [i] -> (L,) ids
+
+
+def token_blocks(data: Blocks, block_size: int | None = None) -> tuple[Blocks, int]:
+    """Evaluation data checked once: ``(blocks, L)``. ``data`` is a dataset of (L,) blocks (a TokenDataset,
+    or anything with ``len`` and ``[i]``) or a token tensor (B, L); a TokenDataset or a tensor (also a flat
+    (T,) stream) is re-cut when ``block_size`` differs, any other dataset must match it."""
+    if torch.is_tensor(data):
+        if data.dim() == 2 and block_size in (None, data.shape[1]):
+            return data.long(), int(data.shape[1])
+        if data.dim() not in (1, 2):
+            raise DataError(f"token data must be (tokens,) or (blocks, block_size), got {tuple(data.shape)}")
+        if block_size is None:
+            raise DataError("a flat token stream needs block_size to be cut into blocks")
+        n = data.numel() // block_size
+        return data.reshape(-1)[:n * block_size].view(n, block_size).long(), block_size
+    if isinstance(data, TokenDataset) and block_size not in (None, data.block_size):
+        data = data.recut(block_size)
+    if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
+        raise DataError(f"evaluation data must be a token tensor (B, L) or a dataset of token blocks such as "
+                        f"TokenDataset, got {type(data).__name__}")
+    size = getattr(data, "block_size", None) or (len(data[0]) if len(data) else block_size or 0)
+    if block_size is not None and size != block_size:
+        raise DataError(f"the dataset's blocks hold {size} tokens but block_size={block_size} was asked; "
+                        "pass block_size=None or a TokenDataset / token tensor to re-cut")
+    return data, int(size)
+
+
+def stack_blocks(blocks: Blocks, indices: Sequence[int]) -> torch.Tensor:
+    """The blocks at ``indices`` as one (B, L) int64 batch."""
+    return torch.stack([torch.as_tensor(blocks[int(i)]) for i in indices]).long()
+
+
+def iter_blocks(blocks: Blocks, batch_size: int, rank: int = 0, world_size: int = 1,
+                max_blocks: int | None = None) -> Iterator[torch.Tensor]:
+    """Evaluation order: (B, L) batches of the first ``max_blocks`` blocks, block i on rank i % world_size."""
+    n = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
+    mine = range(rank, n, world_size)
+    for s in range(0, len(mine), batch_size):
+        yield stack_blocks(blocks, mine[s:s + batch_size])
 
 
 class BlockSampler:

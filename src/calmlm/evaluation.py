@@ -8,20 +8,21 @@ clipping floor: a dimension at the floor carries no information).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from .autoencoder import Autoencoder, kl_per_dim
+from .data import Blocks, iter_blocks, token_blocks
 
 DEFAULT_SIGMAS = (0.0, 0.1, 0.2, 0.3, 0.5)
 
 
 @torch.no_grad()
-def evaluate_autoencoder(model: Autoencoder, blocks: Iterable[torch.Tensor] | Any, sigmas: Sequence[float] = DEFAULT_SIGMAS,
+def evaluate_autoencoder(model: Autoencoder, blocks: Blocks, sigmas: Sequence[float] = DEFAULT_SIGMAS,
                          batch_size: int = 16, max_blocks: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """``blocks``: a dataset of token blocks (indexable, with ``len``) or an iterable of (B, L) tensors.
+    """``blocks``: a dataset of token blocks such as TokenDataset, or a token tensor (B, L).
 
     Returns {"sigmas": [...], "token_accuracy": {sigma: acc}, "chunk_accuracy": {...}, "active_dims", ...}."""
     was_training = model.training
@@ -33,7 +34,7 @@ def evaluate_autoencoder(model: Autoencoder, blocks: Iterable[torch.Tensor] | An
     chunk_correct = {s: 0 for s in sigmas}
     tokens = chunks = 0
     kl_sum = torch.zeros(model.config.latent_size, device=device, dtype=torch.float64)
-    for batch in _batches(blocks, batch_size, max_blocks):
+    for batch in iter_blocks(token_blocks(blocks)[0], batch_size, max_blocks=max_blocks):
         ids = batch.to(device)
         ids = ids[:, : ids.shape[1] // k * k]
         mean, log_std = (t.float() for t in model.encode(ids))
@@ -61,24 +62,6 @@ def evaluate_autoencoder(model: Autoencoder, blocks: Iterable[torch.Tensor] | An
         "num_tokens": tokens,
         "num_chunks": chunks,
     }
-
-
-def _batches(blocks: Any, batch_size: int, max_blocks: int | None) -> Iterable[torch.Tensor]:
-    if isinstance(blocks, torch.Tensor):
-        blocks = blocks[:max_blocks] if max_blocks else blocks
-        yield from blocks.split(batch_size)
-        return
-    if hasattr(blocks, "__len__") and hasattr(blocks, "__getitem__"):
-        n = len(blocks) if max_blocks is None else min(len(blocks), max_blocks)
-        for start in range(0, n, batch_size):
-            yield torch.stack([torch.as_tensor(blocks[i]) for i in range(start, min(n, start + batch_size))])
-        return
-    seen = 0
-    for b in blocks:
-        yield b
-        seen += b.shape[0]
-        if max_blocks is not None and seen >= max_blocks:
-            return
 
 
 def format_autoencoder_report(r: dict[str, Any]) -> str:

@@ -49,12 +49,46 @@ def _compression_macs(cfg: CALMConfig) -> int:
     return k * d * 2 * d + 2 * d * d
 
 
+TIME_FREQUENCIES = 256  # sinusoidal frequencies of the flow/diffusion time embedding
+
+
+def head_network_calls(cfg: CALMConfig) -> int:
+    """Network evaluations per generated sample: energy 1, flow flow_steps (midpoint: 2 per step, so an odd
+    count is rounded down), diffusion diffusion_sample_steps."""
+    if cfg.head == "flow":
+        return 2 * (cfg.flow_steps // 2) if cfg.flow_solver == "midpoint" else cfg.flow_steps
+    if cfg.head == "diffusion":
+        return cfg.diffusion_sample_steps
+    return 1
+
+
+def _head_out(cfg: CALMConfig) -> int:
+    return 2 * cfg.latent_size if cfg.head == "diffusion" else cfg.latent_size  # diffusion: ε and variance
+
+
 def _head_macs(cfg: CALMConfig) -> tuple[int, int]:
-    """(once per position, once per sample): hidden_embd runs once; noise path, blocks, final run per draw."""
+    """(once per position, per network call). Energy: hidden_embd once; noise path, blocks, final per draw.
+    Flow/diffusion: cond_embed once; input_proj, time embedding, adaLN blocks and final layer per call."""
     d, s, l = cfg.hidden_size, cfg.noise_size, cfg.latent_size
-    block = 2 * d * d + d * d + d * 2 * d + d * d
-    per_sample = s * d + cfg.num_head_blocks * block + d * d + d * l
-    return d * d, per_sample
+    if cfg.head == "energy":
+        block = 2 * d * d + d * d + d * 2 * d + d * d
+        per_sample = s * d + cfg.num_head_blocks * block + d * d + d * l
+        return d * d, per_sample
+    block = 2 * d * d + 3 * d * d  # MLP + (shift, scale, gate) modulation
+    per_call = l * d + TIME_FREQUENCIES * d + d * d + cfg.num_head_blocks * block + 2 * d * d + d * _head_out(cfg)
+    return d * d, per_call
+
+
+def _head_params(cfg: CALMConfig) -> int:
+    d = cfg.hidden_size
+    once, per_call = _head_macs(cfg)
+    if cfg.head == "energy":
+        n_biases = d + d + cfg.num_head_blocks * (d + d + 2 * d + d) + d + cfg.latent_size
+        n_norms = 2 * (2 + cfg.num_head_blocks + 1) * d  # hidden, noise, one per block, final (w + b)
+        return once + per_call + n_biases + n_norms
+    # biases: time MLP (2d), cond_embed, input_proj, per block (in_ln w+b, 2 MLP, 3d modulation), final (2d + out)
+    n_biases = 2 * d + d + d + cfg.num_head_blocks * (2 * d + 2 * d + 3 * d) + 2 * d + _head_out(cfg)
+    return once + per_call + n_biases
 
 
 def _ae_layer_macs(ae: AutoencoderConfig) -> int:
@@ -106,10 +140,7 @@ def count_parameters(config: AnyConfig) -> dict[str, int]:
         d = config.hidden_size
         out = _backbone_params(config)
         out["input_compression"] = (config.chunk_size * d * 2 * d + 2 * d) + (2 * d * d + d) + 2 * d
-        once, per_sample = _head_macs(config)
-        n_biases = d + d + config.num_head_blocks * (d + d + 2 * d + d) + d + config.latent_size
-        n_norms = 2 * (2 + config.num_head_blocks + 1) * d  # hidden, noise, one per block, final (w + b)
-        out["generative_head"] = once + per_sample + n_biases + n_norms
+        out["generative_head"] = _head_params(config)
         out["total"] = sum(out.values())
         out["autoencoder"] = sum(_autoencoder_params(config.autoencoder).values())
         out["total_with_autoencoder"] = out["total"] + out["autoencoder"]
@@ -179,7 +210,8 @@ def inference_flops_per_token(config: AnyConfig, context_length: int | None = No
 
     ``context_length`` defaults to the trained window (max_position_embeddings backbone positions, i.e.
     ×K tokens for CALM). For CALM, ``head_draws`` counts generative-head samples per step (1 for plain
-    sampling; more for likelihood-free temperature sampling); each step also decodes its chunk with the
+    sampling; more for likelihood-free temperature sampling), each costing ``head_network_calls`` network
+    evaluations (energy 1, flow 20, diffusion 100 by default); each step also decodes its chunk with the
     autoencoder decoder (K tokens of logits) so the tokens can be fed back."""
     cfg = _model_config(config)
     k, ctx, pos = _window(cfg, context_length)
@@ -191,11 +223,14 @@ def inference_flops_per_token(config: AnyConfig, context_length: int | None = No
     }
     notes: dict[str, Any] = {}
     if isinstance(cfg, CALMConfig):
-        once, per_sample = _head_macs(cfg)
+        once, per_call = _head_macs(cfg)
+        calls = head_network_calls(cfg)
         step["input_compression"] = MAC * _compression_macs(cfg)
-        step["generative_head"] = MAC * (once + head_draws * per_sample)
+        step["generative_head"] = MAC * (once + head_draws * calls * per_call)
         step["autoencoder_decoder"] = MAC * _decoder_macs(cfg.autoencoder)
         notes["head_draws"] = head_draws
+        notes["head"] = cfg.head
+        notes["head_network_calls"] = calls
     else:
         step["lm_head"] = MAC * cfg.hidden_size * cfg.vocab_size
     return FlopsReport("inference", cfg.kind, k, ctx, pos, {n: v / k for n, v in step.items()}, notes)
@@ -215,9 +250,9 @@ def training_flops_per_token(config: AnyConfig, context_length: int | None = Non
     }
     notes: dict[str, Any] = {}
     if isinstance(cfg, CALMConfig):
-        once, per_sample = _head_macs(cfg)
+        once, per_call = _head_macs(cfg)  # one call per model draw (energy) or per posterior target (flow/diffusion)
         step["input_compression"] = t * _compression_macs(cfg)
-        step["generative_head"] = t * (once + cfg.num_samples * per_sample)
+        step["generative_head"] = t * (once + cfg.num_samples * per_call)
         step["autoencoder_encoder"] = MAC * _encoder_macs(cfg.autoencoder)  # frozen: forward only
         notes["num_samples"] = cfg.num_samples
     else:

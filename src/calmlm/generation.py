@@ -231,8 +231,8 @@ def _next_chunk(model: Any, hidden: torch.Tensor, temperature: float, sampler: s
         pool = sample_chunks(hidden, num_samples=pool_size, generator=gen).transpose(0, 1)  # (B, N, K)
         return sampling.batch_temperature_sample(pool, temperature, generator=gen, num_values=model.config.vocab_size)
 
-    def draw(m: int) -> torch.Tensor:
-        return sample_chunks(hidden, num_samples=m, generator=gen).transpose(0, 1)  # (B, m, K)
+    def draw(m: int, active: torch.Tensor) -> torch.Tensor:  # (A, m, K) for the unfinished rows only
+        return sample_chunks(hidden[active.to(hidden.device)], num_samples=m, generator=gen).transpose(0, 1)
 
     samples, _ = sampling.exact_temperature_sample_batch(draw, hidden.shape[0], temperature, generator=gen)
     return samples

@@ -9,6 +9,8 @@ and the loss is its negative.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -53,3 +55,68 @@ def energy_loss(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor, num_
     """Negative energy score averaged over positions. x (N, P, l); mean/log_std (P, l)."""
     y = posterior_targets(mean.detach(), log_std.detach(), num_targets, eps)
     return -energy_score(x, y, alpha).mean()
+
+
+# -- cross-entropy through the output projection, without materialising the logits --------------------
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum of CE(h @ w.T, targets) and the number of argmax hits, row-chunk by row-chunk.
+
+    A V-way output layer over every token is most of a small model's training step on a CPU: the (tokens, V)
+    logits are written, copied to float32, read by log_softmax, its backward and an argmax. Here each slice of
+    rows is multiplied, reduced and turned into its gradient while it is still in cache, and the gradients
+    are kept for backward, so the full logits never exist. Matches ``F.cross_entropy`` (tested)."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), device=h.device, dtype=torch.float32)
+        correct = torch.zeros((), device=h.device, dtype=torch.long)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if need_w else None
+        for s in range(0, h.shape[0], rows):
+            hc, tc = h[s:s + rows], targets[s:s + rows]
+            valid = tc != ignore_index
+            tc = tc.clamp_min(0)
+            logits = (hc @ w.T).float()  # (r, V)
+            lse = torch.logsumexp(logits, -1)
+            target_logit = logits.gather(1, tc[:, None])[:, 0]
+            total += torch.where(valid, lse - target_logit, 0.0).sum()
+            correct += (valid & (target_logit >= logits.amax(-1))).sum()
+            if need_h or need_w:
+                p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                p[torch.arange(p.shape[0], device=p.device), tc] -= 1.0
+                g = p.mul_(valid[:, None]).to(h.dtype)  # d(sum CE)/d(logits)
+                if need_h:
+                    grad_h[s:s + rows] = g @ w  # type: ignore[index]
+                if need_w:
+                    grad_w += (g.T @ hc).float()  # type: ignore[operator]
+        ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
+        ctx.has = (need_h, need_w)
+        return total, correct, (targets != ignore_index).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+        saved = iter(ctx.saved_tensors)
+        gh = next(saved) * grad_total.to(ctx.saved_tensors[0].dtype) if ctx.has[0] else None
+        gw = next(saved) * grad_total if ctx.has[1] else None
+        return gh, gw, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -100, max_logits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets`` (entries equal to ``ignore_index``
+    are skipped) and the argmax accuracy, without the (tokens, V) logits tensor. hidden (..., d), weight
+    (V, d), targets (...). Under autocast the products run in its dtype (bf16 on CPUs with AMX), the
+    softmax always in float32. Returns (loss, accuracy), both 0-d."""
+    dev = hidden.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    h, w = hidden.reshape(-1, hidden.shape[-1]).to(dtype), weight.to(dtype)
+    if max_logits is None:  # slice size: cache-sized on CPU, large on GPUs
+        max_logits = 2**21 if dev == "cpu" else 2**28
+    rows = max(1, max_logits // weight.shape[0])
+    with torch.autocast(dev, enabled=False):
+        total, correct, count = _LinearCrossEntropy.apply(h, w, targets.reshape(-1), ignore_index, rows)
+    count = count.clamp_min(1)
+    return total / count, correct.float() / count

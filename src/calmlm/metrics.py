@@ -13,7 +13,7 @@ Protocol implemented here:
   For K < 4, an n-gram that crosses a chunk boundary is completed by *continuing generation from each
   sample independently*: every position's sampled chunk is appended to its own true prefix and the next
   chunk is drawn from the resulting hidden state, for all positions of the block in one batched
-  "branch" pass over the KV cache of the block (see :func:`branch_forward`).
+  pass of the backbone over the KV cache of the block (see :class:`Continuations`).
 * Baseline: every token position. The accuracy term uses the exact teacher-forced probability
   P(y_{t+1..t+n}) (no sampling). The collision term samples two continuations of n-1 tokens and, when
   they agree, adds Σ_v p(v | prefix, sampled n-1 tokens)², the exact collision probability of the last
@@ -29,13 +29,14 @@ measured about 30 % between short and long blocks), so every report states ``blo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from .data import iter_blocks, token_blocks
 from .errors import ConfigError, DataError
 
 MAX_N = 4  # BrierLM combines Brier-1 .. Brier-4
@@ -43,17 +44,18 @@ _HEAD_ROWS = 4096  # positions per slice of the CALM temperature pools
 _HEAD_ELEMENTS = 1 << 26  # rows x vocabulary per slice through the LM head (bounds the float32 logits)
 
 
-# -- protocols the estimators need -------------------------------------------------------------------------
+# -- the one interface the estimators need ------------------------------------------------------------------
 
-@runtime_checkable
-class ChunkSampler(Protocol):
-    """What the CALM estimator needs: hidden states of true prefixes, extension by sampled chunks, a sampler.
+class Continuable(Protocol):
+    """What the estimators need: hidden states of true prefixes and their extension by sampled chunks.
 
-    ``start(ids (B, N*K))`` -> (hidden (B, N, ...), state): the state after every chunk of the block.
-    ``extend(state, chunks (S, B, N, K))`` -> hidden (S, B, N, ...): for every position j, the state after
-    the true chunks 0..j followed by the chunks passed to previous ``extend`` calls and these ones (each of
-    the S rows continues on its own). ``sample_chunks(hidden, num_samples=None, generator=None)`` draws the
-    next chunk: (..., K) or (num_samples, ..., K)."""
+    ``start(ids (B, N*K))`` -> (hidden (B, N, ...), state): the hidden state after every chunk of the block.
+    ``extend(state, chunks (S, B, N, K))`` -> hidden (S, B, N, ...): for every position j, the hidden state
+    after the true chunks 0..j followed by the chunks passed to previous ``extend`` calls and these ones (each
+    of the S rows continues on its own). K = ``chunk_size``, 1 for a token-level model. Then either
+    ``sample_chunks(hidden, num_samples=None, generator=None)`` -> (..., K) or (num_samples, ..., K), a
+    sampler of the next chunk (CALM: scored from two samples), or ``head(hidden rows (R, ...))`` -> next-token
+    logits (R, V) (baseline: scored with exact probabilities)."""
 
     chunk_size: int
 
@@ -61,139 +63,52 @@ class ChunkSampler(Protocol):
 
     def extend(self, state: Any, chunks: torch.Tensor) -> torch.Tensor: ...
 
-    def sample_chunks(self, hidden: torch.Tensor, num_samples: int | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor: ...
-
-
-@runtime_checkable
-class TokenScorer(Protocol):
-    """What the baseline estimator needs; like :class:`ChunkSampler` with K=1 and a softmax head.
-
-    ``start(ids (B, T))`` -> (hidden (B, T, ...), state); ``extend(state, tokens (S, B, T))`` ->
-    hidden (S, B, T, ...); ``head(hidden rows (R, ...))`` -> next-token logits (R, V)."""
-
-    def start(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, Any]: ...
-
-    def extend(self, state: Any, tokens: torch.Tensor) -> torch.Tensor: ...
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor: ...
-
-
-# -- batched continuation over a KV cache ---------------------------------------------------------------
 
 @dataclass
-class BranchState:
-    """The true block's KV cache plus the keys/values of the continuation steps taken so far."""
+class _Branches:
+    """A cached block and how many continuation steps have been appended to its (copied) cache."""
 
-    cache: Any  # backbone.KVCache holding the block (B rows)
-    extra: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)  # per layer, per step
+    cache: Any  # backbone.KVCache: the block's B rows, then S*B rows (sample-major) once continued
     steps: int = 0
 
 
-def branch_forward(backbone: Any, state: BranchState, x: torch.Tensor) -> torch.Tensor:
-    """One continuation step for every position of a cached block at once ("tree" attention).
-
-    ``x`` (S*B, N, d) are input vectors, rows s-major over the cache's B rows. Row entry j continues
-    position j: it sits at position j + step and attends to the true positions 0..j and to its own
-    earlier continuation entries only. Cost is one forward of S*B sequences of N positions, instead of
-    one forward per position. Returns the final hidden states (S*B, N, d)."""
-    from .backbone import apply_rope
-
-    cache = state.cache
-    b, length = cache.k.shape[1], cache.length
-    rows, n, _ = x.shape
-    if rows % b or n != length:
-        raise ValueError(f"continuation input {tuple(x.shape)} does not match the cached block ({b} rows, {length})")
-    reps = rows // b
-    state.steps += 1
-    if not state.extra:
-        state.extra = [[] for _ in backbone.layers]
-    positions = torch.arange(n, device=x.device) + state.steps
-    cos, sin = backbone.rotary(positions)
-    own = torch.eye(n, dtype=torch.bool, device=x.device)
-    mask = torch.cat([torch.ones(n, length, dtype=torch.bool, device=x.device).tril()] + [own] * state.steps, 1)
-    for i, layer in enumerate(backbone.layers):
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(rows, n, attn.num_heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(rows, n, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(rows, n, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        state.extra[i].append((k, v))
-        keys = torch.cat([cache.k[i, :, :, :length].repeat(reps, 1, 1, 1)] + [e[0] for e in state.extra[i]], 2)
-        values = torch.cat([cache.v[i, :, :, :length].repeat(reps, 1, 1, 1)] + [e[1] for e in state.extra[i]], 2)
-        if attn.num_kv_heads != attn.num_heads:
-            rep = attn.num_heads // attn.num_kv_heads
-            keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        x = x + attn.o_proj(out.transpose(1, 2).reshape(rows, n, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return backbone.norm(x)
-
-
-class CALMAdapter:
-    """:class:`ChunkSampler` for a :class:`calmlm.calm.CALM` model, continuing through :func:`branch_forward`."""
+class Continuations:
+    """:class:`Continuable` for a CALM or baseline model: every position of a block continues at once through
+    the backbone's own forward, over the block's KV cache with a tree-shaped attention mask."""
 
     def __init__(self, model: Any) -> None:
-        self.model = model
-        self.chunk_size = int(model.config.chunk_size)
+        self.model, self.kind = model, model.config.kind
+        self.chunk_size = int(model.config.chunk_size) if self.kind == "calm" else 1
 
-    def start(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, BranchState]:
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_chunks(ids) if self.kind == "calm" else self.model.backbone.embed_tokens(ids)
+
+    def start(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, _Branches]:
         cache = self.model.backbone.new_cache(input_ids.shape[0], input_ids.shape[1] // self.chunk_size)
-        return self.model.hidden_states(input_ids, cache), BranchState(cache)
+        return self.model.backbone(self._embed(input_ids), cache), _Branches(cache)
 
-    def extend(self, state: BranchState, chunks: torch.Tensor) -> torch.Tensor:
+    def extend(self, state: _Branches, chunks: torch.Tensor) -> torch.Tensor:
+        """Entry j of each row sits at position j + step and sees the true positions 0..j and its own earlier
+        continuation entries only: one forward of S*B sequences of N positions, not one per position."""
         s, b, n, k = chunks.shape
-        x = self.model.embed_chunks(chunks.reshape(s * b, n * k))
-        return branch_forward(self.model.backbone, state, x).view(s, b, n, -1)
+        if state.steps == 0:  # one copy of the block per sample, room for every step Brier-MAX_N can take
+            state.cache = state.cache.repeat(s, (MAX_N - 1) * n)
+        if state.cache.k.shape[1] != s * b or n != state.cache.length // (state.steps + 1):
+            raise ValueError(f"continuation input {tuple(chunks.shape)} does not match the cached block")
+        state.steps += 1
+        device = chunks.device
+        own = torch.eye(n, dtype=torch.bool, device=device)
+        mask = torch.cat([torch.ones(n, n, dtype=torch.bool, device=device).tril()] + [own] * state.steps, 1)
+        positions = torch.arange(n, device=device) + state.steps
+        hidden = self.model.backbone(self._embed(chunks.reshape(s * b, n * k)), state.cache, positions, mask)
+        return hidden.view(s, b, n, -1)
 
     def sample_chunks(self, hidden: torch.Tensor, num_samples: int | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None) -> torch.Tensor:  # CALM
         return self.model.sample_chunks(hidden, num_samples, generator)
 
-
-class BaselineAdapter:
-    """:class:`TokenScorer` for a :class:`calmlm.baseline.BaselineLM` (continuations via :func:`branch_forward`)."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    def start(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, BranchState]:
-        cache = self.model.backbone.new_cache(input_ids.shape[0], input_ids.shape[1])
-        return self.model.hidden_states(input_ids, cache), BranchState(cache)
-
-    def extend(self, state: BranchState, tokens: torch.Tensor) -> torch.Tensor:
-        s, b, n = tokens.shape
-        x = self.model.backbone.embed_tokens(tokens.reshape(s * b, n))
-        return branch_forward(self.model.backbone, state, x).view(s, b, n, -1)
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:  # baseline
         return self.model.lm_head(hidden)
-
-
-class LogitsAdapter:
-    """:class:`TokenScorer` for any object with ``logits(ids (B, T)) -> (B, T, V)`` and no cache support:
-    each continuation re-reads prefix + sampled tokens, one call per position (slow; for small models/tests)."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    def start(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        return self.model.logits(input_ids), {"ids": input_ids, "cont": []}
-
-    def extend(self, state: dict[str, Any], tokens: torch.Tensor) -> torch.Tensor:
-        ids: torch.Tensor = state["ids"]
-        state["cont"].append(tokens)
-        s, b, t = tokens.shape
-        cont = torch.stack(state["cont"], -1).reshape(s * b, t, -1)  # (S*B, T, steps)
-        out = []
-        for pos in range(t):
-            seq = torch.cat([ids[:, :pos + 1].repeat(s, 1), cont[:, pos]], 1)
-            out.append(self.model.logits(seq)[:, -1])
-        return torch.stack(out, 1).view(s, b, t, -1)
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden
 
 
 def _unwrap(model: Any) -> Any:
@@ -205,36 +120,19 @@ def _unwrap(model: Any) -> Any:
         model = inner
 
 
-def _model_kind(model: Any) -> str:
-    kind = getattr(getattr(model, "config", None), "kind", None)
-    if kind in ("calm", "baseline"):
-        return kind
-    if isinstance(model, ChunkSampler):
-        return "calm"
-    if isinstance(model, TokenScorer) or hasattr(model, "logits"):
-        return "baseline"
+def continuable(model: Any) -> tuple[Any, str]:
+    """(the :class:`Continuable` to score, "calm" or "baseline") for a model or a Continuable stand-in."""
+    model = _unwrap(model)
+    if getattr(getattr(model, "config", None), "kind", None) in ("calm", "baseline"):
+        view = Continuations(model)
+        return view, view.kind
+    if hasattr(model, "start") and hasattr(model, "extend"):
+        if hasattr(model, "sample_chunks"):
+            return model, "calm"
+        if hasattr(model, "head"):
+            return model, "baseline"
     raise ConfigError(f"cannot evaluate a {type(model).__name__}: BrierLM needs a CALM or baseline model "
                       "(an autoencoder alone is not a language model; evaluate it with `calm eval-ae`)")
-
-
-def as_chunk_sampler(model: Any) -> ChunkSampler:
-    model = _unwrap(model)
-    if hasattr(model, "backbone") and hasattr(model, "embed_chunks"):
-        return CALMAdapter(model)
-    if isinstance(model, ChunkSampler):
-        return model
-    raise ConfigError(f"{type(model).__name__} is neither a CALM model nor a ChunkSampler")
-
-
-def as_token_scorer(model: Any) -> TokenScorer:
-    model = _unwrap(model)
-    if hasattr(model, "backbone") and hasattr(model, "lm_head"):
-        return BaselineAdapter(model)
-    if isinstance(model, TokenScorer):
-        return model
-    if hasattr(model, "logits"):
-        return LogitsAdapter(model)
-    raise ConfigError(f"{type(model).__name__} has no logits(); it is not a baseline language model")
 
 
 # -- the estimators on one batch of blocks -----------------------------------------------------------------
@@ -258,7 +156,7 @@ def _windows(ids: torch.Tensor, start: int, step: int, width: int) -> tuple[torc
 
 
 @torch.no_grad()
-def calm_brier_sums(sampler: ChunkSampler, ids: torch.Tensor, generator: torch.Generator | None = None,
+def calm_brier_sums(sampler: Continuable, ids: torch.Tensor, generator: torch.Generator | None = None,
                     max_n: int = MAX_N) -> dict[str, list[float]]:
     """Per-n sums of the two-sample estimator over the chunk positions of the blocks ``ids`` (B, L).
 
@@ -292,7 +190,7 @@ def calm_brier_sums(sampler: ChunkSampler, ids: torch.Tensor, generator: torch.G
     return sums
 
 
-def _head_stats(scorer: TokenScorer, hidden: torch.Tensor, num_draws: int, generator: torch.Generator | None,
+def _head_stats(scorer: Continuable, hidden: torch.Tensor, num_draws: int, generator: torch.Generator | None,
                 targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """For hidden (..., d): Σ_v p(v)² (...), ``num_draws`` samples (..., num_draws), and p(target) (...) if given.
 
@@ -317,7 +215,7 @@ def _head_stats(scorer: TokenScorer, hidden: torch.Tensor, num_draws: int, gener
 
 
 @torch.no_grad()
-def baseline_brier_sums(scorer: TokenScorer, ids: torch.Tensor, generator: torch.Generator | None = None,
+def baseline_brier_sums(scorer: Continuable, ids: torch.Tensor, generator: torch.Generator | None = None,
                         max_n: int = MAX_N) -> dict[str, list[float]]:
     """Per-n sums over the token positions t of the blocks ``ids`` (B, L) (prefix ids[:, :t+1]).
 
@@ -331,7 +229,7 @@ def baseline_brier_sums(scorer: TokenScorer, ids: torch.Tensor, generator: torch
     sumsq = [sumsq0]  # sumsq[m]: Σ_v p(v | prefix, x1_{1..m})², (B, T)
     drawn = [x]
     for m in range(1, max_n):
-        hidden = scorer.extend(state, x)  # (2, B, T, d)
+        hidden = scorer.extend(state, x[..., None])  # (2, B, T, d)
         if m < max_n - 1:
             sq, x, _ = _head_stats(scorer, hidden, 1, generator)
             x = x.squeeze(-1)
@@ -356,65 +254,9 @@ def baseline_brier_sums(scorer: TokenScorer, ids: torch.Tensor, generator: torch
 
 # -- whole-dataset evaluation --------------------------------------------------------------------------------
 
-class _Blocks:
-    """Uniform view of evaluation data as indexable (L,) token blocks."""
-
-    def __init__(self, data: Any, block_size: int | None) -> None:
-        if isinstance(data, (list, tuple)) and data and not torch.is_tensor(data[0]) and not hasattr(data[0], "__len__"):
-            data = torch.as_tensor(data)  # a flat list of ids
-        if not torch.is_tensor(data) and type(data).__module__.startswith("numpy"):
-            data = torch.as_tensor(data)
-        if torch.is_tensor(data):
-            data = data.long()
-            if data.dim() == 2 and (block_size is None or block_size == data.shape[1]):
-                self.items: Any = data
-            elif data.dim() in (1, 2):
-                if block_size is None:
-                    raise DataError("a flat token stream needs block_size to be cut into blocks")
-                stream = data.reshape(-1)
-                n = stream.numel() // block_size
-                self.items = stream[:n * block_size].view(n, block_size)
-            else:
-                raise DataError(f"token data must be (tokens,) or (blocks, block_size), got {tuple(data.shape)}")
-            self.block_size = int(self.items.shape[1])
-            return
-        if hasattr(data, "num_tokens") and hasattr(data, "path") and block_size is not None \
-                and getattr(data, "block_size", block_size) != block_size:
-            data = _reblock(data, block_size)  # a TokenDataset of another block size: re-cut the same tokens
-        if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
-            raise DataError(f"evaluation data must be a token tensor or an indexable dataset of blocks, "
-                            f"got {type(data).__name__}")
-        self.items = data
-        size = getattr(data, "block_size", None)
-        if size is None:
-            size = len(data[0]) if len(data) else block_size or 0
-        if block_size is not None and size != block_size:
-            raise DataError(f"the dataset's blocks hold {size} tokens but block_size={block_size} was asked; "
-                            "pass block_size=None or a flat token tensor to re-cut")
-        self.block_size = int(size)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def batch(self, indices: Sequence[int]) -> torch.Tensor:
-        if torch.is_tensor(self.items):
-            return self.items[list(indices)]
-        return torch.stack([torch.as_tensor(self.items[i]).long().reshape(-1) for i in indices])
-
-
-def _reblock(data: Any, block_size: int) -> Any:
-    from .data import TokenDataset
-
-    start_tok = getattr(data, "start", 0) * data.block_size
-    end_tok = start_tok + len(data) * data.block_size
-    first, last = -(-start_tok // block_size), end_tok // block_size
-    return TokenDataset(data.path, block_size, (first, max(first, last)))
-
-
-def _check_model_input(model: Any, kind: str, length: int) -> None:
-    """Shape checks that name the fix; skipped for protocol stand-ins without a config."""
+def _check_model_input(model: Any, kind: str, k: int, length: int) -> None:
+    """Shape checks that name the fix (the context check is skipped for stand-ins without a config)."""
     cfg = getattr(model, "config", None)
-    k = int(getattr(cfg, "chunk_size", None) or getattr(model, "chunk_size", 1)) if kind == "calm" else 1
     if kind == "calm" and length % k:
         raise ConfigError(f"block size {length} is not a multiple of the chunk size K={k}; use a multiple of {k}")
     if length < k + MAX_N:
@@ -468,11 +310,10 @@ def _device_of(model: Any) -> torch.device:
 def evaluate_brierlm(model: Any, data: Any, block_size: int | None = None, batch_size: int = 8,
                      max_tokens: int | None = None, seed: int = 0, generator: torch.Generator | None = None,
                      progress: bool = True) -> dict[str, Any]:
-    """BrierLM of a CALM or baseline model (or a :class:`ChunkSampler` / :class:`TokenScorer`) on ``data``.
+    """BrierLM of a CALM or baseline model (or a :class:`Continuable`) on ``data``.
 
-    ``data``: a token tensor (blocks, L) or a flat stream (cut into ``block_size`` blocks, remainder
-    dropped), or an indexable dataset of (L,) blocks such as :class:`calmlm.data.TokenDataset` (re-cut
-    when its block size differs). ``max_tokens`` keeps the first ``max_tokens // L`` blocks. Under
+    ``data``: a dataset of (L,) token blocks such as :class:`calmlm.data.TokenDataset` or a token tensor
+    (blocks, L), read by :func:`calmlm.data.token_blocks` (re-cut to ``block_size`` when that differs). ``max_tokens`` keeps the first ``max_tokens // L`` blocks. Under
     ``torch.distributed`` each rank takes blocks rank, rank+world, ... and the sums are all-reduced, so
     every rank returns the same result. ``seed`` (or ``generator``) makes the draws reproducible; rank r
     uses seed + r.
@@ -482,9 +323,8 @@ def evaluate_brierlm(model: Any, data: Any, block_size: int | None = None, batch
     num_positions, num_tokens, num_blocks, block_size, chunk_size, kind and the raw sums. Always report
     block_size and num_tokens with the score: BrierLM depends on the context length (~30 %)."""
     base = _unwrap(model)
-    kind = _model_kind(base)
-    blocks = _Blocks(data, block_size)
-    length = blocks.block_size
+    view, kind = continuable(base)
+    blocks, length = token_blocks(data, block_size)
     num_blocks = len(blocks)
     if max_tokens is not None:
         if max_tokens < length:
@@ -496,18 +336,13 @@ def evaluate_brierlm(model: Any, data: Any, block_size: int | None = None, batch
                         "use more data or a smaller block size")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    _check_model_input(base, kind, length)
+    _check_model_input(base, kind, view.chunk_size, length)
     vocab = getattr(getattr(base, "config", None), "vocab_size", None)
 
     rank, world = _dist_info()
     device = _device_of(base)
     if generator is None:
         generator = torch.Generator(device=device).manual_seed(seed + rank)
-    if kind == "calm":
-        sampler: Any = as_chunk_sampler(base)
-        chunk = sampler.chunk_size
-    else:
-        sampler, chunk = as_token_scorer(base), 1
     was_training = getattr(base, "training", False)
     if hasattr(base, "eval"):
         base.eval()
@@ -517,13 +352,13 @@ def evaluate_brierlm(model: Any, data: Any, block_size: int | None = None, batch
         from tqdm.auto import tqdm
         bar = tqdm(total=len(mine), unit="block", desc=f"BrierLM ({kind}, L={length})",
                    disable=not progress or rank != 0)
-        for s in range(0, len(mine), batch_size):
-            ids = blocks.batch(mine[s:s + batch_size]).to(device)
+        for ids in iter_blocks(blocks, batch_size, rank, world, num_blocks):
+            ids = ids.to(device)
             if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
                 raise DataError(f"token ids in [{int(ids.min())}, {int(ids.max())}] fall outside the model's "
                                 f"vocabulary of {vocab}; tokenise the data with the model's own tokenizer")
-            part = (calm_brier_sums(sampler, ids, generator) if kind == "calm"
-                    else baseline_brier_sums(sampler, ids, generator))
+            part = (calm_brier_sums(view, ids, generator) if kind == "calm"
+                    else baseline_brier_sums(view, ids, generator))
             for key in totals:
                 totals[key] = [a + b for a, b in zip(totals[key], part[key])]
             bar.update(ids.shape[0])
@@ -543,7 +378,7 @@ def evaluate_brierlm(model: Any, data: Any, block_size: int | None = None, batch
             i += len(totals[key])
         blocks_done = int(values[-1])
     out = brierlm_from_sums(totals)
-    out.update(kind=kind, block_size=length, chunk_size=chunk, num_blocks=blocks_done,
+    out.update(kind=kind, block_size=length, chunk_size=view.chunk_size, num_blocks=blocks_done,
                num_tokens=blocks_done * length, num_positions=out["count_1"], seed=seed,
                available_tokens=len(blocks) * length)
     return out
@@ -581,13 +416,12 @@ def accuracy_diversity(model: Any, data: Any, temperatures: Sequence[float], poo
     for every N in ``pool_sizes``; two independent pools give the two samples. Returns one point per
     (T, N): temperature, pool_size (None for plain sampling), accuracy, collision, positions."""
     base = _unwrap(model)
-    kind = _model_kind(base)
-    blocks = _Blocks(data, block_size)
-    length = blocks.block_size
+    view, kind = continuable(base)
+    blocks, length = token_blocks(data, block_size)
     num_blocks = len(blocks) if max_tokens is None else min(len(blocks), max(1, max_tokens // length))
     if num_blocks == 0:
         raise DataError(f"the evaluation data holds no complete block of {length} tokens")
-    _check_model_input(base, kind, length)
+    _check_model_input(base, kind, view.chunk_size, length)
     for t in temperatures:
         if not (isinstance(t, (int, float)) and 0 < t and (kind == "baseline" or t <= 1)):
             raise ConfigError(f"temperature {t} is out of range: CALM needs 0 < T <= 1, the baseline T > 0")
@@ -610,13 +444,13 @@ def accuracy_diversity(model: Any, data: Any, temperatures: Sequence[float], poo
         base.eval()
     from tqdm.auto import tqdm
     try:
-        for s in tqdm(range(0, num_blocks, batch_size), unit="batch", desc="accuracy/diversity",
-                      disable=not progress):
-            ids = blocks.batch(range(s, min(s + batch_size, num_blocks))).to(device)
+        for ids in tqdm(iter_blocks(blocks, batch_size, max_blocks=num_blocks), unit="batch",
+                        total=-(-num_blocks // batch_size), desc="accuracy/diversity", disable=not progress):
+            ids = ids.to(device)
             if kind == "calm":
-                _calm_points(as_chunk_sampler(base), ids, settings, sums, gen)
+                _calm_points(view, ids, settings, sums, gen)
             else:
-                _baseline_points(as_token_scorer(base), ids, settings, sums)
+                _baseline_points(view, ids, settings, sums)
     finally:
         if was_training and hasattr(base, "train"):
             base.train()
@@ -624,7 +458,7 @@ def accuracy_diversity(model: Any, data: Any, temperatures: Sequence[float], poo
              "positions": int(v[2]), "kind": kind, "block_size": length} for (t, p), v in sums.items()]
 
 
-def _calm_points(sampler: ChunkSampler, ids: torch.Tensor, settings: list[tuple[float, int | None]],
+def _calm_points(sampler: Continuable, ids: torch.Tensor, settings: list[tuple[float, int | None]],
                  sums: dict[Any, list[float]], gen: torch.Generator) -> None:
     from .sampling import batch_temperature_sample
 
@@ -647,7 +481,7 @@ def _calm_points(sampler: ChunkSampler, ids: torch.Tensor, settings: list[tuple[
         v[0], v[1], v[2] = v[0] + float(hit.sum()), v[1] + float(same.sum()), v[2] + hit.numel()
 
 
-def _baseline_points(scorer: TokenScorer, ids: torch.Tensor, settings: list[tuple[float, int | None]],
+def _baseline_points(scorer: Continuable, ids: torch.Tensor, settings: list[tuple[float, int | None]],
                      sums: dict[Any, list[float]]) -> None:
     hidden, _ = scorer.start(ids)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
@@ -662,10 +496,3 @@ def _baseline_points(scorer: TokenScorer, ids: torch.Tensor, settings: list[tupl
             v[0] += float(probs.gather(-1, y[:, None]).sum())
             v[1] += float(probs.square().sum())
             v[2] += y.numel()
-
-
-def iter_blocks(data: Any, block_size: int | None, batch_size: int) -> Iterator[torch.Tensor]:
-    """Batches (B, L) of the evaluation blocks, in order (a convenience for scripts)."""
-    blocks = _Blocks(data, block_size)
-    for s in range(0, len(blocks), batch_size):
-        yield blocks.batch(range(s, min(s + batch_size, len(blocks))))

@@ -7,6 +7,8 @@ safetensors equivalents). Three architectures are understood, named by ``config.
 
 * ``Autoencoder``        -> :class:`calmlm.autoencoder.Autoencoder`
 * ``EnergyTransformer``  -> :class:`calmlm.calm.CALM` (energy head; the frozen autoencoder is in the weights)
+* ``FlowTransformer``, ``DiffusionTransformer`` -> :class:`calmlm.calm.CALM` with the flow / diffusion head
+  (the reference does not save ``model_type``; the head is told from ``architectures`` and the weights)
 * ``LlamaForCausalLM``   -> :class:`calmlm.baseline.BaselineLM`
 
 Nothing here imports or subclasses reference code: the translation is the explicit table ``KEY_MAP`` (state
@@ -47,7 +49,7 @@ KEY_MAP: dict[str, tuple[tuple[str, str], ...]] = {
         ("transformer.", "backbone."),  # a transformers LlamaModel; same submodule names as ours
         ("embed_proj.", "input_proj."),  # Linear K*d->2d, SiLU, Linear 2d->d, LayerNorm
         ("mlp_generator.", "head."),  # the energy generative head
-        ("generative_head.", "head."),  # alias: the same module under a second attribute name
+        ("generative_head.", "head."),  # energy: an alias of mlp_generator; flow/diffusion: the head itself
         ("ae_model.decoder.lm_head_weight", "autoencoder.encoder.embed_tokens.weight"),  # tied alias
         ("ae_model.", "autoencoder."),  # the frozen autoencoder, whole
     ),
@@ -67,7 +69,10 @@ ALIASES: dict[str, tuple[str, ...]] = {
 # Buffers that old transformers versions saved and that calmlm recomputes.
 IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
-ARCHITECTURES = {"Autoencoder": "autoencoder", "EnergyTransformer": "calm", "LlamaForCausalLM": "baseline"}
+ARCHITECTURES = {"Autoencoder": "autoencoder", "EnergyTransformer": "calm", "FlowTransformer": "calm",
+                 "DiffusionTransformer": "calm", "LlamaForCausalLM": "baseline"}
+# The generative head of each CALM architecture (CALMConfig.head).
+CALM_HEADS = {"EnergyTransformer": "energy", "FlowTransformer": "flow", "DiffusionTransformer": "diffusion"}
 
 # ---------------------------------------------------------------------------------------------------
 # config.json fields: reference name -> calmlm field(s). Missing fields fall back to calmlm's defaults
@@ -243,9 +248,6 @@ def reference_kind(cfg: dict[str, Any], where: str = "config.json") -> str:
     for arch in archs:
         if arch in ARCHITECTURES:
             return ARCHITECTURES[arch]
-    if any("diffusion" in a.lower() or "flow" in a.lower() for a in archs):
-        raise CheckpointError(f"{where} is a CALM model with a {archs[0]} generative head; calmlm implements "
-                              "only the energy head (EnergyTransformer), which the released models use")
     raise CheckpointError(f"{where} names unknown architectures {archs}; calmlm reads reference checkpoints "
                           f"of {sorted(ARCHITECTURES)} and its own format (config.json with 'kind')")
 
@@ -303,6 +305,40 @@ def autoencoder_fields_from_weights(shapes: dict[str, tuple[int, ...]], prefix: 
                 num_decoder_layers=_count(shapes, rf"{p}decoder\.decoder_layers\.(\d+)\."))
 
 
+def head_from_weights(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """'energy' | 'flow' | 'diffusion' from the state-dict keys, or None when they name no head.
+
+    The energy head lives under ``mlp_generator.`` (aliased as ``generative_head.``); the flow and diffusion
+    heads only under ``generative_head.net.``, whose output layer has l (flow, a velocity) or 2l (diffusion,
+    ε and the variance value) rows."""
+    if any(k.startswith("mlp_generator.") for k in shapes):
+        return "energy"
+    out = shapes.get("generative_head.net.final_layer.linear.weight")
+    latent = shapes.get("generative_head.net.input_proj.weight")
+    if out is None or latent is None:
+        return None
+    if out[0] == latent[1]:
+        return "flow"
+    if out[0] == 2 * latent[1]:
+        return "diffusion"
+    return None
+
+
+def reference_head(cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]], where: str = "config.json") -> str:
+    """The generative head of a reference CALM folder: ``architectures`` and the weights must agree."""
+    named = [CALM_HEADS[a] for a in cfg.get("architectures") or [] if a in CALM_HEADS]
+    found = head_from_weights(shapes)
+    if named and found and named[0] != found:
+        raise CheckpointError(f"{where} names {cfg['architectures'][0]} (a {named[0]} head) but the weights hold the "
+                              f"{found} head; config.json does not belong to these weights")
+    head = named[0] if named else found
+    if head is None:
+        raise CheckpointError(f"{where}: cannot tell the generative head (no EnergyTransformer/FlowTransformer/"
+                              "DiffusionTransformer in architectures, and no mlp_generator.* or "
+                              "generative_head.net.* weights)")
+    return head
+
+
 def _calm_fields_from_weights(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "transformer.embed_tokens.weight" in shapes:
@@ -313,7 +349,10 @@ def _calm_fields_from_weights(shapes: dict[str, tuple[int, ...]]) -> dict[str, A
         out["noise_size"] = shapes["mlp_generator.noise_embd.weight"][1]
     if "mlp_generator.final_layer.linears.2.weight" in shapes:
         out["latent_size"] = shapes["mlp_generator.final_layer.linears.2.weight"][0]
-    blocks = _count(shapes, r"mlp_generator\.mlp_blocks\.(\d+)\.")
+    if "generative_head.net.input_proj.weight" in shapes:  # flow / diffusion head
+        out["latent_size"] = shapes["generative_head.net.input_proj.weight"][1]
+    blocks = (_count(shapes, r"mlp_generator\.mlp_blocks\.(\d+)\.")
+              or _count(shapes, r"generative_head\.net\.res_blocks\.(\d+)\."))
     if blocks:
         out["num_head_blocks"] = blocks
     layers = _count(shapes, r"transformer\.layers\.(\d+)\.")
@@ -351,13 +390,14 @@ def autoencoder_config(cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]] |
 
 def calm_config(cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]],
                 autoencoder: AutoencoderConfig | None = None, where: str = "config.json") -> CALMConfig:
-    """A reference ``EnergyTransformer`` config.json -> CALMConfig.
+    """A reference ``EnergyTransformer`` / ``FlowTransformer`` / ``DiffusionTransformer`` config.json -> CALMConfig.
 
     Its ``ae_path`` names the training cluster's folder, so the autoencoder's config comes from ``autoencoder``
     when given, else from the shapes of the ``ae_model.*`` weights plus the reference defaults."""
     _reject_unsupported(cfg, where)
     values = _calm_fields_from_weights(shapes)
     values.update(_translate(cfg, CALM_FIELDS))
+    values["head"] = reference_head(cfg, shapes, where)  # the reference hard-codes the head's other options
     values.setdefault("num_kv_heads", values.get("num_heads", CALMConfig.num_kv_heads))
     _vocab_from_weights(values, shapes.get("transformer.embed_tokens.weight", (None,))[0], where)
     if autoencoder is None:

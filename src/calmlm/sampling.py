@@ -23,9 +23,9 @@ restarting on rejection makes the output ∝ P(x)^(1/T).
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 
 import numpy
 import torch
@@ -177,17 +177,6 @@ def expected_exact_draws(probs: Tensor | Sequence[float], temperature: float) ->
 # ----------------------------------------------------------------------------------------------
 
 
-def _takes_index(fn: Callable[..., Tensor]) -> bool:
-    """Whether ``fn`` can be called as ``fn(m, active)`` (else it is called as ``fn(m)``)."""
-    try:
-        inspect.signature(fn).bind(1, None)
-    except TypeError:
-        return False
-    except ValueError:  # builtins without a signature
-        return False
-    return True
-
-
 def _uniforms(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
     gen_device = generator.device if generator is not None else device
     return torch.rand(tuple(shape), generator=generator, dtype=torch.float64, device=gen_device).to(device)
@@ -211,8 +200,126 @@ def _run_factories(y: Tensor, x: Tensor, start: Tensor, alpha: float, generator:
     return torch.where(terminal.any(-1), status, torch.full_like(status, _UNRESOLVED))
 
 
+@dataclass
+class _ExactBatch:
+    """Per-position bookkeeping of :func:`exact_temperature_sample_batch` (flags and counts on the CPU)."""
+
+    draw: Callable[[int, Tensor], Tensor]
+    n: int
+    alpha: float
+    generator: torch.Generator | None
+    done: Tensor  # [P] bool: the sample is in `out`
+    pending: Tensor  # [P] bool: an attempt whose factory ran out of steps is continued next round
+    pend_next: Tensor  # [P] long: next factory index of the pending attempt
+    draws: Tensor  # [P] long: every sample drawn for the position
+    out: Tensor | None = None  # [P, D] samples (rows flattened), on the draw's device; made at the first draw
+    pend_x: Tensor | None = None  # [P, D] the pending attempt's value
+    trail: tuple[int, ...] = ()  # the shape of one sample
+
+    @classmethod
+    def start(cls, draw: Callable[[int, Tensor], Tensor], num_positions: int, n: int, alpha: float,
+              generator: torch.Generator | None) -> _ExactBatch:
+        flags = lambda: torch.zeros(num_positions, dtype=torch.bool)  # noqa: E731
+        return cls(draw, n, alpha, generator, flags(), flags(), torch.ones(num_positions, dtype=torch.long),
+                   torch.zeros(num_positions, dtype=torch.long))
+
+    def fetch(self, m: int, idx: Tensor) -> Tensor:
+        """m fresh samples for the positions idx, flattened to [len(idx), m, D]."""
+        y = self.draw(m, idx)
+        if not isinstance(y, Tensor) or y.dim() < 2 or y.shape[0] != idx.numel() or y.shape[1] != m:
+            raise GenerationError(
+                f"draw returned {tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}, expected shape "
+                f"({idx.numel()}, {m}, ...): one row per requested position and m samples per row")
+        if self.out is None:
+            self.trail = tuple(y.shape[2:])
+            self.out = torch.zeros(self.done.numel(), math.prod(self.trail), dtype=y.dtype, device=y.device)
+            self.pend_x = torch.zeros_like(self.out)
+        elif tuple(y.shape[2:]) != self.trail:
+            raise GenerationError(f"draw changed the sample shape from {self.trail} to {tuple(y.shape[2:])}")
+        self.draws[idx] += m
+        return y.reshape(y.shape[0], m, -1)
+
+    def finish(self, idx: Tensor, values: Tensor) -> None:
+        self.done[idx] = True
+        self.out[idx.to(values.device)] = values  # type: ignore[index]
+
+
+def _continue_pending(st: _ExactBatch, factory_steps: int) -> None:
+    """Pending factories go first: they come before any attempt not yet started. Each gets as many steps
+    as it has run so far (its length doubles)."""
+    pidx = st.pending.nonzero().squeeze(1)
+    if not pidx.numel():
+        return
+    start = st.pend_next[pidx]
+    steps = max(factory_steps, int(start.max()) - 1)
+    y = st.fetch(steps, pidx)
+    px = st.pend_x[pidx.to(y.device)]  # type: ignore[index]
+    status = _run_factories(y.unsqueeze(1), px.unsqueeze(1), start.to(y.device).unsqueeze(1), st.alpha,
+                            st.generator).squeeze(1).cpu()
+    acc = status == _ACCEPT
+    st.finish(pidx[acc], px[acc.to(px.device)])
+    st.pending[pidx[status != _UNRESOLVED]] = False
+    st.pend_next[pidx] += steps
+
+
+def _stage_one(st: _ExactBatch, fidx: Tensor, attempts: int) -> tuple[Tensor, Tensor]:
+    """``attempts`` stage-1 attempts of n draws per position: (their values x [Pf, A, D], passed [Pf, A])."""
+    y = st.fetch(attempts * st.n, fidx).reshape(fidx.numel(), attempts, st.n, -1)
+    x = y[:, :, 0]
+    return x, (y == x.unsqueeze(2)).all(-1).all(-1)
+
+
+def _first_factories(st: _ExactBatch, fidx: Tensor, x: Tensor, passed: Tensor, candidates: int,
+                     factory_steps: int) -> None:
+    """Factories for the first ``candidates`` passers in attempt order (a predictable selection); the first
+    of them that does not reject decides: accepted, or pending when its factory ran out of steps."""
+    a, dev = x.shape[1], x.device
+    cands = min(candidates, a)
+    order = torch.where(passed, torch.arange(a, device=dev), a + torch.arange(a, device=dev))
+    slot = order.sort(1).values[:, :cands]  # [Pf, F]
+    valid = slot < a
+    has = valid.any(1)
+    if not bool(has.any()):
+        return
+    rows = has.nonzero().squeeze(1)
+    slot, valid = slot[rows] % a, valid[rows]
+    cx = x[rows].gather(1, slot.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, F, D]
+    sidx = fidx[has.cpu()]
+    y = st.fetch(cands * factory_steps, sidx).reshape(sidx.numel(), cands, factory_steps, -1)
+    status = _run_factories(y, cx, torch.ones_like(slot), st.alpha, st.generator)
+    decisive = valid & (status != _REJECT)
+    got = decisive.any(1)
+    pick = decisive.to(torch.uint8).argmax(1, keepdim=True)
+    first = status.gather(1, pick).squeeze(1)
+    px = cx.gather(1, pick.unsqueeze(-1).expand(-1, -1, cx.shape[-1])).squeeze(1)
+    acc = got & (first == _ACCEPT)
+    st.finish(sidx[acc.cpu()], px[acc])
+    unresolved = (got & (first == _UNRESOLVED)).cpu()
+    uidx = sidx[unresolved]
+    st.pending[uidx] = True
+    st.pend_next[uidx] = 1 + factory_steps
+    st.pend_x[uidx.to(dev)] = px[unresolved.to(dev)]  # type: ignore[index]
+
+
+def _fresh_attempts(st: _ExactBatch, proposals: int, factory_steps: int, candidates: int) -> None:
+    """New attempts for the positions with nothing pending: stage 1, then (α > 0) the factories."""
+    fidx = (~st.done & ~st.pending).nonzero().squeeze(1)
+    if not fidx.numel():
+        return
+    if st.n == 1:  # every attempt passes stage 1, and only the first `candidates` are used
+        proposals = 1 if st.alpha == 0.0 else min(proposals, candidates)
+    x, passed = _stage_one(st, fidx, proposals)
+    if st.alpha == 0.0:  # stage 1 is the whole attempt: the first passer wins
+        has = passed.any(1)
+        first = passed.to(torch.uint8).argmax(1)
+        rows = has.nonzero().squeeze(1)
+        st.finish(fidx[has.cpu()], x[rows, first[rows]])
+        return
+    _first_factories(st, fidx, x, passed, candidates, factory_steps)
+
+
 def exact_temperature_sample_batch(
-    draw_batch: Callable[..., Tensor],
+    draw: Callable[[int, Tensor], Tensor],
     num_positions: int,
     temperature: float,
     generator: torch.Generator | None = None,
@@ -223,13 +330,11 @@ def exact_temperature_sample_batch(
 ) -> tuple[Tensor, Tensor]:
     """Exact temperature sampling (Algorithm 1) for ``num_positions`` positions at once.
 
-    ``draw_batch(m)`` returns a tensor [num_positions, m, ...] of m fresh i.i.d. samples per
-    position, or, if it accepts a second argument, ``draw_batch(m, active)`` returns [len(active),
-    m, ...] for the positions in the CPU int64 tensor ``active`` only - then finished positions stop
-    costing draws. A sample is everything after the first two dims (e.g. K token ids) and two samples
-    are equal when all those entries are. Returns ``(samples [num_positions, ...], draws [num_positions])``
-    where ``draws`` counts every sample drawn for the position (including parallel attempts that
-    were discarded), i.e. the real cost.
+    ``draw(m, active)`` returns a tensor [len(active), m, ...] of m fresh i.i.d. samples for each position
+    in the CPU int64 tensor ``active``, so finished positions stop costing draws. A sample is everything
+    after the first two dims (e.g. K token ids) and two samples are equal when all those entries are.
+    Returns ``(samples [num_positions, ...], draws [num_positions])`` where ``draws`` counts every sample
+    drawn for the position (including parallel attempts that were discarded), i.e. the real cost.
 
     Each round, per unfinished position: ``proposals_per_round`` stage-1 attempts (n draws each)
     are checked at once; the first ``factory_candidates`` that passed, in attempt order, get a
@@ -258,111 +363,19 @@ def exact_temperature_sample_batch(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise GenerationError(f"{name} must be a positive integer, got {value!r}")
-    with_index = _takes_index(draw_batch)
-    num_p = num_positions
-    done = torch.zeros(num_p, dtype=torch.bool)
-    pending = torch.zeros(num_p, dtype=torch.bool)
-    pend_next = torch.ones(num_p, dtype=torch.long)  # next factory index of the pending attempt
-    draws = torch.zeros(num_p, dtype=torch.long)
-    state: dict[str, Tensor | tuple[int, ...]] = {}  # out / pend_x / trail, created at the first draw
-
-    def fetch(m: int, idx: Tensor) -> Tensor:
-        """m fresh samples for the positions idx, flattened to [len(idx), m, D]."""
-        y = draw_batch(m, idx) if with_index else draw_batch(m)
-        if not isinstance(y, Tensor) or y.dim() < 2:
-            raise GenerationError("draw_batch must return a tensor [positions, m, ...] of samples")
-        if not with_index:
-            if y.shape[0] != num_p:
-                raise GenerationError(f"draw_batch(m) returned {y.shape[0]} positions, expected num_positions={num_p}")
-            y = y[idx.to(y.device)]
-        if y.shape[0] != idx.numel() or y.shape[1] != m:
-            raise GenerationError(
-                f"draw_batch returned shape {tuple(y.shape)}, expected ({idx.numel()}, {m}, ...): "
-                "one row per requested position and m samples per row"
-            )
-        if "trail" not in state:
-            state["trail"] = tuple(y.shape[2:])
-            d = math.prod(y.shape[2:])
-            state["out"] = torch.zeros(num_p, d, dtype=y.dtype, device=y.device)
-            state["pend_x"] = torch.zeros(num_p, d, dtype=y.dtype, device=y.device)
-        elif tuple(y.shape[2:]) != state["trail"]:
-            raise GenerationError(f"draw_batch changed the sample shape from {state['trail']} to {tuple(y.shape[2:])}")
-        draws[idx] += m
-        return y.reshape(y.shape[0], m, -1)
-
-    def finish(idx: Tensor, values: Tensor) -> None:
-        done[idx] = True
-        state["out"][idx.to(values.device)] = values  # type: ignore[index]
-
+    st = _ExactBatch.start(draw, num_positions, n, alpha, generator)
     for _ in range(max_rounds):
-        if bool(done.all()):
+        if bool(st.done.all()):
             break
-        # 1. Continue pending factories first: they come before any attempt not yet started.
-        pidx = pending.nonzero().squeeze(1)
-        if pidx.numel():
-            start = pend_next[pidx]
-            steps = max(factory_steps, int(start.max()) - 1)  # double the factory length so far
-            y = fetch(steps, pidx)
-            px = state["pend_x"][pidx.to(y.device)]  # type: ignore[index]
-            status = _run_factories(y.unsqueeze(1), px.unsqueeze(1), start.to(y.device).unsqueeze(1), alpha, generator)
-            status = status.squeeze(1).cpu()
-            acc = status == _ACCEPT
-            finish(pidx[acc], px[acc.to(px.device)])
-            pending[pidx[status != _UNRESOLVED]] = False
-            pend_next[pidx] += steps
-        # 2. Fresh attempts for positions with nothing pending.
-        fidx = (~done & ~pending).nonzero().squeeze(1)
-        if not fidx.numel():
-            continue
-        a = proposals_per_round
-        if n == 1:  # every attempt passes stage 1, and only the first factory_candidates are used
-            a = 1 if alpha == 0.0 else min(a, factory_candidates)
-        y = fetch(a * n, fidx)
-        dev = y.device
-        y = y.reshape(fidx.numel(), a, n, -1)
-        x = y[:, :, 0]  # [Pf, A, D]
-        passed = (y == x.unsqueeze(2)).all(-1).all(-1)  # [Pf, A]
-        if alpha == 0.0:
-            has = passed.any(1)
-            first = passed.to(torch.uint8).argmax(1)
-            rows = has.nonzero().squeeze(1)
-            finish(fidx[has.cpu()], x[rows, first[rows]])
-            continue
-        # First `factory_candidates` passers in attempt order (a predictable selection).
-        cands = min(factory_candidates, a)
-        order = torch.where(passed, torch.arange(a, device=dev), a + torch.arange(a, device=dev))
-        slot = order.sort(1).values[:, :cands]  # [Pf, F]
-        valid = slot < a
-        has = valid.any(1)
-        if not bool(has.any()):
-            continue
-        rows = has.nonzero().squeeze(1)
-        slot, valid = slot[rows] % a, valid[rows]
-        cx = x[rows].gather(1, slot.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, F, D]
-        sidx = fidx[has.cpu()]
-        y2 = fetch(cands * factory_steps, sidx).reshape(sidx.numel(), cands, factory_steps, -1)
-        status = _run_factories(y2, cx, torch.ones_like(slot), alpha, generator)
-        decisive = valid & (status != _REJECT)
-        got = decisive.any(1)
-        pick = decisive.to(torch.uint8).argmax(1, keepdim=True)
-        st = status.gather(1, pick).squeeze(1)
-        px = cx.gather(1, pick.unsqueeze(-1).expand(-1, -1, cx.shape[-1])).squeeze(1)
-        acc = (got & (st == _ACCEPT))
-        finish(sidx[acc.cpu()], px[acc])
-        unresolved = (got & (st == _UNRESOLVED)).cpu()
-        uidx = sidx[unresolved]
-        pending[uidx] = True
-        pend_next[uidx] = 1 + factory_steps
-        state["pend_x"][uidx.to(dev)] = px[unresolved.to(dev)]  # type: ignore[index]
-    if not bool(done.all()):
-        left = int((~done).sum())
+        _continue_pending(st, factory_steps)
+        _fresh_attempts(st, proposals_per_round, factory_steps, factory_candidates)
+    if not bool(st.done.all()):
         raise GenerationError(
-            f"exact temperature sampling at T={temperature}: {left} of {num_p} positions still unfinished "
-            f"after max_rounds={max_rounds}; raise max_rounds or proposals_per_round, use a higher "
-            "temperature, or use batch_temperature_sample"
+            f"exact temperature sampling at T={temperature}: {int((~st.done).sum())} of {num_positions} positions "
+            f"still unfinished after max_rounds={max_rounds}; raise max_rounds or proposals_per_round, use a "
+            "higher temperature, or use batch_temperature_sample"
         )
-    out: Tensor = state["out"]  # type: ignore[assignment]
-    return out.reshape(num_p, *state["trail"]), draws  # type: ignore[misc]
+    return st.out.reshape(num_positions, *st.trail), st.draws  # type: ignore[union-attr]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -541,12 +554,8 @@ def _sample_numpy(key: numpy.ndarray, n: int, alpha: float, u: numpy.ndarray) ->
     return (key == picked[:, None]).argmax(1)  # first pool entry holding the chosen value
 
 
-# Tests switch this off to exercise the torch path (used for non-CPU pools) on CPU.
-_USE_NUMPY = True
-
-
 def batch_temperature_sample(pool: Tensor, temperature: float, generator: torch.Generator | None = None,
-                             num_values: int | None = None) -> Tensor:
+                             num_values: int | None = None, use_numpy: bool = True) -> Tensor:
     """Approximate temperature sampling from a fixed pool of draws (paper Algorithm 2), vectorised.
 
     ``pool`` [P, N, ...] holds N i.i.d. draws of P(·) per position; a sample is everything after the
@@ -568,18 +577,18 @@ def batch_temperature_sample(pool: Tensor, temperature: float, generator: torch.
       n-1, ..., 1 fallback): the most repeated values are chosen uniformly, and an all-distinct pool
       gives a uniform draw from the pool.
 
-    On CPU the counting runs in numpy (rows packed into one integer key, sorted per position);
-    elsewhere in torch. ``num_values``: entries are integers in [0, num_values) (e.g. the vocabulary
-    size), which lets the GPU path run without any host-device synchronisation. Randomness: one uniform
-    per position from ``generator``.
+    On CPU the counting runs in numpy (rows packed into one integer key, sorted per position) unless
+    ``use_numpy=False``; elsewhere in torch. Both apply the same rule (tested on both paths).
+    ``num_values``: entries are integers in [0, num_values) (e.g. the vocabulary size), which lets the GPU
+    path run without any host-device synchronisation. Randomness: one uniform per position from ``generator``.
     """
-    flat = batch_temperature_choice(pool, temperature, generator, num_values)
+    flat = batch_temperature_choice(pool, temperature, generator, num_values, use_numpy)
     flat = flat + torch.arange(0, pool.shape[0] * pool.shape[1], pool.shape[1], device=pool.device)
     return pool.reshape(-1, *pool.shape[2:]).index_select(0, flat)
 
 
 def batch_temperature_choice(pool: Tensor, temperature: float, generator: torch.Generator | None = None,
-                             num_values: int | None = None) -> Tensor:
+                             num_values: int | None = None, use_numpy: bool = True) -> Tensor:
     """The pool index [P] that :func:`batch_temperature_sample` picks at each position (same rule, same
     randomness). Only the equality pattern of the pool matters, so a pool of stand-in keys works too."""
     n, alpha = split_inverse_temperature(temperature)
@@ -588,7 +597,7 @@ def batch_temperature_choice(pool: Tensor, temperature: float, generator: torch.
     gen_device = generator.device if generator is not None else pool.device
     u = torch.rand(pool.shape[0], generator=generator, dtype=torch.float64, device=gen_device)
     key = None
-    if _USE_NUMPY and pool.device.type == "cpu":
+    if use_numpy and pool.device.type == "cpu":
         try:
             key = _pack_numpy(rows.detach().numpy())
         except TypeError:  # dtypes numpy lacks (bfloat16...): torch path

@@ -246,11 +246,7 @@ def _load_tiktoken(path: Path, config: dict[str, Any]) -> Any:
     model = tk.models.BPE(vocab=vocab, merges=[(to_str(m[3]), to_str(m[4])) for m in merges],
                           ignore_merges=True)
     backend = tk.Tokenizer(model)
-    backend.pre_tokenizer = tk.pre_tokenizers.Sequence([
-        tk.pre_tokenizers.Split(tk.Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
-        tk.pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
-    backend.decoder = tk.decoders.ByteLevel()
+    _byte_level_llama3(backend)
 
     specials = config.get("added_tokens_decoder", {})
     try:
@@ -265,6 +261,16 @@ def _load_tiktoken(path: Path, config: dict[str, Any]) -> Any:
                                  "special ids must follow the rank file without gaps")
         backend.add_special_tokens([tk.AddedToken(content, special=True, normalized=False)])
     return backend
+
+
+def _byte_level_llama3(backend: Any) -> None:
+    """Llama 3 pre-tokenisation (its regex, then bytes as characters) and the byte-level decoder."""
+    tk = _import_tokenizers()
+    backend.pre_tokenizer = tk.pre_tokenizers.Sequence([
+        tk.pre_tokenizers.Split(tk.Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+        tk.pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    backend.decoder = tk.decoders.ByteLevel()
 
 
 def _looks_like_hub_name(name: str) -> bool:
@@ -301,11 +307,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency:
         raise TokenizerError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs 256 byte tokens "
                              f"plus {len(TRAINED_SPECIALS)} specials; use at least {256 + len(TRAINED_SPECIALS)}")
     backend = tk.Tokenizer(tk.models.BPE(ignore_merges=True))
-    backend.pre_tokenizer = tk.pre_tokenizers.Sequence([
-        tk.pre_tokenizers.Split(tk.Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
-        tk.pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
-    backend.decoder = tk.decoders.ByteLevel()
+    _byte_level_llama3(backend)
     trainer = tk.trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(TRAINED_SPECIALS),
         initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)

@@ -35,12 +35,17 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint as ckpt
+from .data import stack_blocks
 from .errors import CheckpointError, ConfigError, DataError
 
 EvaluateFn = Callable[[nn.Module, Any], dict[str, float]]
+# control(step, training seconds) -> (evaluate now, stop now): extra evaluation points and stopping rules
+# (e.g. `calm compare`'s log-spaced points and training-time budget), checked after every optimizer step.
+Control = Callable[[int, float], tuple[bool, bool]]
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
 TRAIN_CONFIG_FILE = "train_config.json"
+RUN_FILE = "run.json"  # what produced the run: code version, resolved train and model configs, data record
 
 
 @dataclass
@@ -62,7 +67,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     block_size: int | None = None  # tokens per block; None: taken from the data
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA and on CPUs with AMX, else fp32) | "fp32" | "bf16"
     compile: bool = False
     distributed: str = "ddp"  # under torchrun: "ddp" (replicate) | "fsdp" (FSDP2: shard params/grads/optimizer)
     time_budget_s: float | None = None  # stop cleanly (eval + save) before this much wall time
@@ -121,6 +126,29 @@ def lr_multiplier(step: int, config: TrainConfig) -> float:
     span = max(1, config.max_steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX tiles, Sapphire Rapids and later): there
+    bf16 autocast trains 2-3x faster than fp32 (BENCHMARKS.md); without AMX it is emulated and slower."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if probe is not None:
+        try:
+            return bool(probe())
+        except RuntimeError:
+            return False
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> 'bf16' on CUDA and on AMX CPUs, else 'fp32'."""
+    if precision != "auto":
+        return precision
+    fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+    return "bf16" if fast else "fp32"
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -242,12 +270,6 @@ def _block_size_of(data: Any) -> int:
     return int(data[0].shape[-1])
 
 
-def _get_batch(data: Any, indices: list[int]) -> torch.Tensor:
-    if hasattr(data, "batch"):
-        return data.batch(indices)
-    return torch.stack([torch.as_tensor(data[i]) for i in indices]).long()
-
-
 @contextlib.contextmanager
 def _fixed_rng(seed: int, device: torch.device) -> Iterator[None]:
     """Run a block with freshly seeded generators and restore the previous states afterwards."""
@@ -280,7 +302,7 @@ def evaluate_loss(model: nn.Module, data: Any, batch_size: int, num_batches: int
             for s in range(0, len(mine), batch_size):
                 idx = mine[s:s + batch_size]
                 with autocast():
-                    out = model(_get_batch(data, idx).to(device))
+                    out = model(stack_blocks(data, idx).to(device))
                 for k, v in {"loss": out.loss, **out.metrics}.items():
                     sums[k] = sums.get(k, 0) + v.detach().double() * len(idx)
                 count += len(idx)
@@ -292,6 +314,57 @@ def evaluate_loss(model: nn.Module, data: Any, batch_size: int, num_batches: int
         dist.all_reduce(vec)
     total = vec[-1].item()
     return {k: vec[i].item() / max(total, 1.0) for i, k in enumerate(keys)}
+
+
+class _ProgressBar:
+    """tqdm bar of a run: in minutes (elapsed / budget, time left) when the run has a time budget, else in
+    steps; the precision, loss, LR and tokens/s ride along."""
+
+    def __init__(self, cfg: TrainConfig, step: int, end: int, precision: str) -> None:
+        from tqdm.auto import tqdm
+        self.budget_min = cfg.time_budget_s / 60 if cfg.time_budget_s else None
+        self.step, self.end, self.info = step, end, {"precision": precision}
+        if self.budget_min is not None:
+            self.bar = tqdm(total=round(self.budget_min, 2), desc="train", dynamic_ncols=True,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} min {postfix}")
+        else:
+            self.bar = tqdm(total=end, initial=step, desc="train", dynamic_ncols=True, unit="step")
+
+    def postfix(self, loss: float, lr: float, tokens_per_s: float) -> None:
+        self.info.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+
+    def update(self, step: int, elapsed_s: float) -> None:
+        if self.budget_min is None:
+            self.bar.update(step - self.step)
+        else:
+            self.bar.n = round(min(elapsed_s / 60, self.budget_min), 2)
+            left = max(0.0, self.budget_min - elapsed_s / 60)
+            self.info["step"] = step
+            self.info["left"] = f"{left:.1f} min"
+        self.step = step
+        self.bar.set_postfix(self.info, refresh=False)
+        self.bar.refresh() if self.budget_min is not None else None
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def code_version() -> dict[str, Any]:
+    """calmlm's version, and the git commit of its source (with ``dirty`` for uncommitted changes) when it
+    runs from a checkout."""
+    import subprocess
+
+    from . import __version__
+
+    out: dict[str, Any] = {"calmlm": __version__, "torch": torch.__version__}
+    here = Path(__file__).resolve().parent
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", str(here), *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=10, check=True).stdout.strip()
+        out.update(git_commit=git("rev-parse", "HEAD"), dirty=bool(git("status", "--porcelain", "--", ".")))
+    except (OSError, subprocess.SubprocessError):
+        pass  # an installed package: the version is all there is
+    return out
 
 
 class Trainer:
@@ -308,7 +381,8 @@ class Trainer:
         self.device = torch.device(device) if device is not None else self.dist.device
         self.out_dir = Path(config.out_dir).expanduser()
         self.block_size = self._check_data(model)
-        self.use_bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
+        self.precision = resolve_precision(config.precision, self.device)
+        self.use_bf16 = self.precision == "bf16"
         self.fsdp = config.distributed == "fsdp" and self.dist.world_size > 1
         self.fsdp_bf16 = self.fsdp and self.use_bf16 and self.device.type == "cuda"  # on the CPU plain fp32
         self.model = model if self.fsdp else model.to(self.device)
@@ -332,6 +406,7 @@ class Trainer:
         self.sampler = BlockSampler(len(train_data), config.batch_size, seed=config.seed,
                                     rank=self.dist.rank, world_size=self.dist.world_size)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.train_seconds = 0.0  # wall time spent in optimizer steps (not evaluation or saving), kept on resume
         if config.compile:
             self.engine = torch.compile(self.engine)  # type: ignore[assignment]
         self.last_metrics: dict[str, Any] = {}
@@ -445,7 +520,8 @@ class Trainer:
         if self.dist.is_main:
             state = {"optimizer": optimizer, "scheduler": self.scheduler, "step": self.step, "rng": rng,
                      "data_state": self.sampler.state_dict(),
-                     "extra": {"train_config": self.config.to_dict(), "world_size": self.dist.world_size}}
+                     "extra": {"train_config": self.config.to_dict(), "world_size": self.dist.world_size,
+                               "train_seconds": self.train_seconds}}
             meta = {**(self.metadata or {}), "step": self.step}
             ckpt.save_model(model, self.checkpoint_dir, self.tokenizer, meta, training_state=state)
         if _distributed():
@@ -510,6 +586,7 @@ class Trainer:
                 ckpt.load_state_into(self.model, state, str(directory))
         info = ckpt.load_training_state(directory, None if self.fsdp else self.optimizer, self.scheduler)
         self.step = info["step"]
+        self.train_seconds = float(info["extra"].get("train_seconds", 0.0))
         if info["data_state"] is not None:
             self.sampler.load_state_dict(info["data_state"])
         rng = info["rng"]
@@ -549,7 +626,7 @@ class Trainer:
         metric_sums: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum):
             idx = next(self.sampler)
-            batch = _get_batch(self.train_data, idx).to(self.device, non_blocking=True)
+            batch = stack_blocks(self.train_data, idx).to(self.device, non_blocking=True)
             last = micro == cfg.grad_accum - 1
             # skip the gradient all-reduce / reduce-scatter on all but the last micro-step
             sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
@@ -571,9 +648,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, metric_sums, grad_norm
 
-    def fit(self, resume_from: str | Path | None = None, stop_at: int | None = None) -> dict[str, Any]:
-        """Train to ``max_steps`` (or ``stop_at``, or the time budget); eval + save at the last step.
-        Returns the final metrics (last training record merged with the final evaluation)."""
+    def fit(self, resume_from: str | Path | None = None, stop_at: int | None = None,
+            control: Control | None = None) -> dict[str, Any]:
+        """Train to ``max_steps`` (or ``stop_at``, the time budget, or when ``control`` says stop); eval + save
+        at the last step and wherever ``control`` asks. Returns the final metrics (last training record merged
+        with the final evaluation)."""
         cfg = self.config
         if resume_from is not None or self.resume:
             self.load(resume_from if resume_from is not None else self.checkpoint_dir)
@@ -585,13 +664,15 @@ class Trainer:
             random.seed(seed)
         if self.dist.is_main:
             (self.out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            model_config = getattr(getattr(self.model, "config", None), "to_dict", dict)()
+            run = {"code": code_version(), "train_config": cfg.to_dict(), "world_size": self.dist.world_size,
+                   "precision": self.precision,
+                   "model_config": model_config, **(self.metadata or {})}
+            (self.out_dir / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
         end = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size * self.block_size
         self.model.train()
-        bar = None
-        if cfg.progress and self.dist.is_main:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=end, initial=self.step, desc="train", dynamic_ncols=True, unit="step")
+        bar = _ProgressBar(cfg, self.step, end, self.precision) if cfg.progress and self.dist.is_main else None
         start = time.perf_counter()
         window_t, window_steps = start, 0
         acc_loss = torch.zeros((), device=self.device)
@@ -601,6 +682,7 @@ class Trainer:
         try:
             while self.step < end:
                 lr = self.scheduler.get_last_lr()[0]
+                t_step = time.perf_counter()
                 loss, metrics, norm = self.train_step()
                 self.step += 1
                 window_steps += 1
@@ -608,7 +690,9 @@ class Trainer:
                 acc_norm += norm.float()
                 for k, v in metrics.items():
                     acc_metrics[k] = acc_metrics.get(k, 0) + v
-                stop = self._out_of_time(start, first_step)
+                self.train_seconds += time.perf_counter() - t_step
+                want_eval, want_stop = control(self.step, self.train_seconds) if control else (False, False)
+                stop = self._out_of_time(start, first_step) or want_stop
                 last = self.step == end or stop
                 if self.step % cfg.log_every == 0 or last:
                     keys = sorted(acc_metrics)
@@ -624,23 +708,24 @@ class Trainer:
                     record = {"type": "train", "step": self.step, "loss": vals[0],
                               **{k: vals[2 + i] for i, k in enumerate(keys)}, "grad_norm": vals[1], "lr": lr,
                               "tokens_per_s": tokens_per_step * window_steps / max(now - window_t, 1e-9),
-                              "tokens": tokens_per_step * self.step, "elapsed_s": now - start}
+                              "tokens": tokens_per_step * self.step, "elapsed_s": now - start,
+                              "train_seconds": self.train_seconds}
                     self._log(record)
                     self.last_metrics = record
                     if bar is not None:
-                        bar.set_postfix(loss=f"{vals[0]:.4f}", lr=f"{lr:.2e}",
-                                        tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                        bar.postfix(vals[0], lr, record["tokens_per_s"])
                     window_t, window_steps = now, 0
                     acc_loss, acc_norm, acc_metrics = torch.zeros_like(acc_loss), torch.zeros_like(acc_norm), {}
                 if bar is not None:
-                    bar.update(1)
-                if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
+                    bar.update(self.step, time.perf_counter() - start)
+                if (cfg.eval_every and self.step % cfg.eval_every == 0) or want_eval or last:
                     result = self.evaluate()
                     if result:
-                        self._log({"type": "eval", "step": self.step, **result})
+                        self._log({"type": "eval", "step": self.step, "tokens": tokens_per_step * self.step,
+                                   "train_seconds": self.train_seconds, **result})
                     if last:
                         final_eval = result
-                if (cfg.save_every and self.step % cfg.save_every == 0) or last:
+                if (cfg.save_every and self.step % cfg.save_every == 0) or want_eval or last:
                     self.save()
                 if stop:
                     break

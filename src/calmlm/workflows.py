@@ -47,6 +47,37 @@ def add_data_args(p: argparse.ArgumentParser, block_size: int = 256) -> None:
     g.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where tokenised corpora are cached")
 
 
+def add_head_args(p: argparse.ArgumentParser, sampling_only: bool = False) -> None:
+    """The generative head's options (CALMConfig fields); None keeps the preset's / checkpoint's value."""
+    from .config import FLOW_SOLVERS, HEAD_TYPES
+
+    g = p.add_argument_group("generative head (CALM)")
+    if not sampling_only:
+        g.add_argument("--head", choices=HEAD_TYPES, default=None,
+                       help="energy (default; one network call per sample), flow (flow matching) or diffusion")
+    g.add_argument("--flow-steps", type=int, default=None, metavar="N",
+                   help="flow head: network calls per sample (default 20; the midpoint solver takes N/2 steps)")
+    g.add_argument("--flow-solver", choices=FLOW_SOLVERS, default=None, help="flow head: ODE solver (default midpoint)")
+    if not sampling_only:
+        g.add_argument("--diffusion-steps", type=int, default=None, metavar="T",
+                       help="diffusion head: training timesteps of the cosine schedule (default 1000)")
+    g.add_argument("--diffusion-sample-steps", type=int, default=None, metavar="S",
+                   help="diffusion head: reverse steps of the respaced sampling chain (default 100)")
+
+
+def head_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The head options given on the command line, as CALMConfig fields."""
+    names = ("head", "flow_steps", "flow_solver", "diffusion_steps", "diffusion_sample_steps")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def apply_head_options(model: Any, args: argparse.Namespace) -> None:
+    """Apply --flow-steps / --flow-solver / --diffusion-sample-steps to a loaded CALM model."""
+    options = head_options(args)
+    if options and getattr(model.config, "kind", None) == "calm":
+        model.set_head_options(**options)
+
+
 def add_train_args(p: argparse.ArgumentParser, lr: float = 1e-3, batch_size: int = 16) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--out", required=True, help="run folder")
@@ -166,7 +197,7 @@ def brier_eval_fn(block_size: int, max_tokens: int = 8192) -> Any:
 
 def train_calm(opts: DataOptions, cfg: TrainConfig, autoencoder: str, preset: str = "small",
                config_file: str | None = None, resume: bool = False, device: str | None = None,
-               brier_tokens: int = 8192) -> dict[str, Any]:
+               brier_tokens: int = 8192, head_options: dict[str, Any] | None = None) -> dict[str, Any]:
     from .calm import CALM
     from .loading import load
 
@@ -179,6 +210,7 @@ def train_calm(opts: DataOptions, cfg: TrainConfig, autoencoder: str, preset: st
         raise ConfigError(f"--block-size {opts.block_size} is not a multiple of the autoencoder's K={a.chunk_size}")
     over: dict[str, Any] = dict(autoencoder=a, vocab_size=a.vocab_size, chunk_size=a.chunk_size,
                                 latent_size=a.latent_size, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
+    over.update(head_options or {})  # --head, --flow-steps, ...
     if config_file:  # a CALM config file names its own autoencoder; it must match the one given
         over.pop("autoencoder")
     model_cfg: CALMConfig = _model_config("calm", preset, config_file, **over)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-from ..config import (BASELINE_PRESETS, CALM_PRESETS, AutoencoderConfig, BaselineConfig, CALMConfig,
-                      baseline_preset, calm_preset, load_config)
+from ..config import (BASELINE_PRESETS, CALM_PRESETS, CONFIG_CLASSES, HEAD_TYPES, AutoencoderConfig, BaselineConfig,
+                      CALMConfig, baseline_preset, calm_preset, config_from_dict, load_config)
 from ..errors import ConfigError
 from ..flops import summarize
 
@@ -31,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--context", type=int, metavar="TOKENS",
                    help="attention window in tokens (default: the trained window, max_position_embeddings "
                         "backbone positions, i.e. x K tokens for CALM)")
+    p.add_argument("--head", choices=HEAD_TYPES, default=None,
+                   help="CALM: the generative head (default: the config's; presets use energy). The flow and "
+                        "diffusion heads cost 20 and 100 network calls per sample")
     p.add_argument("--head-draws", type=int, default=1, metavar="N",
                    help="CALM: generative-head samples per generated chunk at inference (default 1)")
     p.add_argument("--train-tokens", type=float, metavar="N",
@@ -65,13 +69,16 @@ def _load(args: argparse.Namespace) -> tuple[str, AutoencoderConfig | BaselineCo
         if not (args.model / "config.json").is_file():
             raise ConfigError(f"{args.model} has no config.json; pass a calmlm model directory "
                               "(or convert a released checkpoint with `calm convert` first)")
-        return str(args.model), _load_file(args.model / "config.json")
+        config = _load_file(args.model / "config.json", metadata_ok=True)
+        return str(args.model), config
     if args.config.is_dir():
         raise ConfigError(f"{args.config} is a directory; use --model for a model directory")
     return str(args.config), _load_file(args.config)
 
 
-def _load_file(path: Path) -> AutoencoderConfig | BaselineConfig | CALMConfig:
+def _load_file(path: Path, metadata_ok: bool = False) -> AutoencoderConfig | BaselineConfig | CALMConfig:
+    """A config file; ``metadata_ok``: a checkpoint's config.json, whose extra keys (training data, step) are
+    metadata, not config fields."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -79,6 +86,9 @@ def _load_file(path: Path) -> AutoencoderConfig | BaselineConfig | CALMConfig:
     if isinstance(data, dict) and "kind" not in data and ("architectures" in data or "model_type" in data):
         raise ConfigError(f"{path} is a Hugging Face config of a released/reference checkpoint, not a calmlm "
                           "config; convert the checkpoint with `calm convert` first")
+    if metadata_ok and isinstance(data, dict) and data.get("kind") in CONFIG_CLASSES:
+        known = {f.name for f in dataclasses.fields(CONFIG_CLASSES[data["kind"]])}  # type: ignore[arg-type]
+        return config_from_dict({k: v for k, v in data.items() if k in known or k == "kind"})
     return load_config(path)
 
 
@@ -128,6 +138,10 @@ def run(args: argparse.Namespace) -> int:
     if args.train_tokens is not None and not args.train_tokens > 0:
         raise ConfigError(f"--train-tokens must be positive, got {args.train_tokens}")
     name, config = _load(args)
+    if args.head is not None:
+        if not isinstance(config, CALMConfig):
+            raise ConfigError(f"--head applies to CALM models; {name} is a {config.kind} config")
+        config = config.replace(head=args.head)
     summary = summarize(config, context_length=args.context, head_draws=args.head_draws)
     if args.json:
         if args.train_tokens is not None and "training_flops_per_token" in summary:

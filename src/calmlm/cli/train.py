@@ -9,13 +9,15 @@ from .. import workflows as wf
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a CALM model with the energy loss on a frozen autoencoder",
-                       description="Train CALM: the backbone reads chunks of K tokens, the energy head predicts the "
-                                   "next chunk's latent. Periodic evaluation reports BrierLM.")
+    p = sub.add_parser("train", help="train a CALM model (energy, flow or diffusion head) on a frozen autoencoder",
+                       description="Train CALM: the backbone reads chunks of K tokens, the generative head (--head: "
+                                   "energy by default, flow or diffusion) predicts the next chunk's latent. Periodic "
+                                   "evaluation reports BrierLM.")
     p.add_argument("--autoencoder", required=True, help="trained autoencoder (run folder, checkpoint or Hub id)")
     p.add_argument("--preset", default="small", help="CALM preset: debug, small, base, calm-m, calm-l, calm-xl")
     p.add_argument("--config", default=None, help="CALMConfig JSON (overrides --preset)")
     p.add_argument("--brier-tokens", type=int, default=8192, help="tokens scored by BrierLM at each evaluation")
+    wf.add_head_args(p)
     wf.add_data_args(p)
     wf.add_train_args(p)
     p.set_defaults(func=run)
@@ -23,6 +25,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     final = wf.train_calm(wf.data_options(args), wf.train_config(args), args.autoencoder, args.preset, args.config,
-                          args.resume, args.device, args.brier_tokens)
+                          args.resume, args.device, args.brier_tokens, wf.head_options(args))
     print(json.dumps(final, indent=2, default=str))
     return 0

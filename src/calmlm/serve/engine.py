@@ -8,7 +8,7 @@ finished (EOS in every choice, ``max_tokens``, or cancelled by the server after 
 disconnect).
 
 Batching never changes an answer: the backbone masks each row's padding and numbers its positions from 0
-(``Transformer.forward(pad=...)``), and every request draws its randomness from its own generator, seeded
+(``backbone.left_padding``), and every request draws its randomness from its own generator, seeded
 by its ``seed``. The draws are those of :func:`calmlm.generation.generate` for the same prompt, options and
 seed, so a request answers the same alone, in any batch, and through ``calm generate``.
 """
@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..backbone import left_padding
 from ..errors import GenerationError
 from ..generation import _next_chunk, _stop_after_eos, _validate, sample_logits
 
@@ -187,9 +188,9 @@ class Engine:
     def _forward(self, ids: torch.Tensor, cache: Any, pad: torch.Tensor) -> torch.Tensor:
         """New ids (B, T) -> the state at the last position: CALM hidden state (B, d), baseline logits (B, V)."""
         m = self.model
-        if self.is_calm:
-            return m.backbone(m.embed_chunks(ids), cache, pad)[:, -1]
-        return m.lm_head(m.backbone(m.backbone.embed_tokens(ids), cache, pad)[:, -1:])[:, 0]
+        x = m.embed_chunks(ids) if self.is_calm else m.backbone.embed_tokens(ids)
+        hidden = m.backbone(x, cache, *left_padding(pad, cache.length, x.shape[1]))[:, -1:]
+        return hidden[:, 0] if self.is_calm else m.lm_head(hidden)[:, 0]
 
     def _propose(self, active: list[_Live], state: torch.Tensor) -> list[torch.Tensor]:
         """Each live request's next tokens (n, K), drawn with its own generator. CALM requests at T=1 share
