@@ -55,7 +55,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, hd/2)
+        freqs = positions.float()[..., None] * self.inv_freq  # (..., T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
@@ -93,7 +93,7 @@ class Attention(nn.Module):
         if self.num_kv_heads != self.num_heads:
             rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if mask is not None:  # an explicit pattern, e.g. BrierLM's tree-shaped continuation
+        if mask is not None:  # an explicit pattern: BrierLM's tree-shaped continuation, left-padded rows
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         elif past == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
@@ -141,17 +141,35 @@ class Transformer(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, d) input vectors -> (B, T, d) final hidden states (after the final RMSNorm).
 
-        By default the T inputs follow the cached ones causally. ``positions`` (T,) (rotary positions) and
-        ``mask`` (T, cached + T) bool (True: may attend) override that, e.g. for BrierLM's pass in which
-        every position of a cached block continues at once."""
+        By default the T inputs follow the cached ones causally. ``positions`` (T,) or per row (B, T) (rotary
+        positions) and ``mask`` (T, cached + T) or per row (B, T, cached + T) bool (True: may attend)
+        override that, e.g. for BrierLM's pass in which every position of a cached block continues at once,
+        or for left-padded rows (see ``left_padding``)."""
         start = cache.length if cache is not None else 0
         if cache is not None and start + x.shape[1] > cache.max_len:
             raise ValueError(f"KV cache of {cache.max_len} positions is full")
         if positions is None:
             positions = torch.arange(start, start + x.shape[1], device=x.device)
         cos, sin = self.rotary(positions)
+        if positions.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): broadcast over heads
+        if mask is not None and mask.dim() == 3:
+            mask = mask[:, None]  # (B, 1, T, S)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:
             cache.length += x.shape[1]
         return self.norm(x)
+
+
+def left_padding(pad: torch.Tensor, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Transformer.forward``'s (positions, mask) for rows of different lengths decoded as one batch:
+    row b's first ``pad[b]`` cache positions are padding. Its real positions are numbered from 0 and never
+    attend to its padding, so each row computes what it would alone. ``start`` is the cache length before
+    these ``t`` inputs; pass the same ``pad`` at every step of a cached decode."""
+    query = torch.arange(start, start + t, device=pad.device)
+    keys = torch.arange(start + t, device=pad.device)
+    causal = keys[None, :] <= query[:, None]  # (T, S)
+    # A padding query attends to itself only, so its (unused) output stays finite.
+    real = (keys[None, None, :] >= pad[:, None, None]) | (keys[None, None, :] == query[None, :, None])
+    return (query[None, :] - pad[:, None]).clamp_min(0), causal[None] & real  # (B, T), (B, T, S)

@@ -11,7 +11,7 @@ from ..errors import CalmError
 
 # Module names in calmlm.cli, in the order `calm --help` lists them.
 COMMANDS = [
-    "quickstart", "tokenizer", "train_ae", "eval_ae", "train", "train_baseline", "generate", "eval",
+    "quickstart", "tokenizer", "train_ae", "eval_ae", "train", "train_baseline", "generate", "serve", "eval",
     "compare", "finetune", "push", "plot", "convert", "flops",
 ]
 

@@ -1,0 +1,368 @@
+"""The batching engine behind ``calm serve``: a request queue drained by one worker thread.
+
+Continuous batching: the worker decodes every live request in one KV-cached loop of up to
+``max_batch_size`` sequences (requests x n). A new batch waits ``batch_wait`` seconds after its first
+request for others; later requests join the running batch between two decode steps (prefilled on their own,
+then left-padded to the batch's cache length or the batch to theirs). A request leaves the batch when it is
+finished (EOS in every choice, ``max_tokens``, or cancelled by the server after a stop sequence / a client
+disconnect).
+
+Batching never changes an answer: the backbone masks each row's padding and numbers its positions from 0
+(``backbone.left_padding``), and every request draws its randomness from its own generator, seeded
+by its ``seed``. The draws are those of :func:`calmlm.generation.generate` for the same prompt, options and
+seed, so a request answers the same alone, in any batch, and through ``calm generate``.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..backbone import left_padding
+from ..errors import GenerationError
+from ..generation import _next_chunk, _stop_after_eos, _validate, sample_logits
+
+# Called from the worker thread with each step's Step, then once with None when the request is finished, or
+# with an exception when it failed.
+Emit = Callable[[Any], None]
+
+
+@dataclass
+class Step:
+    """One decode step of a request: per choice, the new tokens (K for CALM, 1 for the baseline) and, for a
+    baseline request with ``logprobs``, per token (log-probability, [(id, log-probability)] of the top ones)."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[tuple[float, list[tuple[int, float]]]]] | None = None
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int
+    emit: Emit
+    temperature: float = 1.0
+    n: int = 1
+    seed: int | None = None
+    top_k: int | None = None  # baseline
+    sampler: str = "batch"  # CALM, T < 1
+    pool_size: int = 200  # CALM batch sampler
+    logprobs: int | None = None  # baseline: report the sampled tokens' log-probabilities and this many top ones
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Stop decoding this request at the next step (its rows leave the batch)."""
+        self.cancelled.set()
+
+
+class Engine:
+    """Owns the model; ``submit`` queues a request, a daemon thread decodes batches of them."""
+
+    def __init__(self, model: Any, max_batch_size: int = 32, batch_wait: float = 0.0) -> None:
+        if max_batch_size < 1:
+            raise GenerationError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.batch_wait = batch_wait  # seconds a new batch waits for more requests after its first one
+        self.is_calm = model.config.kind == "calm"
+        self.k = model.config.chunk_size if self.is_calm else 1
+        self.eos = model.config.eos_token_id
+        self.device = next(model.parameters()).device
+        self.queue: queue.Queue[Request | None] = queue.Queue()
+        self._held: Request | None = None  # a request that did not fit in the batch yet
+        self._closed = False
+        self.joined = 0  # requests that joined a running batch
+        # For tests, logs and benchmarks: prefills (a fresh batch or requests joining it), the largest batch
+        # (sequences), decode steps and the sequences they decoded.
+        self.batches = self.largest_batch = self.steps = self.rows_stepped = 0
+        self._thread = threading.Thread(target=self._work, name="calm-serve-engine", daemon=True)
+        self._thread.start()
+
+    # -- requests ------------------------------------------------------------------------------------
+    @property
+    def context(self) -> int:
+        """The context in tokens (CALM: chunks x K)."""
+        return self.model.config.max_position_embeddings * self.k
+
+    def room(self, prompt_len: int) -> int:
+        """How many new tokens fit after a prompt of ``prompt_len`` tokens."""
+        return max(0, (self.model.config.max_position_embeddings - self._positions(prompt_len)) * self.k)
+
+    def check(self, request: Request) -> None:
+        """Raise GenerationError (a clear message) if ``request`` cannot be decoded; call before ``submit``."""
+        if request.max_tokens < 1:
+            raise GenerationError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        if not 1 <= request.n <= self.max_batch_size:
+            raise GenerationError(f"n must be between 1 and the server's --max-batch-size ({self.max_batch_size}), "
+                                  f"got {request.n}")
+        _validate(self.model, request.temperature, request.max_tokens, request.n, request.sampler, request.pool_size)
+        if request.logprobs is not None and (self.is_calm or not 0 <= request.logprobs <= 20):
+            raise GenerationError("logprobs needs the baseline (CALM is likelihood-free) and 0 <= logprobs <= 20")
+        if request.top_k is not None and request.top_k < 1:
+            raise GenerationError(f"top_k must be >= 1, got {request.top_k}")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_ids):
+            raise GenerationError(f"prompt token ids must be in [0, {vocab}), the model's vocabulary")
+        length = len(request.prompt_ids)
+        cfg = self.model.config
+        if not length and not self.is_calm and cfg.bos_token_id is None and self.eos is None:
+            raise GenerationError("an empty prompt needs a BOS or EOS token id to start from; give a prompt")
+        if self._positions(length) > self.model.config.max_position_embeddings:
+            raise GenerationError(f"the prompt has {length} tokens, longer than the model's context of "
+                                  f"{self.context} tokens; shorten it")
+        if request.max_tokens > self.room(length):
+            raise GenerationError(f"max_tokens={request.max_tokens} does not fit: the context is {self.context} "
+                                  f"tokens and the prompt takes {length}, so at most {self.room(length)} new "
+                                  "tokens fit; lower max_tokens or shorten the prompt")
+
+    def submit(self, request: Request) -> None:
+        self.check(request)
+        self.queue.put(request)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self._thread.join(timeout=10)
+
+    # -- the worker ----------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while not self._closed:
+            first = self._held or self.queue.get()  # block while idle
+            self._held = None
+            if first is None:
+                return
+            batch = _Batch(self)
+            try:
+                batch.run([first, *self._take(first.n, self.batch_wait)])
+            except Exception as e:  # a batch-wide failure (e.g. out of memory) fails its requests, not the server
+                traceback.print_exc()
+                for x in batch.live:
+                    _safe_emit(x.request, e)
+
+    def _take(self, rows: int, wait: float = 0.0) -> list[Request]:
+        """Queued requests that fit beside ``rows`` sequences, waiting up to ``wait`` seconds for more."""
+        taken: list[Request] = []
+        deadline = time.monotonic() + wait
+        while rows < self.max_batch_size and not self._closed:
+            if self._held is not None:
+                nxt, self._held = self._held, None
+            else:
+                left = deadline - time.monotonic()
+                try:
+                    nxt = self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait()
+                except queue.Empty:
+                    break
+            if nxt is None:
+                self._closed = True  # finish the running batch, then stop
+                break
+            if rows + nxt.n > self.max_batch_size:
+                self._held = nxt  # it joins as soon as rows free up
+                break
+            taken.append(nxt)
+            rows += nxt.n
+        return taken
+
+    def _positions(self, prompt_len: int) -> int:
+        """Backbone positions a prompt takes: chunks after left-padding to a multiple of K (an empty prompt is
+        one chunk of padding) for CALM; tokens (an empty prompt becomes BOS or EOS) for the baseline."""
+        return max(1, math.ceil(prompt_len / self.k))
+
+    def _prompt_row(self, ids: list[int]) -> list[int]:
+        """The ids ``generate`` would feed for this prompt (CALM: left-padded to a multiple of K)."""
+        cfg = self.model.config
+        if self.is_calm:
+            pad_id = self.eos if self.eos is not None else cfg.autoencoder.mask_token_id
+            pad = (-len(ids)) % self.k if ids else self.k
+            return [pad_id] * pad + ids
+        if not ids:  # check() made sure there is one of the two
+            return [cfg.bos_token_id if cfg.bos_token_id is not None else self.eos]
+        return ids
+
+    def _forward(self, ids: torch.Tensor, cache: Any, pad: torch.Tensor) -> torch.Tensor:
+        """New ids (B, T) -> the state at the last position: CALM hidden state (B, d), baseline logits (B, V)."""
+        m = self.model
+        x = m.embed_chunks(ids) if self.is_calm else m.backbone.embed_tokens(ids)
+        hidden = m.backbone(x, cache, *left_padding(pad, cache.length, x.shape[1]))[:, -1:]
+        return hidden[:, 0] if self.is_calm else m.lm_head(hidden)[:, 0]
+
+    def _propose(self, active: list[_Live], state: torch.Tensor) -> list[torch.Tensor]:
+        """Each live request's next tokens (n, K), drawn with its own generator. CALM requests at T=1 share
+        one head + decoder call (their noise is drawn per request, so the draws do not depend on the batch)."""
+        out: list[torch.Tensor | None] = [None] * len(active)
+        plain = [i for i, live in enumerate(active) if self.is_calm and live.request.temperature == 1.0]
+        if plain:
+            m = self.model
+            hidden = torch.cat([state[active[i].rows] for i in plain])
+            noise = torch.cat([m.head.noise((active[i].request.n,), hidden.device, hidden.dtype, active[i].gen)
+                               for i in plain])
+            tokens = m.decode_latents(m.head(hidden, noise)).split([active[i].request.n for i in plain])
+            for i, t in zip(plain, tokens):
+                out[i] = t
+        for i, live in enumerate(active):
+            if out[i] is not None:
+                continue
+            r, s = live.request, state[live.rows]
+            try:
+                if self.is_calm:
+                    out[i] = _next_chunk(self.model, s, r.temperature, r.sampler, r.pool_size, live.gen)
+                else:
+                    out[i] = sample_logits(s, r.temperature, r.top_k, live.gen)[:, None]
+                    if r.logprobs is not None:
+                        live.logprobs = _logprobs(s, out[i][:, 0], r.logprobs)
+            except Exception as e:  # this request fails alone
+                live.error = e
+                out[i] = torch.full((r.n, self.k), self.eos or 0, dtype=torch.long, device=self.device)
+        return out  # type: ignore[return-value]
+
+
+class _Batch:
+    """The running batch: live requests, their KV cache (B, ..., L, ...) with a common length L, each row's
+    left padding ``pad`` (B,) and the state to sample the next tokens from (B, d) or (B, V).
+
+    Continuous batching: between two decode steps, queued requests are prefilled on their own and joined to
+    the batch by left-padding whichever side has the shorter cache; finished requests' rows are dropped and
+    padding columns no row needs any more are trimmed. Padding shifts a row's cache, never its positions."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.live: list[_Live] = []
+        self.cache: Any = None
+        self.pad = self.state = torch.empty(0)
+
+    @torch.no_grad()
+    def run(self, requests: list[Request]) -> None:
+        e = self.engine
+        while True:
+            self.admit(requests)
+            if not self.live:
+                return
+            self.step()
+            requests = e._take(sum(x.request.n for x in self.live))
+
+    def admit(self, requests: list[Request]) -> None:
+        e = self.engine
+        new = []
+        for r in requests:
+            if r.cancelled.is_set():
+                _safe_emit(r, None)
+            else:
+                new.append(_Live(r, e.device))
+        if not new:
+            return
+        remaining = max(x.steps(e.k) - x.step for x in [*self.live, *new])
+        self.live += new  # from here on, a failure is reported to these requests too
+        prompts = [e._prompt_row(x.request.prompt_ids) for x in new]
+        width = max(len(p) for p in prompts)  # tokens; a multiple of K for CALM
+        rows, pads = [], []
+        for x, p in zip(new, prompts):
+            rows += [[0] * (width - len(p)) + p] * x.request.n
+            pads += [(width - len(p)) // e.k] * x.request.n
+        ids = torch.tensor(rows, dtype=torch.long, device=e.device)
+        pad = torch.tensor(pads, dtype=torch.long, device=e.device)
+        if self.cache is None:  # a fresh batch: prefill straight into a cache with room for every step
+            self.cache = e.model.backbone.new_cache(ids.shape[0], width // e.k + remaining)
+            self.state, self.pad = e._forward(ids, self.cache, pad), pad
+        else:  # join: prefill alone, then copy both caches into one, right-aligned at the longer length
+            cache = e.model.backbone.new_cache(ids.shape[0], width // e.k)
+            state = e._forward(ids, cache, pad)
+            old = self.cache
+            length = max(old.length, cache.length)
+            merged = e.model.backbone.new_cache(len(self.pad) + len(pad), length + remaining)
+            for part, rows_, shift in ((old, slice(0, len(self.pad)), length - old.length),
+                                       (cache, slice(len(self.pad), None), length - cache.length)):
+                merged.k[:, rows_, :, shift:length] = part.k[:, :, :, :part.length]
+                merged.v[:, rows_, :, shift:length] = part.v[:, :, :, :part.length]
+            merged.length = length
+            self.pad = torch.cat([self.pad + (length - old.length), pad + (length - cache.length)])
+            self.state, self.cache = torch.cat([self.state, state]), merged
+            e.joined += len(new)
+        self._reindex()
+        e.batches += 1
+        e.largest_batch = max(e.largest_batch, len(self.pad))
+
+    def step(self) -> None:
+        """Sample every live request's next tokens, hand them out, drop finished requests, feed the rest."""
+        e = self.engine
+        e.steps += 1
+        e.rows_stepped += len(self.pad)
+        new = []
+        for x, tokens in zip(self.live, e._propose(self.live, self.state)):
+            tokens, x.done = _stop_after_eos(tokens, x.done, e.eos)
+            new.append(tokens)
+        # One device-to-host copy per step for every request's tokens and EOS flags.
+        host = torch.cat([torch.cat([t, x.done[:, None].long()], 1) for t, x in zip(new, self.live)]).tolist()
+        keep, feed = [], []
+        for x, tokens in zip(self.live, new):
+            x.step += 1
+            rows = host[x.rows]
+            if x.error is not None:
+                _safe_emit(x.request, x.error)
+                continue
+            _safe_emit(x.request, Step([r[:-1] for r in rows], x.logprobs))
+            if x.step >= x.steps(e.k) or all(r[-1] for r in rows) or x.request.cancelled.is_set():
+                _safe_emit(x.request, None)
+                continue
+            keep.append(x)
+            feed.append(tokens)
+        if not keep:
+            self.live, self.cache = [], None
+            return
+        if len(keep) < len(self.live):  # drop finished requests' rows, then padding columns no row needs
+            index = torch.cat([torch.arange(x.rows.start, x.rows.stop, device=e.device) for x in keep])
+            self.pad, self.state = self.pad[index], self.state[index]
+            c = self.cache
+            c.k, c.v = c.k[:, index], c.v[:, index]
+            trim = int(self.pad.min())
+            if trim:
+                c.k, c.v = c.k[:, :, :, trim:], c.v[:, :, :, trim:]
+                c.max_len, c.length, self.pad = c.max_len - trim, c.length - trim, self.pad - trim
+            self.live = keep
+            self._reindex()
+        self.state = e._forward(torch.cat(feed), self.cache, self.pad)
+
+    def _reindex(self) -> None:
+        start = 0
+        for x in self.live:
+            x.rows = slice(start, start + x.request.n)
+            start += x.request.n
+
+
+class _Live:
+    """A request inside a running batch: its rows, generator and per-choice EOS flags."""
+
+    def __init__(self, request: Request, device: torch.device) -> None:
+        self.request = request
+        self.rows = slice(0, 0)
+        seed = request.seed if request.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.done = torch.zeros(request.n, dtype=torch.bool, device=device)
+        self.error: Exception | None = None
+        self.step = 0  # decode steps done
+        self.logprobs: list[list[tuple[float, list[tuple[int, float]]]]] | None = None  # of the last step
+
+    def steps(self, k: int) -> int:
+        return math.ceil(self.request.max_tokens / k)
+
+
+def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> list[list[tuple[float, list[tuple[int, float]]]]]:
+    """(n, V) logits and the (n,) sampled ids -> per row, [(log p(chosen), top ``top`` (id, log p))] under the
+    model's distribution (before temperature and top-k, as OpenAI-style servers report it)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    picked = lp.gather(-1, chosen[:, None])[:, 0].tolist()
+    values, ids = lp.topk(top, dim=-1) if top else (lp[:, :0], chosen[:, None][:, :0])
+    return [[(p, list(zip(i, v)))] for p, i, v in zip(picked, ids.tolist(), values.tolist())]
+
+
+def _safe_emit(request: Request, item: Any) -> None:
+    try:
+        request.emit(item)
+    except Exception:  # a broken consumer must not stop the other requests
+        traceback.print_exc()
+        request.cancel()
