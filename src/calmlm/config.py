@@ -143,6 +143,9 @@ class CALMConfig(BackboneConfig):
     latent_size: int = 128  # l; must equal the autoencoder's
     head: str = "energy"  # one of HEAD_TYPES
     noise_size: int = 64  # energy head only
+    energy_head_init: str = "normal"  # energy head Linears: "normal" N(0, initializer_range) as the reference, or
+    # "xavier" (uniform, scaled by fan-in + fan-out, as the reference's flow/diffusion heads): learns the
+    # context much sooner at small widths, where 0.02 is far below 1/sqrt(d) (docs/small_scale.md)
     num_head_blocks: int = 4  # residual MLP blocks of the generative head
     num_samples: int = 8  # energy: N model samples per position; flow/diffusion: posterior targets per position
     flow_steps: int = 20  # flow: network evaluations per sample (the midpoint solver takes flow_steps // 2 steps)
@@ -164,6 +167,8 @@ class CALMConfig(BackboneConfig):
             raise ConfigError(f"unknown generative head {self.head!r}; available: {', '.join(map(repr, HEAD_TYPES))}")
         if self.head == "energy" and self.num_samples < 2:
             raise ConfigError("num_samples must be >= 2: the energy score's diversity term needs two samples")
+        if self.energy_head_init not in ("normal", "xavier"):
+            raise ConfigError(f"unknown energy_head_init {self.energy_head_init!r}; use 'normal' or 'xavier'")
         if self.flow_solver not in FLOW_SOLVERS:
             raise ConfigError(f"unknown flow_solver {self.flow_solver!r}; available: {', '.join(FLOW_SOLVERS)}")
         if self.flow_solver == "midpoint" and self.flow_steps < 2:
@@ -234,8 +239,9 @@ CALM_PRESETS: dict[str, dict[str, Any]] = {
     "calm-l": dict(_L, vocab_size=LLAMA3_VOCAB, autoencoder="paper"),  # 735M
     "calm-xl": dict(_XL, vocab_size=LLAMA3_VOCAB, autoencoder="paper"),  # 1.82B
     "base": dict(hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, num_kv_heads=8,
-                 autoencoder="default"),
-    "small": dict(_SMALL, latent_size=64, noise_size=32, num_head_blocks=2, autoencoder="small"),
+                 energy_head_init="xavier", autoencoder="default"),
+    "small": dict(_SMALL, latent_size=64, noise_size=32, num_head_blocks=2, energy_head_init="xavier",
+                  autoencoder="small"),
     "debug": dict(_DEBUG, vocab_size=512, latent_size=16, noise_size=16, num_head_blocks=2, autoencoder="debug"),
 }
 

@@ -69,9 +69,16 @@ class EnergyHead(nn.Module):
         self.final_layer = FinalLayer(d, cfg.latent_size, eps)
         # the loss: num_samples draws against num_targets posterior draws, distances to the power alpha
         self.num_samples, self.num_targets, self.alpha = cfg.num_samples, cfg.num_targets, cfg.energy_alpha
+        self.xavier_init = cfg.energy_head_init == "xavier"
 
     def zero_init_output(self) -> None:
-        """The last layer starts at zero (as in the reference) so early samples do not explode."""
+        """The last layer starts at zero (as in the reference) so early samples do not explode; with
+        ``energy_head_init="xavier"`` the other Linears are first redrawn xavier-uniform with zero biases."""
+        if self.xavier_init:
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
         nn.init.zeros_(self.final_layer.linears[2].weight)
         nn.init.zeros_(self.final_layer.linears[2].bias)
 

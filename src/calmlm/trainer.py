@@ -331,7 +331,7 @@ class _ProgressBar:
     def __init__(self, cfg: TrainConfig, step: int, end: int, precision: str) -> None:
         from tqdm.auto import tqdm
         self.budget_min = cfg.time_budget_s / 60 if cfg.time_budget_s else None
-        self.step, self.end, self.info = step, end, {"precision": precision}
+        self.step, self.end, self.info, self.shown = step, end, {"precision": precision}, 0.0
         if self.budget_min is not None:
             self.bar = tqdm(total=round(self.budget_min, 2), desc="train", dynamic_ncols=True,
                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} min {postfix}")
@@ -351,7 +351,10 @@ class _ProgressBar:
             self.info["left"] = f"{left:.1f} min"
         self.step = step
         self.bar.set_postfix(self.info, refresh=False)
-        self.bar.refresh() if self.budget_min is not None else None
+        now = time.monotonic()
+        if self.budget_min is not None and now - self.shown >= 0.5:  # a time bar moves on its own: redraw it twice a second
+            self.bar.refresh()
+            self.shown = now
 
     def close(self) -> None:
         self.bar.close()
