@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import calmlm.checkpoint as ckpt
-from calmlm.checkpoint import load_model, load_training_state, rng_state, save_model, set_rng_state
+from calmlm.checkpoint import load_training_state, rng_state, save_model, set_rng_state
+from calmlm.loading import load_model
 from calmlm.config import autoencoder_preset, baseline_preset, calm_preset
 from calmlm.errors import CheckpointError
 from calmlm.models import build_model

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from calmlm.checkpoint import load_model
+from calmlm.loading import load_model
 from calmlm.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from calmlm import workflows as wf
-from calmlm.checkpoint import load_model, read_weights
+from calmlm.checkpoint import read_weights
+from calmlm.loading import load_model
 from calmlm.cli import build_parser
 from calmlm.config import calm_preset
 from calmlm.errors import ConfigError

@@ -309,7 +309,8 @@ def test_flops_count_network_calls() -> None:
 @pytest.mark.parametrize("kind", ["flow", "diffusion"])
 def test_calm_with_head_trains_evaluates_and_generates(kind: str, tmp_path) -> None:
     """The same CALM code serves every head: forward/backward, save/load, BrierLM and T < 1 generation."""
-    from calmlm.checkpoint import load_model, save_model
+    from calmlm.checkpoint import save_model
+    from calmlm.loading import load_model
     from calmlm.generation import generate
     from calmlm.metrics import evaluate_brierlm
 

@@ -17,8 +17,9 @@ from calmlm.config import calm_preset
 from calmlm.errors import CheckpointError, ConfigError
 from calmlm.losses import energy_diversity, energy_fidelity, energy_score, posterior_targets
 from calmlm.models import build_model
+from calmlm.loading import load_reference
 from calmlm.reference import (ALIASES, KEY_MAP, autoencoder_fields_from_weights, calm_config, key_rules,
-                              load_reference, map_key, map_keys)
+                              map_key, map_keys)
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 TINY = FIXTURES / "upstream_tiny_k4"

@@ -16,7 +16,8 @@ import torch
 
 from calmlm.cli import main as cli_main
 from calmlm.errors import CheckpointError
-from calmlm.reference import head_from_weights, load_reference
+from calmlm.loading import load_reference
+from calmlm.reference import head_from_weights
 
 HEADS_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "upstream_tiny_heads"
 TOL = 2e-6  # float32 absolute (the README's independent re-implementation: <= 1.9e-6)
@@ -80,7 +81,7 @@ def test_heads_are_told_apart(models) -> None:
 
 def test_head_from_weights_alone(tmp_path: Path) -> None:
     """Without `architectures` the state-dict keys decide (output layer l rows: flow, 2l: diffusion)."""
-    from calmlm.reference import WeightFiles
+    from calmlm.checkpoint import WeightFiles
 
     for name in ("flow", "diffusion"):
         shapes = WeightFiles.find(HEADS_DIR / name).shapes()

@@ -11,7 +11,7 @@ import torch
 
 import calmlm
 
-from calmlm.checkpoint import load_model
+from calmlm.loading import load_model
 from calmlm.config import autoencoder_preset, baseline_preset, calm_preset
 from calmlm.errors import CalmError, CheckpointError, ConfigError, DataError
 from calmlm.models import build_model

@@ -17,12 +17,14 @@ and re-tied on load. A CALM checkpoint holds its frozen autoencoder under ``auto
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
 import shutil
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -205,32 +207,109 @@ def read_config(directory: str | Path) -> dict[str, Any]:
                                   "native calmlm one; load it with calmlm.load, which detects the format")
         hint = _did_you_mean(directory) or "; pass a folder written by calmlm (config.json + model.safetensors)"
         raise CheckpointError(f"{directory} is not a calmlm checkpoint (no {CONFIG_FILE}){hint}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is corrupt (not valid JSON: {e}); restore it or re-save the checkpoint") from None
-    if not isinstance(data, dict) or "kind" not in data:
+    data = read_json(path)
+    if "kind" not in data:
         raise CheckpointError(f"{path} has no model 'kind'; it is not a calmlm config (expected one of "
                               f"{sorted(KIND_NAMES)})")
     return data
 
 
-def _weight_files(directory: Path) -> list[Path]:
-    if (directory / INDEX_FILE).is_file():
+WEIGHT_FILES = (INDEX_FILE, WEIGHTS_FILE, "pytorch_model.bin.index.json", REFERENCE_WEIGHTS)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, with a clear error for a missing, corrupt or non-object file."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"no {path.name} in {path.parent}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt (not valid JSON: {e}); restore, re-save or re-download it") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object; it is not a model config")
+    return data
+
+
+@dataclass
+class WeightFiles:
+    """The weights of a folder (either format): one file or several shards named by an index file."""
+
+    directory: Path
+    shards: list[str]
+    safetensors: bool
+    _shapes: dict[str, tuple[int, ...]] | None = None
+
+    @classmethod
+    def find(cls, directory: Path) -> WeightFiles | None:
+        """Safetensors are preferred when a folder has both (no pickle, same tensors)."""
+        for name in WEIGHT_FILES:
+            path = directory / name
+            if not path.is_file():
+                continue
+            safe = ".safetensors" in name
+            if not name.endswith(".index.json"):
+                return cls(directory, [name], safe)
+            try:
+                shards = list(dict.fromkeys(read_json(path)["weight_map"].values()))
+            except (KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e}); re-save or re-download the "
+                                      "checkpoint") from None
+            missing = [s for s in shards if not (directory / s).is_file()]
+            if missing:
+                raise CheckpointError(f"{directory} is missing weight shard(s) {missing} listed in {name}; the "
+                                      "checkpoint is incomplete, copy the missing files or re-save it")
+            return cls(directory, shards, safe)
+        return None
+
+    def load_shard(self, name: str) -> dict[str, torch.Tensor]:
+        """One shard as CPU tensors backed by the file's pages (no copy is made here)."""
+        path = self.directory / name
         try:
-            index = json.loads((directory / INDEX_FILE).read_text())
-            names = sorted(set(index["weight_map"].values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{directory / INDEX_FILE} is corrupt ({type(e).__name__}: {e}); "
-                                  "re-save the checkpoint") from None
-        missing = [n for n in names if not (directory / n).is_file()]
-        if missing:
-            raise CheckpointError(f"{directory} is missing weight shard(s) {missing} listed in {INDEX_FILE}; "
-                                  "the checkpoint is incomplete, copy the missing files or re-save it")
-        return [directory / n for n in names]
-    if (directory / WEIGHTS_FILE).is_file():
-        return [directory / WEIGHTS_FILE]
-    if (directory / REFERENCE_WEIGHTS).is_file():
+            if self.safetensors:
+                from safetensors.torch import load_file
+
+                return load_file(path, device="cpu")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                # Files from torch < 1.6 (legacy format) cannot be mapped; this shard is then read in full.
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # safetensors and pickle raise their own error types for truncated/garbage files
+            raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); restore, re-save "
+                                  "or re-download it") from None
+
+    def iter_shards(self) -> Iterator[dict[str, torch.Tensor]]:
+        for name in self.shards:
+            yield self.load_shard(name)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every key's shape, read from headers (safetensors) or from the mapped state dicts (torch)."""
+        if self._shapes is None:
+            shapes: dict[str, tuple[int, ...]] = {}
+            for name in self.shards:
+                if self.safetensors:
+                    from safetensors import safe_open
+
+                    try:
+                        with safe_open(self.directory / name, framework="pt") as f:
+                            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+                    except Exception as e:
+                        raise CheckpointError(f"{self.directory / name} is corrupt or truncated "
+                                              f"({type(e).__name__}: {e}); restore, re-save or re-download it") from None
+                else:
+                    shapes.update({k: tuple(v.shape) for k, v in self.load_shard(name).items()})
+            self._shapes = shapes
+        return self._shapes
+
+
+def native_weights(directory: Path) -> WeightFiles:
+    """The safetensors weights of a native checkpoint (config.json already read)."""
+    files = WeightFiles.find(directory)
+    if files is not None and files.safetensors:
+        return files
+    if files is not None:
         raise CheckpointError(f"{directory} holds {REFERENCE_WEIGHTS} (the reference format) but no {WEIGHTS_FILE}; "
                               "load it with calmlm.load, which detects the format")
     raise CheckpointError(f"{directory} is not a calmlm checkpoint: it has {CONFIG_FILE} but no weights "
@@ -239,114 +318,17 @@ def _weight_files(directory: Path) -> list[Path]:
 
 def read_weights(directory: str | Path, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint (single file or shards), floating ones cast to ``dtype`` if given."""
-    from safetensors import safe_open
-
-    directory = Path(directory)
+    """All tensors of a native checkpoint (single file or shards), floating ones cast to ``dtype`` if given."""
     out: dict[str, torch.Tensor] = {}
-    for path in _weight_files(directory):
-        try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    t = f.get_tensor(key)
-                    out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for truncated/garbage files
-            raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); "
-                                  "restore it or re-save the checkpoint") from None
+    for shard in native_weights(Path(directory)).iter_shards():
+        for key, t in shard.items():
+            out[key] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).to(device)
     return out
 
 
-def _tie_groups(model: nn.Module) -> list[list[str]]:
-    """Names that refer to one parameter (tied weights), the canonical (first) name first."""
-    by_id: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(name)
-    return [names for names in by_id.values() if len(names) > 1]
-
-
-def _summarise(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
-
-
-def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    """Strict key and shape check against ``model``; tied aliases may be absent. Returns the full state dict
-    (aliases filled in) or raises a CheckpointError listing missing/unexpected keys and shape mismatches."""
-    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
-    state = dict(state)
-    for group in _tie_groups(model):
-        present = [n for n in group if n in state]
-        if present:
-            for n in group:
-                state.setdefault(n, state[present[0]])
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_summarise(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_summarise(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches {_summarise(mismatched, 3)}")
-    if problems:
-        raise CheckpointError(f"the weights in {where} do not match the {type(model).__name__} model of its config: "
-                              + "; ".join(problems) + ". The checkpoint was written by another model version or "
-                              "its config.json was edited; re-save it or fix config.json")
-    return state
-
-
-@contextlib.contextmanager
-def _params_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device (no memory, no init cost) while buffers stay real.
-
-    Non-persistent buffers (RoPE frequencies) are computed in constructors and are not in the file, so
-    they must be real; building entirely under ``torch.device("meta")`` would lose them."""
-    original = nn.Module.register_parameter
-
-    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(self, name, param)
-        if param is not None and param.device.type != "meta":
-            self._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
-
-
-def _set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
-    module_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(module_name) if module_name else model, leaf, param)
-
-
-def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], where: str, assign: bool = False) -> None:
-    """Strictly load ``state`` into ``model`` (copying, or assigning the tensors) and keep ties intact."""
-    groups = _tie_groups(model)
-    full = check_state_dict(model, state, where)
-    for group in groups:  # load each tied parameter through its canonical name only
-        for alias in group[1:]:
-            full.pop(alias, None)
-    model.load_state_dict(full, strict=False, assign=assign)
-    if assign:
-        for group in groups:  # assign replaced the canonical Parameter object; point the aliases at it
-            canonical = model.get_parameter(group[0])
-            for alias in group[1:]:
-                _set_param(model, alias, canonical)
-
-
-def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               expect: str | None = None) -> nn.Module:
-    """Build the model of a checkpoint directory and load its weights (strictly), in eval mode.
-
-    ``expect`` ("autoencoder", "calm" or "baseline") rejects a checkpoint of another kind. Parameters are
-    created on the meta device and the loaded tensors assigned, so only one copy of the weights exists."""
+def model_config(directory: str | Path, expect: str | None = None) -> Any:
+    """The model config of a native checkpoint; ``expect`` (a kind) rejects a checkpoint of another kind."""
     from .config import config_from_dict
-    from .models import build_model
 
     directory = Path(directory).expanduser()
     if expect is not None and expect not in KIND_NAMES:
@@ -358,26 +340,13 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
                               f"{KIND_NAMES[expect]} one; pass the right checkpoint directory")
     cls_fields = _config_fields(kind)
     try:
-        config = config_from_dict({k: v for k, v in data.items() if k in cls_fields or k == "kind"})
+        return config_from_dict({k: v for k, v in data.items() if k in cls_fields or k == "kind"})
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{directory / CONFIG_FILE} is not a valid {kind} config: {e}") from None
-    state = read_weights(directory, device, dtype)
-    with _params_on_meta():
-        model = build_model(config)
-    load_state_into(model, state, str(directory), assign=True)
-    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if leftover:  # cannot happen after the strict check, but a meta tensor would fail much later and obscurely
-        raise CheckpointError(f"{directory}: parameters {leftover[:5]} were not loaded")
-    model.to(device)  # moves the (real) buffers; parameters are already there
-    if hasattr(model, "autoencoder"):  # CALM: the autoencoder stays frozen
-        model.autoencoder.requires_grad_(False)
-    return model.eval()
 
 
 def _config_fields(kind: Any) -> set[str]:
     """Fields of the config class of ``kind`` (extra keys in config.json are metadata, not config)."""
-    import dataclasses
-
     from .config import CONFIG_CLASSES
 
     if kind not in CONFIG_CLASSES:

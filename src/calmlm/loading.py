@@ -1,11 +1,16 @@
 """``calmlm.load``: one entry point for every checkpoint calmlm can read.
 
 * a local folder in calmlm's native format (``config.json`` with ``"kind"`` + safetensors), via
-  :func:`calmlm.checkpoint.load_model`;
+  :func:`load_model`;
 * a local folder in the CALM reference format (``config.json`` with ``"architectures"`` + ``pytorch_model.bin``
-  or safetensors, possibly sharded), via :func:`calmlm.reference.load_reference`;
+  or safetensors, possibly sharded), translated by :mod:`calmlm.reference`, via :func:`load_reference`;
 * a Hugging Face repository id (``cccczshao/CALM-M``), downloaded with ``huggingface_hub.snapshot_download``
   (only the config, weight and tokenizer files) and then read as above.
+
+Both formats go through :func:`build`: the model is built on the meta device (no allocation), the RoPE
+buffers are recomputed, every key and shape is checked before a tensor is read, shards are read one at a
+time and their tensors assigned (``load_state_dict(assign=True)``; files are memory-mapped, so with
+``dtype=None`` on CPU the parameters *are* the file pages), and tied weights are re-tied.
 
 The returned model (eval mode) carries its tokenizer as ``model.tokenizer``: a
 :class:`calmlm.tokenizer.Tokenizer` when the folder has ``tokenizer.json`` or ``tokenizer.model``, else None.
@@ -21,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import WeightFiles, model_config, native_weights, read_json
 from .errors import CheckpointError
 
 KINDS = ("autoencoder", "calm", "baseline")
@@ -49,12 +55,8 @@ def load(path_or_repo_id: str | Path, device: str | torch.device = "cpu", dtype:
     directory = resolve(path_or_repo_id, revision)
     fmt = detect_format(directory)
     if fmt == "native":
-        from .checkpoint import load_model
-
         model = load_model(directory, device=device, dtype=dtype, expect=kind)
     else:
-        from .reference import load_reference
-
         model = load_reference(directory, device=device, dtype=dtype, autoencoder=autoencoder)
         got = model.config.kind
         if kind is not None and got != kind:
@@ -100,8 +102,6 @@ def download(repo_id: str, revision: str | None = None) -> Path:
 
 def detect_format(directory: Path) -> str:
     """'native' (config.json has "kind") or 'reference' (config.json has "architectures"/"model_type")."""
-    from .reference import read_json
-
     config = directory / "config.json"
     if not config.is_file():
         present = sorted(p.name for p in directory.iterdir())[:10] if directory.is_dir() else []
@@ -141,3 +141,136 @@ def load_tokenizer_from(directory: Path, model: nn.Module | None = None) -> Any:
         else:
             check_vocab(tokenizer, vocab)
     return tokenizer
+
+
+# -- building a model from its weights -------------------------------------------------------------------
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               expect: str | None = None) -> nn.Module:
+    """A native checkpoint folder -> its model (eval mode); ``expect`` (a kind) rejects another kind."""
+    directory = Path(directory).expanduser()
+    config = model_config(directory, expect)
+    files = native_weights(directory)
+    return build(config, files, {k: k for k in files.shapes()}, str(directory), device, dtype)
+
+
+def load_reference(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                   autoencoder: str | Path | Any = None) -> nn.Module:
+    """A reference-format folder -> Autoencoder, CALM or BaselineLM (eval mode); see :func:`calmlm.reference.
+    translate` for ``autoencoder``."""
+    from .reference import translate
+
+    t = translate(directory, autoencoder)
+    ae = None
+    if t.autoencoder_dir is not None:
+        ae = load(t.autoencoder_dir, device=device, dtype=dtype, kind="autoencoder", load_tokenizer=False)
+    return build(t.config, t.files, t.rename, str(directory), device, dtype, autoencoder=ae)
+
+
+def unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with each tensor once, under its first name, and {alias: first name} for tied ones."""
+    first: dict[int, str] = {}
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in first:
+            aliases[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+            unique[name] = t
+    return unique, aliases
+
+
+def _summarise(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
+
+
+def check_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]], where: str,
+               rename: dict[str, str] | None = None, skip: str | None = None) -> None:
+    """Strict key and shape check of stored ``shapes`` (renamed by ``rename``) against ``model``, before any
+    tensor is read; tied aliases may be absent, ``skip`` is a prefix of weights that come from elsewhere.
+    Raises a CheckpointError listing missing/unexpected keys and shape mismatches."""
+    expected, aliases = unique_tensors(model)
+    if skip is not None:
+        expected = {k: v for k, v in expected.items() if not k.startswith(skip)}
+    target = {k: aliases.get(n, n) for k, n in ((k, (rename or {}).get(k, k)) for k in shapes)}
+
+    def shown(k: str) -> str:
+        return k if target[k] == k else f"{k} (-> {target[k]})"
+    missing = sorted(set(expected) - set(target.values()))
+    unexpected = sorted(shown(k) for k in shapes if target[k] not in expected)
+    mismatched = [f"{shown(k)}: checkpoint {tuple(s)} vs model {tuple(expected[target[k]].shape)}"
+                  for k, s in shapes.items() if target[k] in expected and tuple(s) != tuple(expected[target[k]].shape)]
+    problems = [f"{what} {_summarise(keys, limit)}" for what, keys, limit in (
+        ("missing keys", missing, 5), ("unexpected keys", unexpected, 5), ("shape mismatches", mismatched, 3)) if keys]
+    if problems:
+        raise CheckpointError(f"the weights in {where} do not match the {type(model).__name__} model of its config: "
+                              + "; ".join(problems) + ". config.json does not describe these weights (another model "
+                              "version, an edited config.json or an incomplete download); fix config.json, re-save or "
+                              "re-download the checkpoint")
+
+
+def full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """``state`` checked against ``model`` (see :func:`check_keys`), with absent tied aliases filled in."""
+    check_keys(model, {k: tuple(v.shape) for k, v in state.items()}, where)
+    _, aliases = unique_tensors(model)
+    full = dict(state)
+    for alias, name in aliases.items():
+        tensor = full.get(name, full.get(alias))
+        full.setdefault(name, tensor)
+        full.setdefault(alias, tensor)
+    return full
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Strictly copy ``state`` into ``model`` (tied weights stay tied)."""
+    model.load_state_dict(full_state_dict(model, state, where))
+
+
+def build(config: Any, files: WeightFiles, rename: dict[str, str], where: str, device: str | torch.device = "cpu",
+          dtype: torch.dtype | None = None, autoencoder: nn.Module | None = None) -> nn.Module:
+    """The model of ``config`` with the weights of ``files`` (stored key -> calmlm key by ``rename``), eval mode.
+
+    ``autoencoder``: a loaded autoencoder to put in a CALM whose folder holds none. Several stored keys may
+    name one tensor (tied weights, reference aliases): their values must agree, and one copy is kept."""
+    from .backbone import RotaryEmbedding
+    from .models import build_model
+
+    with torch.device("meta"):  # no allocation: every tensor will be assigned from the files
+        model = build_model(config)
+    if autoencoder is not None:
+        model.autoencoder = autoencoder
+    check_keys(model, files.shapes(), where, rename, skip="autoencoder." if autoencoder is not None else None)
+    _, aliases = unique_tensors(model)
+    placed: dict[str, torch.Tensor] = {}
+    for shard in files.iter_shards():
+        batch: dict[str, torch.Tensor] = {}
+        for key, tensor in shard.items():
+            if key not in rename:
+                continue  # a buffer calmlm recomputes
+            target = aliases.get(rename[key], rename[key])
+            if target in placed:
+                prev = placed[target]
+                if not (tensor.data_ptr() == prev.data_ptr() or torch.equal(tensor.to(prev.device, prev.dtype), prev)):
+                    raise CheckpointError(f"{where}: {key!r} should be an alias of the tensor loaded as {target!r} "
+                                          "but the values differ; the checkpoint is inconsistent")
+                continue
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            placed[target] = batch[target] = tensor.to(device)
+        model.load_state_dict(batch, strict=False, assign=True)
+        del shard, batch  # drop this shard's mapping before the next one is opened
+    for alias, name in aliases.items():  # assign replaced the shared Parameter: point the aliases at it again
+        module_name, _, leaf = alias.rpartition(".")
+        setattr(model.get_submodule(module_name), leaf, model.get_parameter(name))
+    for module in model.modules():  # non-persistent buffers are not in the files: recompute them
+        if isinstance(module, RotaryEmbedding):
+            fresh = RotaryEmbedding(2 * module.inv_freq.shape[0], config.rope_theta).inv_freq
+            module.register_buffer("inv_freq", fresh.to(device), persistent=False)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:  # cannot happen after check_keys, but a meta tensor would fail much later and obscurely
+        raise CheckpointError(f"internal error: tensors {left[:5]} of {where} were not loaded; please report this")
+    if hasattr(model, "autoencoder"):  # CALM: the autoencoder stays frozen
+        model.autoencoder.requires_grad_(False)
+    return model.eval()

@@ -11,27 +11,23 @@ safetensors equivalents). Three architectures are understood, named by ``config.
   (the reference does not save ``model_type``; the head is told from ``architectures`` and the weights)
 * ``LlamaForCausalLM``   -> :class:`calmlm.baseline.BaselineLM`
 
-Nothing here imports or subclasses reference code: the translation is the explicit table ``KEY_MAP`` (state
-dict keys) and the field tables below (``config.json``). Loading never holds two copies of the weights: the
-model is built on the meta device, every file is memory-mapped (``torch.load(mmap=True)`` or safetensors),
-shards are read one at a time, and tensors are assigned into the model (``load_state_dict(assign=True)``), so
-with ``dtype=None`` on CPU the parameters *are* the mapped file pages.
+Nothing here imports or subclasses reference code, and nothing builds a model: this module is a translation
+(like torchtitan's state-dict adapters), the explicit table ``KEY_MAP`` (state dict keys) and the field tables
+below (``config.json``). :func:`translate` turns a folder into a calmlm config plus renamed weight keys;
+:func:`calmlm.loading.build` then builds, fills, ties and checks as for a native checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
-from .config import AutoencoderConfig, BaselineConfig, CALMConfig, config_from_dict
+from .checkpoint import WEIGHT_FILES, WeightFiles, model_config, read_json
+from .config import AutoencoderConfig, BaselineConfig, CALMConfig
 from .errors import CheckpointError, ConfigError
 
 # ---------------------------------------------------------------------------------------------------
@@ -120,10 +116,6 @@ AUTOENCODER_FIELDS: dict[str, tuple[str, ...]] = {
     "initializer_range": ("initializer_range",),
 }
 
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-                "pytorch_model.bin")
-
-
 # ---------------------------------------------------------------------------------------------------
 # Keys
 
@@ -157,85 +149,6 @@ def map_keys(keys: Iterable[str], rules: Iterable[tuple[str, str]]) -> tuple[dic
         else:
             mapped[key] = target
     return mapped, unknown
-
-
-# ---------------------------------------------------------------------------------------------------
-# Weight files
-
-
-@dataclass
-class WeightFiles:
-    """The weights of a folder: one file or several shards (with the index that names each key's shard)."""
-
-    directory: Path
-    shards: list[str]
-    weight_map: dict[str, str] | None  # key -> shard file name, from the index; None for a single file
-    safetensors: bool
-    _shapes: dict[str, tuple[int, ...]] | None = None
-
-    @classmethod
-    def find(cls, directory: Path) -> WeightFiles | None:
-        """Safetensors are preferred when a folder has both (no pickle, same tensors)."""
-        for name in WEIGHT_FILES:
-            path = directory / name
-            if not path.is_file():
-                continue
-            safe = ".safetensors" in name
-            if name.endswith(".index.json"):
-                try:
-                    weight_map = json.loads(path.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise CheckpointError(f"{path} is not a valid shard index ({type(e).__name__}: {e}); "
-                                          "re-download the checkpoint") from None
-                shards = list(dict.fromkeys(weight_map.values()))
-                absent = [s for s in shards if not (directory / s).is_file()]
-                if absent:
-                    raise CheckpointError(f"{path} names shard files that are not in {directory}: {absent}; "
-                                          "the download is incomplete, fetch the missing files")
-                return cls(directory, shards, weight_map, safe)
-            return cls(directory, [name], None, safe)
-        return None
-
-    def load_shard(self, name: str) -> dict[str, torch.Tensor]:
-        """One shard as CPU tensors backed by the file's pages (no copy is made here)."""
-        path = self.directory / name
-        try:
-            if self.safetensors:
-                from safetensors.torch import load_file
-
-                return load_file(path, device="cpu")
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                # Files from torch < 1.6 (legacy format) cannot be mapped; this shard is then read in full.
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"cannot read weights file {path} ({type(e).__name__}: {e}); the file is "
-                                  "corrupt or not a checkpoint, re-download it") from None
-
-    def iter_shards(self) -> Iterator[dict[str, torch.Tensor]]:
-        for name in self.shards:
-            yield self.load_shard(name)
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every key's shape, read from headers (safetensors) or from the mapped state dicts (torch)."""
-        if self._shapes is None:
-            shapes: dict[str, tuple[int, ...]] = {}
-            for name in self.shards:
-                if self.safetensors:
-                    from safetensors import safe_open
-
-                    with safe_open(self.directory / name, framework="pt") as f:
-                        for key in f.keys():
-                            shapes[key] = tuple(f.get_slice(key).get_shape())
-                else:
-                    shapes.update({k: tuple(v.shape) for k, v in self.load_shard(name).items()})
-            self._shapes = shapes
-        return self._shapes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -428,28 +341,25 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Loading
+# The whole folder
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"no config.json in {path.parent}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the file is corrupt, re-download it") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} is not a JSON object; it is not a model config")
-    return data
+@dataclass
+class Translation:
+    """A reference folder in calmlm's terms: the config, the weight files and how their keys are renamed."""
+
+    config: AutoencoderConfig | CALMConfig | BaselineConfig
+    files: WeightFiles
+    rename: dict[str, str]  # every stored key but recomputed buffers -> its calmlm name (unknown keys: as is)
+    autoencoder_dir: Path | None = None  # a CALM folder without ae_model.* weights: the autoencoder is here
 
 
-def load_reference(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                   autoencoder: str | Path | AutoencoderConfig | None = None) -> nn.Module:
-    """Load a reference-format folder as an Autoencoder, CALM or BaselineLM (in eval mode).
+def translate(directory: str | Path, autoencoder: str | Path | AutoencoderConfig | None = None) -> Translation:
+    """Read a reference-format folder's config.json and weight index (no tensor is loaded).
 
-    ``dtype=None`` keeps the stored dtype. ``autoencoder`` (CALM only): a folder (either format) or config
-    that supplies the autoencoder's hyper-parameters instead of inferring them from the ``ae_model.*``
-    weights, and its weights when the CALM checkpoint holds none."""
+    ``autoencoder`` (CALM only): a folder (either format) or config that supplies the autoencoder's
+    hyper-parameters instead of inferring them from the ``ae_model.*`` weights, and its weights when the CALM
+    checkpoint holds none."""
     directory = Path(directory)
     where = str(directory / "config.json")
     cfg = read_json(directory / "config.json")
@@ -459,7 +369,7 @@ def load_reference(directory: str | Path, device: str | torch.device = "cpu", dt
         raise CheckpointError(f"{directory} has a config.json but no weights (looked for {', '.join(WEIGHT_FILES)}); "
                               "the download is incomplete")
     shapes = files.shapes()
-    ae_model: nn.Module | None = None
+    ae_dir = None
     if kind == "autoencoder":
         config: Any = autoencoder_config(cfg, shapes, where)
     elif kind == "baseline":
@@ -468,16 +378,14 @@ def load_reference(directory: str | Path, device: str | torch.device = "cpu", dt
         ae_config = None
         if autoencoder is not None:
             ae_config, ae_dir = _autoencoder_config_from(autoencoder)
-            if not any(k.startswith("ae_model.") for k in shapes):
-                if ae_dir is None:
-                    raise CheckpointError(f"{directory} holds no autoencoder weights (ae_model.*); pass the "
-                                          "autoencoder folder, not only its config")
-                from .loading import load  # both formats
-
-                ae_model = load(ae_dir, device=device, dtype=dtype, kind="autoencoder")
+            if any(k.startswith("ae_model.") for k in shapes):
+                ae_dir = None  # the CALM folder has its own copy of the autoencoder's weights
+            elif ae_dir is None:
+                raise CheckpointError(f"{directory} holds no autoencoder weights (ae_model.*); pass the "
+                                      "autoencoder folder, not only its config")
         config = calm_config(cfg, shapes, ae_config, where)
-    model = _load_into(config, files, kind, device, dtype, ae_model)
-    return model.eval()
+    mapped, unknown = map_keys(shapes, key_rules(kind, getattr(config, "tie_word_embeddings", False)))
+    return Translation(config, files, {**{k: k for k in unknown}, **mapped}, ae_dir)
 
 
 def _autoencoder_config_from(source: str | Path | AutoencoderConfig) -> tuple[AutoencoderConfig, Path | None]:
@@ -486,94 +394,8 @@ def _autoencoder_config_from(source: str | Path | AutoencoderConfig) -> tuple[Au
     directory = Path(source).expanduser()
     cfg = read_json(directory / "config.json")
     if "kind" in cfg:
-        config = config_from_dict(cfg)
-        if not isinstance(config, AutoencoderConfig):
-            raise CheckpointError(f"{directory} holds a {cfg['kind']!r} model, not an autoencoder")
-        return config, directory
+        return model_config(directory, expect="autoencoder"), directory
     if reference_kind(cfg, str(directory / "config.json")) != "autoencoder":
         raise CheckpointError(f"{directory} is not an autoencoder checkpoint (architectures {cfg.get('architectures')})")
     files = WeightFiles.find(directory)
     return autoencoder_config(cfg, files.shapes() if files else None, str(directory / "config.json")), directory
-
-
-def _listing(keys: list[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def _load_into(config: Any, files: WeightFiles, kind: str, device: str | torch.device, dtype: torch.dtype | None,
-               ae_model: nn.Module | None = None) -> nn.Module:
-    from .models import build_model
-
-    with torch.device("meta"):  # no allocation: every tensor will be assigned from the files
-        model = build_model(config)
-    if ae_model is not None:
-        model.autoencoder = ae_model.requires_grad_(False)
-    # Unique tensors only: a tied parameter (baseline lm_head) appears once, under its first name.
-    expected: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) not in seen:
-            seen.add(id(t))
-            expected[name] = t
-    if ae_model is not None:
-        expected = {k: v for k, v in expected.items() if not k.startswith("autoencoder.")}
-
-    rules = key_rules(kind, getattr(config, "tie_word_embeddings", False))
-    mapped, unexpected = map_keys(files.shapes(), rules)
-    # A key under a known prefix can still name a tensor the model does not have (e.g. an extra layer).
-    unexpected += [f"{k} (-> {t})" for k, t in mapped.items() if t not in expected]
-    missing = sorted(set(expected) - set(mapped.values()))
-    where = files.directory
-    if unexpected:
-        raise CheckpointError(f"{where}: {len(unexpected)} unexpected weight(s) in a {kind} checkpoint, with no "
-                              f"place in the model config.json describes: {_listing(sorted(unexpected))}; check "
-                              "that config.json belongs to these weights")
-    if missing:
-        raise CheckpointError(f"{where}: {len(missing)} weight(s) missing from the checkpoint (calmlm names): "
-                              f"{_listing(missing)}; the download is incomplete or config.json does not belong "
-                              "to these weights")
-
-    loaded: dict[str, torch.Tensor] = {}
-    for shard in files.iter_shards():
-        batch: dict[str, torch.Tensor] = {}
-        for ref_key, tensor in shard.items():
-            target = mapped.get(ref_key)
-            if target is None:
-                continue  # ignorable buffer
-            want = tuple(expected[target].shape)
-            if tuple(tensor.shape) != want:
-                raise CheckpointError(f"{where}: weight {ref_key!r} (calmlm {target!r}) has shape "
-                                      f"{tuple(tensor.shape)} but the config implies {want}; config.json does "
-                                      "not describe these weights")
-            if target in loaded:  # an alias of a tensor already placed: must be the same values
-                prev = loaded[target]
-                if not (tensor.data_ptr() == prev.data_ptr() or
-                        torch.equal(tensor.to(prev.device, prev.dtype), prev)):
-                    raise CheckpointError(f"{where}: {ref_key!r} should be an alias of the tensor loaded as "
-                                          f"{target!r} but the values differ; the checkpoint is inconsistent")
-                continue
-            if dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            tensor = tensor.to(device)
-            loaded[target] = batch[target] = tensor
-        model.load_state_dict(batch, strict=False, assign=True)
-        del shard, batch  # drop this shard's mapping before the next one is opened
-
-    if isinstance(config, BaselineConfig) and config.tie_word_embeddings:
-        model.lm_head.weight = model.backbone.embed_tokens.weight  # assign=True replaced the shared Parameter
-    _materialise_buffers(model, config, device)
-    return model
-
-
-def _materialise_buffers(model: nn.Module, config: Any, device: str | torch.device) -> None:
-    """Recompute the non-persistent buffers (RoPE frequencies), which the meta-device build left empty."""
-    from .backbone import RotaryEmbedding
-
-    for module in model.modules():
-        if isinstance(module, RotaryEmbedding) and module.inv_freq.is_meta:
-            fresh = RotaryEmbedding(config.head_dim, config.rope_theta).inv_freq
-            module.register_buffer("inv_freq", fresh.to(device), persistent=False)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise CheckpointError(f"internal error: tensors {left} were not loaded; please report this")

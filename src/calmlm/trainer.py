@@ -38,6 +38,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .data import stack_blocks
 from .errors import CheckpointError, ConfigError, DataError
+from .loading import full_state_dict, load_state_into, unique_tensors
 
 EvaluateFn = Callable[[nn.Module, Any], dict[str, float]]
 # control(step, training seconds) -> (evaluate now, stop now): extra evaluation points and stopping rules
@@ -544,9 +545,8 @@ class Trainer:
         opts = StateDictOptions(**_FULL_STATE)
         weights = get_model_state_dict(self.model, options=opts)
         full_optim = get_optimizer_state_dict(self.model, self.optimizer, options=opts)  # keyed by name
-        for group in ckpt._tie_groups(self.model):  # tied weights are stored once, under the first name
-            for alias in group[1:]:
-                weights.pop(alias, None)
+        for alias in unique_tensors(self.model)[1]:  # tied weights are stored once, under the first name
+            weights.pop(alias, None)
         optim: dict[str, Any] = {}
         if self.dist.is_main:  # the usual numbered format: hyperparameters from the optimizer, full tensors
             optim = self.optimizer.state_dict()
@@ -585,13 +585,13 @@ class Trainer:
         if self.fsdp:  # every rank reads the full weights and keeps its shard
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-            full = ckpt.check_state_dict(self.model, ckpt.read_weights(directory), str(directory))
+            full = full_state_dict(self.model, ckpt.read_weights(directory), str(directory))
             set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True))
             self._load_full_optimizer(directory)
         else:
             state = ckpt.read_weights(directory, self.device)
             with torch.no_grad():
-                ckpt.load_state_into(self.model, state, str(directory))
+                load_state_into(self.model, state, str(directory))
         info = ckpt.load_training_state(directory, None if self.fsdp else self.optimizer, self.scheduler)
         self.step = info["step"]
         self.train_seconds = float(info["extra"].get("train_seconds", 0.0))

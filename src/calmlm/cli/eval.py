@@ -69,15 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def load_model(path: str, device: str | None = None, tokenizer: str | None = None) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer or None). Uses calmlm.loading.load when present (any format)."""
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        from ..loading import load
-    except ImportError:
-        load = None
-    if load is not None:
-        model = load(path, device=dev)
-    else:
-        from ..checkpoint import load_model as load_checkpoint
-        model = load_checkpoint(path, device=dev)
+    from ..loading import load
+
+    model = load(path, device=dev)
     kind = getattr(getattr(model, "config", None), "kind", None)
     if kind not in ("calm", "baseline"):
         raise CalmError(f"{path} is {'an autoencoder' if kind == 'autoencoder' else f'a {kind!r} model'}; "
