@@ -9,7 +9,8 @@ import torch
 
 from calmlm.config import baseline_preset
 from calmlm.models import build_model
-from calmlm.trainer import Trainer, TrainConfig, cleanup_distributed
+from calmlm.distributed import cleanup_distributed
+from calmlm.trainer import Trainer, TrainConfig
 
 
 class Blocks:

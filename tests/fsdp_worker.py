@@ -20,7 +20,8 @@ import torch
 
 from calmlm.config import autoencoder_preset, baseline_preset, calm_preset
 from calmlm.models import build_model
-from calmlm.trainer import Trainer, TrainConfig, cleanup_distributed
+from calmlm.distributed import cleanup_distributed
+from calmlm.trainer import Trainer, TrainConfig
 from calmlm.workflows import autoencoder_eval_fn, brier_eval_fn
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -9,7 +9,8 @@ import torch
 from calmlm.baseline import BaselineLM
 from calmlm.config import baseline_preset
 from calmlm.finetune import SFTDataset, TokenizedExample
-from calmlm.trainer import Trainer, TrainConfig, cleanup_distributed
+from calmlm.distributed import cleanup_distributed
+from calmlm.trainer import Trainer, TrainConfig
 
 EOS = 2
 

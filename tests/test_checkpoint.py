@@ -158,7 +158,7 @@ def test_training_state_round_trip(tmp_path):
     random.seed(3)
     rng = rng_state()
     expected = (torch.rand(3), np.random.rand(3), random.random())
-    save_model(model, tmp_path / "ck", training_state=dict(optimizer=opt, scheduler=sched, step=5, rng=rng,
+    save_model(model, tmp_path / "ck", training_state=dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=5, rng=rng,
                                                             data_state={"epoch": 1, "position": 4}, extra={"a": 1}))
     opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 0.5 ** s)

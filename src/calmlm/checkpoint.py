@@ -116,15 +116,15 @@ def _write_json(path: Path, data: Any) -> None:
 
 # -- saving ----------------------------------------------------------------------------------------------
 
-def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with each shared tensor stored once (safetensors refuses aliases).
+def _unique_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each shared tensor stored once (safetensors refuses aliases), on the CPU.
 
     Identical aliases (tied weights) keep their first name; the model built from the config re-ties them on
     load. Other overlapping views are copied, so the file never depends on memory sharing."""
     out: dict[str, torch.Tensor] = {}
     seen: dict[tuple[Any, ...], str] = {}
     storages: set[int] = set()
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         t = t.detach()
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
         if t.numel() and key in seen:
@@ -134,36 +134,46 @@ def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if t.numel() and (ptr in storages or not t.is_contiguous()):
             t = t.contiguous().clone()
         storages.add(ptr)
-        out[name] = t.cpu() if t.device.type != "cpu" else t
+        out[name] = t.cpu()
     return out
 
 
-def write_weights(model: nn.Module, directory: Path, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> None:
-    """Write the weights into an existing directory (not atomic by itself; see ``save_model``): one
+def write_weights(weights: dict[str, torch.Tensor], directory: Path,
+                  max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> None:
+    """Write a state dict into an existing directory (not atomic by itself; see ``save_model``): one
     safetensors file, or shards + index in the Hugging Face layout, by ``huggingface_hub``'s own writer."""
     from huggingface_hub import save_torch_state_dict
 
     if max_shard_size <= 0:
         raise CheckpointError(f"max_shard_size must be positive, got {max_shard_size}")
-    save_torch_state_dict(_unique_state_dict(model), directory, max_shard_size=max_shard_size,
+    save_torch_state_dict(_unique_state_dict(weights), directory, max_shard_size=max_shard_size,
                           metadata={"format": "pt"})
 
 
 def save_model(model: nn.Module, directory: str | Path, tokenizer: Any = None,
                metadata: dict[str, Any] | None = None, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
                training_state: dict[str, Any] | None = None) -> Path:
-    """Save ``model`` (its config, weights, optionally a tokenizer) as a checkpoint directory, atomically.
-
-    ``metadata`` is merged into ``config.json`` (model config keys win). ``training_state`` holds the keyword
-    arguments of :func:`save_training_state`, written in the same atomic step."""
+    """Save ``model`` (its config, weights, optionally a tokenizer) as a checkpoint directory, atomically;
+    see :func:`save_checkpoint`."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise CheckpointError(f"{type(model).__name__} has no calmlm config (.config.to_dict()); only calmlm "
                               "models (autoencoder, CALM, baseline) can be saved as checkpoints")
+    return save_checkpoint(directory, config, model.state_dict(), tokenizer, metadata, max_shard_size=max_shard_size,
+                           training_state=training_state)
+
+
+def save_checkpoint(directory: str | Path, config: Any, weights: dict[str, torch.Tensor], tokenizer: Any = None,
+                    metadata: dict[str, Any] | None = None, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                    training_state: dict[str, Any] | None = None) -> Path:
+    """Save a model config and its state dict (+ a tokenizer) as a checkpoint directory, atomically.
+
+    ``metadata`` is merged into ``config.json`` (model config keys win). ``training_state`` holds the keyword
+    arguments of :func:`save_training_state`, written in the same atomic step."""
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         _write_json(tmp / CONFIG_FILE, {**(metadata or {}), **config.to_dict()})
-        write_weights(model, tmp, max_shard_size)
+        write_weights(weights, tmp, max_shard_size)
         if tokenizer is not None:
             tokenizer.save(tmp)
         if training_state is not None:
@@ -399,26 +409,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
                 torch.cuda.set_rng_state(s, i)
 
 
-def save_training_state(directory: str | Path, optimizer: torch.optim.Optimizer | None = None,
-                        scheduler: Any = None, step: int = 0, rng: Any = None,
+def save_training_state(directory: str | Path, optimizer: dict[str, Any] | None = None,
+                        scheduler: dict[str, Any] | None = None, step: int = 0, rng: Any = None,
                         data_state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
-    """Write ``trainer_state.json`` (step, data position, extra — JSON) and ``optimizer.pt`` (optimizer +
-    scheduler state) and ``rng_state.pt`` into ``directory``. ``rng`` is a state from :func:`rng_state` or a
-    list of them (one per rank). Pass it through ``save_model(training_state=...)`` for an atomic write."""
+    """Write ``trainer_state.json`` (step, data position, extra — JSON) and ``optimizer.pt`` (the optimizer and
+    scheduler state dicts) and ``rng_state.pt`` into ``directory``. ``rng`` is a state from :func:`rng_state` or
+    a list of them (one per rank). Pass it through ``save_model(training_state=...)`` for an atomic write."""
     directory = Path(directory)
     _write_json(directory / TRAINER_STATE_FILE,
                 {"step": int(step), "data_state": data_state, "extra": extra or {}})
-    torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
-                "scheduler": scheduler.state_dict() if scheduler is not None else None},
-               directory / OPTIMIZER_FILE)
+    torch.save({"optimizer": optimizer, "scheduler": scheduler}, directory / OPTIMIZER_FILE)
     if rng is not None:
         torch.save({"rng": rng}, directory / RNG_FILE)
 
 
-def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer | None = None,
-                        scheduler: Any = None) -> dict[str, Any]:
-    """Restore optimizer/scheduler state in place; returns {"step", "data_state", "extra", "rng"} (rng is
-    what was saved — a state or a list of per-rank states — or None; apply it with :func:`set_rng_state`)."""
+def read_training_state(directory: str | Path) -> dict[str, Any]:
+    """{"step", "data_state", "extra", "rng", "optimizer", "scheduler"} of a checkpoint: rng is what was saved
+    (a state or a list of per-rank states) or None, apply it with :func:`set_rng_state`; optimizer and scheduler
+    are state dicts (or None)."""
     directory = Path(directory)
     path = directory / TRAINER_STATE_FILE
     if not path.is_file():
@@ -430,16 +438,28 @@ def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer 
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e}); resume from another checkpoint") from None
     opt = _torch_load(directory / OPTIMIZER_FILE)
-    try:
-        if optimizer is not None and opt.get("optimizer") is not None:
-            optimizer.load_state_dict(opt["optimizer"])
-        if scheduler is not None and opt.get("scheduler") is not None:
-            scheduler.load_state_dict(opt["scheduler"])
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"the optimizer state in {directory / OPTIMIZER_FILE} does not fit this model's "
-                              f"parameters ({e}); resume with the same model and trainable parameters") from None
     rng = _torch_load(directory / RNG_FILE)["rng"] if (directory / RNG_FILE).is_file() else None
-    return {"step": step, "data_state": info.get("data_state"), "extra": info.get("extra") or {}, "rng": rng}
+    return {"step": step, "data_state": info.get("data_state"), "extra": info.get("extra") or {}, "rng": rng,
+            "optimizer": opt.get("optimizer"), "scheduler": opt.get("scheduler")}
+
+
+def optimizer_mismatch(directory: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"the optimizer state in {directory / OPTIMIZER_FILE} does not fit this model's "
+                           f"parameters ({e}); resume with the same model and trainable parameters")
+
+
+def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer | None = None,
+                        scheduler: Any = None) -> dict[str, Any]:
+    """:func:`read_training_state`, with the optimizer/scheduler state restored in place."""
+    info = read_training_state(directory)
+    try:
+        if optimizer is not None and info["optimizer"] is not None:
+            optimizer.load_state_dict(info["optimizer"])
+        if scheduler is not None and info["scheduler"] is not None:
+            scheduler.load_state_dict(info["scheduler"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise optimizer_mismatch(Path(directory), e) from None
+    return info
 
 
 def _torch_load(path: Path) -> Any:

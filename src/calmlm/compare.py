@@ -214,7 +214,7 @@ class Comparison:
     # -- the runs --------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         from .flops import autoencoder_training_flops_per_token, training_flops_per_token
-        from .trainer import setup_distributed
+        from .distributed import setup_distributed
 
         c = self.cfg
         setup_distributed()  # under torchrun every rank takes part in every run

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -27,18 +26,17 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint as ckpt
 from .data import stack_blocks
 from .errors import CheckpointError, ConfigError, DataError
-from .loading import full_state_dict, load_state_into, unique_tensors
+from .distributed import Parallel, all_reduce, rank_and_world
+from .loading import full_state_dict, unique_tensors
 
 EvaluateFn = Callable[[nn.Module, Any], dict[str, float]]
 # control(step, training seconds) -> (evaluate now, stop now): extra evaluation points and stopping rules
@@ -166,104 +164,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-# -- distributed ---------------------------------------------------------------------------------------
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> DistInfo:
-    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU.
-    Returns this process's rank, world size and device; a single process gets rank 0 of 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    return DistInfo(rank, world, local, device)
-
-
-def cleanup_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-# -- FSDP2 -------------------------------------------------------------------------------------------------
-
-def _broadcast_from_rank0(model: nn.Module, device: torch.device) -> None:
-    """Give every rank rank 0's initial weights, as DDP does, one tensor at a time through ``device`` (so the
-    whole model never has to sit there unsharded)."""
-    with torch.no_grad():
-        for t in itertools.chain(model.parameters(), model.buffers()):
-            buf = t.to(device)
-            dist.broadcast(buf, 0)
-            t.copy_(buf)
-
-
-def shard_model(model: nn.Module, device: torch.device, world_size: int, bf16: bool = False) -> nn.Module:
-    """Apply FSDP2 in place: each transformer block (backbone ``DecoderLayer``, autoencoder ``ResidualMLP``) is
-    one unit, all-gathered just before it runs and freed after; the root unit holds the rest (embeddings,
-    heads, norms, so tied weights stay in one unit). Frozen parameters (CALM's autoencoder) are left whole on
-    every rank: they need no gradient sync, and CALM calls its autoencoder through methods that FSDP's
-    forward hooks would not see. ``model`` may be on the CPU: each unit is moved to ``device`` as it is sharded.
-    ``bf16``: gather parameters in bf16 for compute, reduce gradients in fp32 (master weights stay fp32)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    from .backbone import DecoderLayer
-    from .layers import ResidualMLP
-
-    _broadcast_from_rank0(model, device)
-    mesh = init_device_mesh(device.type, (world_size,))
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
-          else MixedPrecisionPolicy())
-    frozen = {p for p in model.parameters() if not p.requires_grad}
-    with torch.no_grad():
-        for p in frozen:
-            p.data = p.data.to(device)  # fully_shard does not move ignored parameters
-    for block in [m for m in model.modules() if isinstance(m, (DecoderLayer, ResidualMLP))]:
-        if not any(p in frozen for p in block.parameters()):
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-    return fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=frozen or None)
-
-
-_FULL_STATE = dict(full_state_dict=True, cpu_offload=True)  # gathered one tensor at a time onto rank 0's CPU
-
-
-def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Parameter names in the order ``Optimizer.state_dict`` numbers the parameters."""
-    names = {p: n for n, p in model.named_parameters()}
-    return [names[p] for g in optimizer.param_groups for p in g["params"]]
-
-
-class _Gathered(nn.Module):
-    """What ``save_model`` sees of an FSDP model on rank 0: its config and the gathered full state dict."""
-
-    def __init__(self, config: Any, state: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.config, self.full_state = config, state
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        return self.full_state
-
-
 # -- data ------------------------------------------------------------------------------------------------
 
 def _block_size_of(data: Any) -> int:
@@ -299,7 +199,7 @@ def evaluate_loss(model: nn.Module, data: Any, batch_size: int, num_batches: int
                   autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
     """Mean loss and model metrics over the first ``num_batches * batch_size`` validation blocks, in eval
     mode without gradients; under DDP each rank takes every world_size-th block and results are averaged."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    rank, world = rank_and_world()
     n = min(len(data), num_batches * batch_size)
     mine = list(range(rank, n, world))
     was_training = model.training
@@ -318,9 +218,7 @@ def evaluate_loss(model: nn.Module, data: Any, batch_size: int, num_batches: int
     finally:
         model.train(was_training)
     keys = sorted(sums)
-    vec = torch.stack([sums[k] for k in keys] + [count]) if keys else count.view(1)
-    if _distributed():
-        dist.all_reduce(vec)
+    vec = all_reduce(torch.stack([sums[k] for k in keys] + [count]) if keys else count.view(1))
     total = vec[-1].item()
     return {k: vec[i].item() / max(total, 1.0) for i, k in enumerate(keys)}
 
@@ -383,28 +281,19 @@ class Trainer:
 
     def __init__(self, model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig,
                  tokenizer: Any = None, evaluate_fn: EvaluateFn | None = None, resume: bool = False,
-                 device: str | torch.device | None = None, metadata: dict[str, Any] | None = None) -> None:
+                 device: str | torch.device | None = None, metadata: dict[str, Any] | None = None,
+                 parallel: Parallel | None = None) -> None:
         self.config, self.tokenizer, self.evaluate_fn = config, tokenizer, evaluate_fn
         self.train_data, self.val_data, self.resume, self.metadata = train_data, val_data, resume, metadata
-        self.dist = setup_distributed()
+        self.parallel = parallel if parallel is not None else Parallel(config.distributed)
+        self.dist = self.parallel.info
         self.device = torch.device(device) if device is not None else self.dist.device
         self.out_dir = Path(config.out_dir).expanduser()
         self.block_size = self._check_data(model)
         self.precision = resolve_precision(config.precision, self.device)
         self.use_bf16 = self.precision == "bf16"
-        self.fsdp = config.distributed == "fsdp" and self.dist.world_size > 1
-        self.fsdp_bf16 = self.fsdp and self.use_bf16 and self.device.type == "cuda"  # on the CPU plain fp32
-        self.model = model if self.fsdp else model.to(self.device)
-        self.engine: nn.Module = self.model
-        self.ddp: Any = None
-        if self.fsdp:  # before the optimizer is built: FSDP replaces the parameters by sharded DTensors
-            shard_model(self.model, self.device, self.dist.world_size, bf16=self.fsdp_bf16)
-        elif self.dist.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            # every trainable parameter gets a gradient each step (CALM's frozen autoencoder has none to
-            # sync), so find_unused_parameters is not needed; no model has buffers that change
-            self.engine = self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                              broadcast_buffers=False)
+        self.fsdp_bf16 = self.parallel.fsdp and self.use_bf16 and self.device.type == "cuda"  # CPU: plain fp32
+        self.model, self.engine = self.parallel.wrap(model, self.device, bf16=self.fsdp_bf16)
         self._check_out_dir()
         self.step = 0
         self.optimizer = torch.optim.AdamW(
@@ -466,28 +355,6 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    @contextlib.contextmanager
-    def _unsharded(self) -> Iterator[None]:
-        """Under FSDP, all-gather every unit once (same units, same order on every rank) and keep the full
-        parameters until the block ends. Evaluation runs a different number of forwards on each rank and
-        calls model methods that bypass FSDP's hooks, so it must not trigger any collective itself."""
-        if not self.fsdp:
-            yield
-            return
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-
-        fully_shard.state(self.model)._lazy_init()  # fix the root even if no training forward ran yet
-        units = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
-        for m in units:
-            m.set_reshard_after_forward(False, recurse=False)
-            m.unshard()
-        try:
-            yield
-        finally:
-            for m in units:
-                m.reshard()
-                m.set_reshard_after_forward(m is not self.model, recurse=False)  # FSDP's defaults again
-
     @property
     def checkpoint_dir(self) -> Path:
         return self.out_dir / CHECKPOINT_DIR
@@ -513,62 +380,22 @@ class Trainer:
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, path)
 
-    def _gather_rng(self) -> Any:
-        state = ckpt.rng_state()
-        if not _distributed():
-            return state
-        states: list[Any] = [None] * self.dist.world_size
-        dist.all_gather_object(states, state)
-        return states
-
     # -- checkpoints -------------------------------------------------------------------------------------
     def save(self) -> None:
         """Atomic checkpoint of weights + optimizer + scheduler + step + RNG (all ranks) + data position."""
-        rng = self._gather_rng()  # collective: every rank takes part
-        model, optimizer = self._gather_full_state() if self.fsdp else (self.model, self.optimizer)
+        rng = self.parallel.gather(ckpt.rng_state())  # collectives: every rank takes part
+        weights, optimizer = self.parallel.full_state(self.model, self.optimizer)
         if self.dist.is_main:
-            state = {"optimizer": optimizer, "scheduler": self.scheduler, "step": self.step, "rng": rng,
+            for alias in unique_tensors(self.model)[1]:  # tied weights are stored once, under the first name
+                weights.pop(alias, None)
+            state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "step": self.step, "rng": rng,
                      "data_state": self.sampler.state_dict(),
                      "extra": {"train_config": self.config.to_dict(), "world_size": self.dist.world_size,
                                "train_seconds": self.train_seconds}}
             meta = {**(self.metadata or {}), "step": self.step}
-            ckpt.save_model(model, self.checkpoint_dir, self.tokenizer, meta, training_state=state)
-        if _distributed():
-            dist.barrier()
-
-    def _gather_full_state(self) -> tuple[nn.Module, Any]:
-        """FSDP (collective): stand-ins for the model and optimizer whose ``state_dict()`` (valid on rank 0)
-        is the full, unsharded state in the usual format, so the checkpoint is the same as without FSDP."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-
-        opts = StateDictOptions(**_FULL_STATE)
-        weights = get_model_state_dict(self.model, options=opts)
-        full_optim = get_optimizer_state_dict(self.model, self.optimizer, options=opts)  # keyed by name
-        for alias in unique_tensors(self.model)[1]:  # tied weights are stored once, under the first name
-            weights.pop(alias, None)
-        optim: dict[str, Any] = {}
-        if self.dist.is_main:  # the usual numbered format: hyperparameters from the optimizer, full tensors
-            optim = self.optimizer.state_dict()
-            names = _param_names(self.model, self.optimizer)
-            optim["state"] = {i: full_optim["state"][n] for i, n in enumerate(names) if n in full_optim["state"]}
-        return _Gathered(self.model.config, weights), SimpleNamespace(state_dict=lambda: optim)
-
-    def _load_full_optimizer(self, directory: Path) -> None:
-        """FSDP: load the full optimizer state of a checkpoint on every rank; each keeps its own shard."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        saved = ckpt._torch_load(directory / ckpt.OPTIMIZER_FILE)["optimizer"]
-        names = _param_names(self.model, self.optimizer)
-        try:
-            groups = [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]
-            by_name = {"state": {names[i]: s for i, s in saved["state"].items()}, "param_groups": groups}
-            set_optimizer_state_dict(self.model, self.optimizer, by_name,
-                                     options=StateDictOptions(full_state_dict=True))
-        except (ValueError, KeyError, IndexError, RuntimeError) as e:
-            raise CheckpointError(f"the optimizer state in {directory / ckpt.OPTIMIZER_FILE} does not fit this "
-                                  f"model's parameters ({e}); resume with the same model and trainable "
-                                  "parameters") from None
+            ckpt.save_checkpoint(self.checkpoint_dir, self.model.config, weights, self.tokenizer, meta,
+                                 training_state=state)
+        self.parallel.barrier()
 
     def load(self, directory: str | Path) -> None:
         directory = Path(directory).expanduser()
@@ -582,17 +409,17 @@ class Trainer:
         if saved.get("kind") != mine.get("kind") or diff:
             raise CheckpointError(f"the checkpoint {directory} is for another model (kind {saved.get('kind')!r}, "
                                   f"differing fields {diff}); resume with the same model config")
-        if self.fsdp:  # every rank reads the full weights and keeps its shard
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-            full = full_state_dict(self.model, ckpt.read_weights(directory), str(directory))
-            set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True))
-            self._load_full_optimizer(directory)
-        else:
-            state = ckpt.read_weights(directory, self.device)
-            with torch.no_grad():
-                load_state_into(self.model, state, str(directory))
-        info = ckpt.load_training_state(directory, None if self.fsdp else self.optimizer, self.scheduler)
+        # every rank reads the full weights (on the CPU under FSDP) and keeps its part
+        weights = ckpt.read_weights(directory, "cpu" if self.parallel.fsdp else self.device)
+        info = ckpt.read_training_state(directory)
+        with torch.no_grad():
+            self.parallel.load_weights(self.model, full_state_dict(self.model, weights, str(directory)))
+        try:
+            self.parallel.load_optimizer(self.model, self.optimizer, info["optimizer"])
+            if info["scheduler"] is not None:
+                self.scheduler.load_state_dict(info["scheduler"])
+        except (ValueError, KeyError, IndexError, RuntimeError) as e:
+            raise ckpt.optimizer_mismatch(directory, e) from None
         self.step = info["step"]
         self.train_seconds = float(info["extra"].get("train_seconds", 0.0))
         if info["data_state"] is not None:
@@ -610,7 +437,7 @@ class Trainer:
         cfg = self.config
         # FSDP's bf16 policy gathers bf16 parameters: evaluate_fn needs autocast to mix them with fp32 tensors
         fn_autocast = self.autocast if self.fsdp_bf16 else contextlib.nullcontext
-        with _fixed_rng(cfg.seed + 10_007 + self.dist.rank, self.device), self._unsharded():
+        with _fixed_rng(cfg.seed + 10_007 + self.dist.rank, self.device), self.parallel.unsharded(self.model):
             out = evaluate_loss(self.model, self.val_data, cfg.batch_size, max(1, cfg.eval_batches), self.device,
                                 self.autocast)
             result = {f"val_{k}": v for k, v in out.items()}
@@ -636,11 +463,7 @@ class Trainer:
             idx = next(self.sampler)
             batch = stack_blocks(self.train_data, idx)
             last = micro == cfg.grad_accum - 1
-            # skip the gradient all-reduce / reduce-scatter on all but the last micro-step
-            sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
-            if self.fsdp:
-                self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
-            with sync:
+            with self.parallel.sync_gradients(self.model, last):  # gradients are synced on the last micro-step
                 with self.autocast():
                     out = _forward(self.engine, batch, self.device)
                 (out.loss / cfg.grad_accum).backward()
@@ -704,10 +527,8 @@ class Trainer:
                 last = self.step == end or stop
                 if self.step % cfg.log_every == 0 or last:
                     keys = sorted(acc_metrics)
-                    vec = torch.stack([acc_loss, acc_norm] + [acc_metrics[k] for k in keys]) / window_steps
-                    if _distributed():
-                        dist.all_reduce(vec)
-                        vec /= self.dist.world_size
+                    vec = all_reduce(torch.stack([acc_loss, acc_norm] + [acc_metrics[k] for k in keys]) / window_steps,
+                                     mean=True)
                     now = time.perf_counter()
                     vals = vec.tolist()  # the only host sync of the loop
                     if not math.isfinite(vals[0]):
@@ -749,12 +570,7 @@ class Trainer:
             return False
         elapsed = time.perf_counter() - start
         per_step = elapsed / max(1, self.step - first_step)
-        over = elapsed + 2 * per_step > budget
-        if not _distributed():
-            return over
-        flag = torch.tensor(float(over), device=self.device)
-        dist.broadcast(flag, 0)  # every rank must stop at the same step (collectives follow)
-        return bool(flag.item())
+        return self.parallel.agree(elapsed + 2 * per_step > budget, self.device)  # every rank stops at one step
 
 
 def train(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig, tokenizer: Any = None,
