@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from calmlm import workflows as wf
+from calmlm.cli import training as tr
 from calmlm.checkpoint import read_weights
 from calmlm.loading import load_model
 from calmlm.cli import build_parser
@@ -52,7 +52,7 @@ def test_distributed_option_is_validated_and_on_the_cli():
     for command, required in (("train", ["--autoencoder", "ae"]), ("train-ae", []), ("train-baseline", [])):
         for flag, mode in (([], "ddp"), (["--distributed", "fsdp"], "fsdp")):
             args = build_parser().parse_args([command, "--out", "run", *required, *flag])
-            assert wf.train_config(args).distributed == mode
+            assert tr.train_config(args).distributed == mode
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train-baseline", "--out", "run", "--distributed", "zero3"])
 

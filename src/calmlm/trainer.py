@@ -24,7 +24,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,31 +48,41 @@ TRAIN_CONFIG_FILE = "train_config.json"
 RUN_FILE = "run.json"  # what produced the run: code version, resolved train and model configs, data record
 
 
+def _field(default: Any, help: str, **metadata: Any) -> Any:
+    return field(default=default, metadata={"help": help, **metadata})
+
+
 @dataclass
 class TrainConfig:
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
-    warmup_steps: int = 0  # linear warm-up from lr/warmup_steps to lr
-    schedule: str = "cosine"  # "constant" | "cosine" (after warm-up)
-    weight_decay: float = 0.1  # on >=2-D weights (matrices and embeddings); never on norms/biases/frozen params
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
-    batch_size: int = 8  # blocks per micro-batch per rank
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 1000
-    eval_every: int = 200  # 0: only at the end
-    eval_batches: int = 20  # validation micro-batches (of batch_size blocks, across all ranks)
-    save_every: int = 500  # 0: only at the end
-    log_every: int = 10
-    seed: int = 0
-    block_size: int | None = None  # tokens per block; None: taken from the data
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA and on CPUs with AMX, else fp32) | "fp32" | "bf16"
-    compile: bool = False
-    distributed: str = "ddp"  # under torchrun: "ddp" (replicate) | "fsdp" (FSDP2: shard params/grads/optimizer)
-    time_budget_s: float | None = None  # stop cleanly (eval + save) before this much wall time
-    out_dir: str = "runs/run"
-    progress: bool = True  # tqdm bar on rank 0
+    """Optimisation and run settings; the training commands' flags are generated from these fields."""
+
+    lr: float = _field(3e-4, "peak learning rate")
+    min_lr_ratio: float = _field(0.1, "the cosine schedule decays to lr * min_lr_ratio at max_steps")
+    warmup_steps: int = _field(0, "linear warm-up from lr/warmup_steps to lr")
+    schedule: str = _field("cosine", "LR after warm-up", choices=("constant", "cosine"))
+    weight_decay: float = _field(0.1, "AdamW decay on >=2-D weights (matrices, embeddings); never on norms, "
+                                      "biases or frozen parameters")
+    betas: tuple[float, float] = _field((0.9, 0.95), "AdamW betas")
+    eps: float = _field(1e-8, "AdamW epsilon")
+    grad_clip: float = _field(1.0, "max global gradient norm; 0 disables clipping")
+    batch_size: int = _field(8, "blocks per micro-batch per rank (GPU)")
+    grad_accum: int = _field(1, "micro-batches per optimizer step")
+    max_steps: int = _field(1000, "optimizer steps")
+    eval_every: int = _field(200, "evaluate every N steps; 0: only at the end")
+    eval_batches: int = _field(20, "validation micro-batches per evaluation (of batch_size blocks, all ranks)")
+    save_every: int = _field(500, "checkpoint every N steps; 0: only at the end")
+    log_every: int = _field(10, "log training metrics every N steps")
+    seed: int = _field(0, "random seed (also of the validation split)")
+    block_size: int | None = _field(None, "tokens per block; None: taken from the data")
+    precision: str = _field("auto", "auto: bf16 autocast on CUDA and on CPUs with AMX, else fp32",
+                            choices=("auto", "fp32", "bf16"))
+    compile: bool = _field(False, "torch.compile the model")
+    distributed: str = _field("ddp", "under torchrun: replicate the model on every GPU (ddp) or shard parameters, "
+                                     "gradients and optimizer state across them (fsdp, FSDP2) for models that do "
+                                     "not fit one GPU", choices=("ddp", "fsdp"))
+    time_budget_s: float | None = _field(None, "stop cleanly (eval + save) before this much wall time")
+    out_dir: str = _field("runs/run", "run folder")
+    progress: bool = _field(True, "tqdm progress bar on rank 0")
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]  # JSON gives a list

@@ -6,7 +6,6 @@ training state), ``metrics.jsonl`` and ``train_config.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,87 +33,6 @@ class DataOptions:
         """What ``calm eval`` needs to rebuild the validation split."""
         return {"spec": self.data, "val_data": self.val_data, "val_fraction": self.val_fraction,
                 "seed": self.seed, "text_field": self.text_field, "cache_dir": self.cache_dir}
-
-
-def add_data_args(p: argparse.ArgumentParser, block_size: int = 256) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help="corpus: file, folder, glob, .jsonl, hf:NAME (default: the Python "
-                                                "standard library of this interpreter)")
-    g.add_argument("--val-data", default=None, help="separate validation corpus (default: hold out --val-fraction)")
-    g.add_argument("--val-fraction", type=float, default=0.02)
-    g.add_argument("--text-field", default="text", help="JSON field holding the text")
-    g.add_argument("--block-size", type=int, default=block_size, help="tokens per training block")
-    g.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where tokenised corpora are cached")
-
-
-def add_head_args(p: argparse.ArgumentParser, sampling_only: bool = False) -> None:
-    """The generative head's options (CALMConfig fields); None keeps the preset's / checkpoint's value."""
-    from .config import FLOW_SOLVERS, HEAD_TYPES
-
-    g = p.add_argument_group("generative head (CALM)")
-    if not sampling_only:
-        g.add_argument("--head", choices=HEAD_TYPES, default=None,
-                       help="energy (default; one network call per sample), flow (flow matching) or diffusion")
-    g.add_argument("--flow-steps", type=int, default=None, metavar="N",
-                   help="flow head: network calls per sample (default 20; the midpoint solver takes N/2 steps)")
-    g.add_argument("--flow-solver", choices=FLOW_SOLVERS, default=None, help="flow head: ODE solver (default midpoint)")
-    if not sampling_only:
-        g.add_argument("--diffusion-steps", type=int, default=None, metavar="T",
-                       help="diffusion head: training timesteps of the cosine schedule (default 1000)")
-    g.add_argument("--diffusion-sample-steps", type=int, default=None, metavar="S",
-                   help="diffusion head: reverse steps of the respaced sampling chain (default 100)")
-
-
-def head_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The head options given on the command line, as CALMConfig fields."""
-    names = ("head", "flow_steps", "flow_solver", "diffusion_steps", "diffusion_sample_steps")
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-
-
-def apply_head_options(model: Any, args: argparse.Namespace) -> None:
-    """Apply --flow-steps / --flow-solver / --diffusion-sample-steps to a loaded CALM model."""
-    options = head_options(args)
-    if options and getattr(model.config, "kind", None) == "calm":
-        model.set_head_options(**options)
-
-
-def add_train_args(p: argparse.ArgumentParser, lr: float = 1e-3, batch_size: int = 16) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--out", required=True, help="run folder")
-    g.add_argument("--max-steps", type=int, default=2000)
-    g.add_argument("--minutes", type=float, default=None, help="stop cleanly (eval + save) after this many minutes")
-    g.add_argument("--lr", type=float, default=lr)
-    g.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
-    g.add_argument("--warmup-steps", type=int, default=100)
-    g.add_argument("--batch-size", type=int, default=batch_size, help="blocks per micro-batch (per GPU)")
-    g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--eval-every", type=int, default=500)
-    g.add_argument("--save-every", type=int, default=500)
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--distributed", choices=["ddp", "fsdp"], default="ddp",
-                   help="under torchrun: replicate the model on every GPU (ddp) or shard parameters, gradients "
-                        "and optimizer state across them (fsdp, FSDP2) for models that do not fit one GPU")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--resume", action="store_true", help="continue exactly from the run folder's checkpoint")
-    g.add_argument("--device", default=None)
-    g.add_argument("--no-progress", action="store_true")
-
-
-def data_options(args: argparse.Namespace) -> DataOptions:
-    return DataOptions(args.data, args.val_data, args.val_fraction, args.text_field, args.block_size,
-                       args.seed, args.cache_dir)
-
-
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
-                       grad_accum=args.grad_accum, max_steps=args.max_steps, weight_decay=args.weight_decay,
-                       eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
-                       block_size=args.block_size, precision=args.precision, compile=args.compile,
-                       distributed=args.distributed,
-                       time_budget_s=args.minutes * 60 if args.minutes else None, out_dir=args.out,
-                       progress=not args.no_progress)
 
 
 def prepare_data(opts: DataOptions, tokenizer: Any) -> tuple[Any, Any, dict[str, Any]]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .. import workflows as wf
+from . import training as tr
 from ..errors import CalmError, DataError, TokenizerError
 
 DEFAULT_BLOCK_SIZE = 1024  # the reference's evaluation default (train_calm.py --block_size)
@@ -60,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_data_arguments(p)
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    wf.add_head_args(p, sampling_only=True)
+    tr.add_head_args(p, sampling_only=True)
     p.set_defaults(func=run)
 
 
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     from ..metrics import evaluate_brierlm
 
     model, tok = load_model(args.model, args.device, args.tokenizer)
-    wf.apply_head_options(model, args)
+    tr.apply_head_options(model, args)
     block_size = default_block_size(model, args.block_size)
     data, source = evaluation_data(model, tok, args, block_size)
     r = evaluate_brierlm(model, data, block_size, args.batch_size, args.max_tokens, seed=args.seed,

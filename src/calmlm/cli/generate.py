@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from .. import workflows as wf
+from . import training as tr
 from ..errors import CalmError
 
 
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto = bfloat16 on GPUs, the stored dtype on CPU; bfloat16 is also ~3x faster on "
                         "CPUs with AMX (e.g. Sapphire Rapids) for T<1, where hundreds of latents are decoded per step")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off on long generations)")
-    wf.add_head_args(p, sampling_only=True)
+    tr.add_head_args(p, sampling_only=True)
     p.set_defaults(func=run)
 
 
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load_model_and_tokenizer(args.model, args.device, args.tokenizer, args.dtype)
     if model.config.kind == "autoencoder":
         raise CalmError(f"{args.model} is an autoencoder; generation needs a CALM or baseline model")
-    wf.apply_head_options(model, args)
+    tr.apply_head_options(model, args)
     prompt = tok.encode(args.prompt)
     stream = args.num_samples == 1  # several samples are printed one after another at the end
     rows: list[list[int]] = [[] for _ in range(args.num_samples)]
