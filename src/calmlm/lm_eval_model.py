@@ -45,16 +45,14 @@ class CalmLMEval(LM):
                  max_gen_toks: int = 256, seed: int = 1234, calm_sampler: str = "batch", calm_pool_size: int = 200,
                  greedy_temperature: float = 0.5, tokenizer: str | None = None, **_: Any) -> None:
         super().__init__()
-        from .cli.generate import load_model_and_tokenizer
+        from .cli.common import load_model_and_tokenizer
 
         if device and device.startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's command line passes device=cuda:0 unless told otherwise
             warnings.warn(f"device {device!r} requested but CUDA is not available; running on the CPU", stacklevel=2)
             device = "cpu"
-        self.model, self.tok = load_model_and_tokenizer(str(pretrained), device, tokenizer, dtype)
+        self.model, self.tok = load_model_and_tokenizer(str(pretrained), device, tokenizer, dtype, purpose="lm-eval")
         self._device = next(self.model.parameters()).device
-        if self.model.config.kind == "autoencoder":
-            raise CalmError(f"{pretrained} is an autoencoder; lm-eval needs a CALM or baseline model")
         self.is_calm = self.model.config.kind == "calm"
         if self.model.config.eos_token_id is None:
             self.model.config.eos_token_id = self.tok.eos_id

@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from . import training as tr
-from ..errors import CalmError
+from .common import load_model_and_tokenizer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,29 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load_model_and_tokenizer(path: str, device: str | None = None, tokenizer: str | None = None,
-                             dtype_name: str = "auto"):
-    from ..loading import load
-    from ..tokenizer import Tokenizer
-
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype_name == "auto":
-        dtype = torch.bfloat16 if dev.startswith("cuda") else None
-    else:
-        dtype = getattr(torch, dtype_name)
-    model = load(path, device=dev, dtype=dtype)
-    tok = Tokenizer.load(tokenizer) if tokenizer else getattr(model, "tokenizer", None)
-    if tok is None:
-        raise CalmError(f"{path} holds no tokenizer; pass --tokenizer PATH (tokenizer.json or tokenizer.model)")
-    return model.eval(), tok
-
-
 def run(args: argparse.Namespace) -> int:
     from ..generation import iter_generate
 
-    model, tok = load_model_and_tokenizer(args.model, args.device, args.tokenizer, args.dtype)
-    if model.config.kind == "autoencoder":
-        raise CalmError(f"{args.model} is an autoencoder; generation needs a CALM or baseline model")
+    model, tok = load_model_and_tokenizer(args.model, args.device, args.tokenizer, args.dtype, purpose="generation")
     tr.apply_head_options(model, args)
     prompt = tok.encode(args.prompt)
     stream = args.num_samples == 1  # several samples are printed one after another at the end

@@ -7,6 +7,7 @@ import json
 
 from .. import workflows as wf
 from . import training as tr
+from .common import preset_help
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "energy by default, flow or diffusion) predicts the next chunk's latent. Periodic "
                                    "evaluation reports BrierLM.")
     p.add_argument("--autoencoder", required=True, help="trained autoencoder (run folder, checkpoint or Hub id)")
-    p.add_argument("--preset", default="small", help="CALM preset: debug, small, base, calm-m, calm-l, calm-xl")
+    p.add_argument("--preset", default="small", help=f"CALM preset: {preset_help('calm')}")
     p.add_argument("--config", default=None, help="CALMConfig JSON (overrides --preset)")
     p.add_argument("--brier-tokens", type=int, default=8192, help="tokens scored by BrierLM at each evaluation")
     tr.add_head_args(p)
