@@ -8,24 +8,14 @@ latent is slightly off. There is no attention anywhere: every layer is a per-pos
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import AutoencoderConfig
 from .errors import ConfigError
-from .layers import ResidualMLP, RMSNorm, init_linear_and_embedding
+from .layers import ModelOutput, ResidualMLP, RMSNorm, init_linear_and_embedding
 from .losses import linear_cross_entropy
-
-
-@dataclass
-class ModelOutput:
-    """What every model's ``forward`` returns to the training engine."""
-
-    loss: torch.Tensor
-    metrics: dict[str, torch.Tensor]
 
 
 class Encoder(nn.Module):

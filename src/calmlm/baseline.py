@@ -7,11 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .autoencoder import ModelOutput
 from .backbone import KVCache, Transformer
 from .config import BaselineConfig
 from .errors import ConfigError
-from .layers import init_linear_and_embedding
+from .layers import ModelOutput, init_linear_and_embedding
 from .losses import linear_cross_entropy
 
 

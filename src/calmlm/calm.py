@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .autoencoder import Autoencoder, ModelOutput
+from .autoencoder import Autoencoder
 from .backbone import KVCache, Transformer
 from .config import HEAD_SAMPLING_OPTIONS, CALMConfig, check_compatible
 from .errors import ConfigError
 from .heads import HEADS
-from .layers import init_linear_and_embedding
+from .layers import ModelOutput, init_linear_and_embedding
 from .losses import posterior_targets
 
 

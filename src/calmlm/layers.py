@@ -1,10 +1,20 @@
-"""Small building blocks shared by the autoencoder and the backbone."""
+"""Small building blocks shared by the autoencoder and the backbone, and what every model returns."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass
+class ModelOutput:
+    """What every model's ``forward`` returns to the training engine."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
 
 
 class RMSNorm(nn.Module):

@@ -223,11 +223,6 @@ def full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: str
     return full
 
 
-def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Strictly copy ``state`` into ``model`` (tied weights stay tied)."""
-    model.load_state_dict(full_state_dict(model, state, where))
-
-
 def build(config: Any, files: WeightFiles, rename: dict[str, str], where: str, device: str | torch.device = "cpu",
           dtype: torch.dtype | None = None, autoencoder: nn.Module | None = None) -> nn.Module:
     """The model of ``config`` with the weights of ``files`` (stored key -> calmlm key by ``rename``), eval mode.

@@ -88,7 +88,7 @@ def autoencoder_eval_fn(max_blocks: int = 32) -> Any:
     from .evaluation import evaluate_autoencoder
 
     def fn(model: Any, val: Any) -> dict[str, float]:
-        r = evaluate_autoencoder(getattr(model, "module", model), val, sigmas=(0.0, 0.3), max_blocks=max_blocks)
+        r = evaluate_autoencoder(model, val, sigmas=(0.0, 0.3), max_blocks=max_blocks)
         return {"token_acc_sigma0": r["token_accuracy"]["0.0"], "token_acc_sigma0.3": r["token_accuracy"]["0.3"],
                 "active_dims": r["active_dims"]}
     return fn

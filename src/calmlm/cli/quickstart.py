@@ -100,8 +100,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = "def "
     samples = {}
     for name, model in models.items():
-        ids = generate(model, tok.encode(prompt), max_new_tokens=48, num_samples=2, seed=args.seed,
-                       temperature=1.0 if name == "calm" else 1.0)
+        ids = generate(model, tok.encode(prompt), max_new_tokens=48, num_samples=2, seed=args.seed)
         samples[name] = [tok.decode(row.tolist()) for row in ids]
     summary["samples"] = samples
     summary["elapsed_minutes"] = round((time.time() - t0) / 60, 2)
