@@ -21,7 +21,7 @@ def _corpus(tmp_path: Path) -> Path:
 
 
 def _config(out: Path, **kw) -> cmp.CompareConfig:
-    base = dict(out=str(out), preset="debug", ae_preset="debug", chunk_sizes=(2, 4), flops=3e10, points=4,
+    base = dict(out=str(out), preset="debug", ae_preset="debug", chunk_sizes=(2, 4), flops=3e9, points=4,
                 brier_tokens=256, vocab_size=300, precision="fp32", batch_size=4)
     return cmp.CompareConfig(**{**base, **kw})
 
@@ -65,27 +65,42 @@ def test_config_errors():
         cmp.CompareConfig(flops=1e9, ae_share=1.0)
 
 
-def test_tiny_compare_json_spacing_and_exact_resume(tmp_path, monkeypatch):
-    data = _data(tmp_path)
-    full = cmp.Comparison(_config(tmp_path / "full"), data, progress=False).run()
+def _tiny_autoencoder(tmp_path: Path, data: wf.DataOptions) -> str:
+    from calmlm.trainer import TrainConfig
 
-    assert set(full["runs"]) == {"calm_k2", "calm_k4", "baseline"}
-    out = json.loads((tmp_path / "full" / cmp.RESULT_FILE).read_text())
+    out = tmp_path / "ae"
+    wf.train_autoencoder(data, TrainConfig(max_steps=3, batch_size=4, eval_every=0, save_every=0, progress=False,
+                                           precision="fp32", out_dir=str(out)), "debug", vocab_size=300)
+    return str(out)
+
+
+def _check_result(out: dict, n_points: int) -> None:
     assert out["budget_unit"] == "flops" and out["block_size"] == 32
-    for p in ("compare_flops.png", "compare_time.png"):
-        assert (tmp_path / "full" / p).stat().st_size > 0
     for name, run in out["runs"].items():
         pts = sorted(run["points"], key=lambda p: p["step"])
-        assert len(pts) == 4 and all(0.0 <= p["brierlm"] <= 100.0 for p in pts)
+        assert len(pts) == n_points and all(0.0 <= p["brierlm"] <= 100.0 for p in pts)
         own = [p["train_flops"] - (run.get("autoencoder_cost") or {}).get("train_flops", 0.0) for p in pts]
         ratios = [b / a for a, b in zip(own, own[1:])]
         assert all(1.7 < r < 2.3 for r in ratios), ratios  # log-uniform: each point doubles the FLOPs
-        assert own[-1] <= run["budget"] and own[-1] > 0.8 * run["budget"]
+        assert 0.8 * run["budget"] < own[-1] <= run["budget"]
         if run["kind"] == "calm":  # the autoencoder's cost is charged: the whole run fits the same budget
             assert run["autoencoder_cost"]["train_flops"] > 0
             assert pts[-1]["train_flops"] <= out["budget"]
             assert "reached" in run["to_reach_baseline"]
-    assert out["baseline_final"]["brierlm"] == max(out["runs"]["baseline"]["points"], key=lambda p: p["step"])["brierlm"]
+    final = max(out["runs"]["baseline"]["points"], key=lambda p: p["step"])
+    assert out["baseline_final"]["brierlm"] == final["brierlm"]
+
+
+def test_tiny_compare_json_spacing_and_exact_resume(tmp_path, monkeypatch):
+    data = _data(tmp_path)
+    ae = _tiny_autoencoder(tmp_path, data)
+    config = lambda out: _config(out, chunk_sizes=(4,), autoencoder=(ae,), flops=2e9, points=3)  # noqa: E731
+    full = cmp.Comparison(config(tmp_path / "full"), data, progress=False).run()
+    out = json.loads((tmp_path / "full" / cmp.RESULT_FILE).read_text())
+    assert set(out["runs"]) == {"calm_k4", "baseline"}
+    _check_result(out, 3)
+    for p in ("compare_flops.png", "compare_time.png"):
+        assert (tmp_path / "full" / p).stat().st_size > 0
 
     # interrupt the baseline after its second evaluation point, then resume: every point equals the full run's
     real = cmp.budget_control
@@ -96,7 +111,7 @@ def test_tiny_compare_json_spacing_and_exact_resume(tmp_path, monkeypatch):
 
         def wrapped(step, seconds):
             ev, stop = control(step, seconds)
-            if hits.count(True) == 2 and points > 1:
+            if hits.count(True) == 2:
                 raise KeyboardInterrupt
             hits.append(ev)
             return ev, stop
@@ -104,17 +119,27 @@ def test_tiny_compare_json_spacing_and_exact_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cmp, "budget_control", interrupting)
     with pytest.raises(KeyboardInterrupt):
-        cmp.Comparison(_config(tmp_path / "cut"), data, progress=False).run()
+        cmp.Comparison(config(tmp_path / "cut"), data, progress=False).run()
     monkeypatch.setattr(cmp, "budget_control", real)
     with pytest.raises(ConfigError, match="--resume"):
-        cmp.Comparison(_config(tmp_path / "cut"), data, progress=False).run()
-    resumed = cmp.Comparison(_config(tmp_path / "cut"), data, progress=False, resume=True).run()
+        cmp.Comparison(config(tmp_path / "cut"), data, progress=False).run()
+    resumed = cmp.Comparison(config(tmp_path / "cut"), data, progress=False, resume=True).run()
     for name in full["runs"]:
         a = [(p["step"], p["brierlm"]) for p in sorted(full["runs"][name]["points"], key=lambda p: p["step"])]
         b = [(p["step"], p["brierlm"]) for p in sorted(resumed["runs"][name]["points"], key=lambda p: p["step"])]
         assert a == b, name
 
 
+@pytest.mark.slow
+def test_k_sweep_trains_one_autoencoder_per_chunk_size(tmp_path):
+    out = cmp.Comparison(_config(tmp_path / "sweep", chunk_sizes=(2, 4)), _data(tmp_path), progress=False).run()
+    assert set(out["runs"]) == {"calm_k2", "calm_k4", "baseline"}
+    assert {out["runs"][n]["autoencoder"] for n in ("calm_k2", "calm_k4")} == {
+        str(tmp_path / "sweep" / "autoencoder_k2"), str(tmp_path / "sweep" / "autoencoder_k4")}
+    _check_result(out, 4)
+
+
+@pytest.mark.slow
 def test_cli_compare_given_autoencoder_and_minutes(tmp_path, capsys):
     data = _corpus(tmp_path)
     ae = tmp_path / "ae"

@@ -1,5 +1,5 @@
 """PNG figures: accuracy against diversity under temperature (paper figures 10-11) and the autoencoder's
-accuracy against latent noise. matplotlib is an optional extra (``pip install calmlm[plot]``), imported
+accuracy against latent noise, and `calm compare`'s BrierLM against training compute. matplotlib is imported
 only when a figure is drawn, with the Agg backend so no display is needed."""
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """`calm quickstart`: the whole CALM pipeline on the embedded default corpus within a time budget.
 
-tokenizer -> autoencoder (+ robustness evaluation and plot) -> CALM and the baseline (equal time each)
--> BrierLM of both -> generated samples, all in one run folder with a summary.json.
+tokenizer -> autoencoder (+ robustness evaluation and plot) -> CALM and the baseline, trained for the same
+wall-clock time on the same data -> BrierLM of both on the same validation tokens -> samples at T = 1 and
+T = 0.5, all in one run folder with a summary.json. The whole run, evaluation and sampling included, ends
+within --minutes: each stage's share is taken from what is left of the budget when the stage starts.
 """
 
 from __future__ import annotations
@@ -10,12 +12,19 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from .. import workflows as wf
-from ..trainer import TrainConfig
+from ..recipes import recipe
 
-# Share of the budget for each stage; the rest goes to evaluation and samples.
-SHARES = {"autoencoder": 0.32, "calm": 0.25, "baseline": 0.25}
+# Share of the training time for the autoencoder; CALM and the baseline split the rest equally.
+AE_SHARE = 0.36
+# Wall-clock kept back for evaluation and samples (seconds, at most a share of the budget): the autoencoder's
+# evaluation, then each model's final BrierLM and samples (measured on the 2-core CPU at the small preset).
+RESERVE_AE_S, RESERVE_AE_SHARE = 20.0, 0.03
+RESERVE_PER_MODEL_S, RESERVE_PER_MODEL_SHARE = 45.0, 0.06
+SIZES = {"debug": "debug", "small": "small", "base": "default"}  # model preset -> autoencoder preset
+PROMPT = "def "
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,13 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                                           "CALM, baseline, evaluation, samples)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/quickstart", help="run folder")
-    p.add_argument("--minutes", type=float, default=15.0, help="total time budget")
+    p.add_argument("--minutes", type=float, default=15.0, help="total time budget, evaluation and samples included")
     p.add_argument("--data", default=None, help="corpus (default: the Python standard library)")
-    p.add_argument("--size", choices=["debug", "small", "base"], default="small", help="model presets")
+    p.add_argument("--size", choices=sorted(SIZES), default="small", help="model presets")
     p.add_argument("--block-size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--brier-tokens", type=int, default=16384, help="validation tokens scored by BrierLM")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast on CUDA and on CPUs with AMX, else fp32")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -41,94 +50,114 @@ def _stage(name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import evaluate_autoencoder, format_autoencoder_report
-    from ..generation import generate
-    from ..loading import load
-    from ..metrics import evaluate_brierlm
+    import torch
 
-    t0 = time.time()
+    from ..evaluation import evaluate_autoencoder, format_autoencoder_report
+    from ..loading import load
+    from ..plotting import plot_accuracy_vs_noise
+    from ..trainer import resolve_precision
+
+    t0 = time.perf_counter()
+    deadline = t0 + args.minutes * 60
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     opts = wf.DataOptions(data=args.data, block_size=args.block_size, seed=args.seed,
                           cache_dir=str(out / "token_cache"))
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(args.precision, device)
+    print(f"budget {args.minutes:g} min on {device.type}, precision {precision}"
+          + (" (AMX detected: bf16 autocast)" if device.type == "cpu" and precision == "bf16" else ""), flush=True)
+
+    def cfg(kind: str, size: str, seconds: float) -> Any:
+        return recipe(kind, size, max_steps=10**7, eval_every=0, save_every=0, seed=args.seed,
+                      block_size=args.block_size, precision=args.precision, time_budget_s=max(seconds, 1.0),
+                      out_dir=str(out / kind), progress=not args.no_progress)
+
+    def left() -> float:
+        return deadline - time.perf_counter()
+
     budget = args.minutes * 60
-
-    def cfg(stage: str) -> TrainConfig:
-        return TrainConfig(lr=args.lr, schedule="constant", warmup_steps=100, batch_size=args.batch_size,
-                           max_steps=10**7, eval_every=0, save_every=200, seed=args.seed, block_size=args.block_size,
-                           time_budget_s=SHARES[stage] * budget, out_dir=str(out / stage), progress=not args.no_progress)
-
+    ae_reserve = min(RESERVE_AE_S, RESERVE_AE_SHARE * budget)
+    models_reserve = 2 * min(RESERVE_PER_MODEL_S, RESERVE_PER_MODEL_SHARE * budget)
     _stage("1/5 tokenizer + autoencoder")
-    ae_preset = {"debug": "debug", "small": "small", "base": "default"}[args.size]
-    wf.train_autoencoder(opts, cfg("autoencoder"), preset=ae_preset, device=args.device)
+    ae_preset = SIZES[args.size]
+    tok = wf.get_tokenizer(None, opts, 8192, out / "autoencoder")  # saved where train_autoencoder looks for it
+    _, val, _ = wf.prepare_data(opts, tok)  # tokenised once, cached: not charged to the autoencoder's time
+    ae_seconds = AE_SHARE * (left() - ae_reserve - models_reserve)
+    wf.train_autoencoder(opts, cfg("autoencoder", ae_preset, ae_seconds), preset=ae_preset, device=args.device)
     ae = load(out / "autoencoder", kind="autoencoder")
-    _, val, _ = wf.prepare_data(opts, ae.tokenizer)
     ae_report = evaluate_autoencoder(ae, val, max_blocks=200)
     print(format_autoencoder_report(ae_report))
-    try:
-        from ..plotting import plot_accuracy_vs_noise
-        plot_accuracy_vs_noise(ae_report, out / "autoencoder_accuracy.png")
-    except Exception as e:  # matplotlib is optional
-        print(f"(no plot: {e})")
+    plot = plot_accuracy_vs_noise(ae_report, out / "autoencoder_accuracy.png")
+    print(f"plot: {plot}")
 
-    _stage("2/5 CALM")
-    wf.train_calm(opts, cfg("calm"), str(out / "autoencoder"), preset=args.size, device=args.device,
-                  brier_tokens=args.brier_tokens)
-    _stage("3/5 baseline")
-    wf.train_baseline(opts, cfg("baseline"), tokenizer=str(out / "autoencoder"), preset=args.size,
-                      device=args.device, brier_tokens=args.brier_tokens)
+    # CALM and the baseline get the same training time: half of what is left after the final evaluations
+    lm_seconds = (left() - models_reserve) / 2
+    _stage(f"2/5 CALM ({lm_seconds / 60:.1f} min)")
+    wf.train_calm(opts, cfg("calm", args.size, lm_seconds), str(out / "autoencoder"), preset=args.size,
+                  device=args.device, brier_tokens=args.brier_tokens)
+    _stage(f"3/5 baseline ({lm_seconds / 60:.1f} min)")
+    wf.train_baseline(opts, cfg("baseline", args.size, lm_seconds), tokenizer=str(out / "autoencoder"),
+                      preset=args.size, device=args.device, brier_tokens=args.brier_tokens)
 
-    _stage("4/5 evaluation (BrierLM on the validation split)")
-    summary: dict = {"minutes_budget": args.minutes, "corpus": "default (Python standard library)"
-                     if args.data is None else args.data, "block_size": args.block_size,
-                     "autoencoder": ae_report, "models": {}}
+    _stage("4/5 evaluation (BrierLM on the validation split, at the end of training)")
+    summary: dict[str, Any] = {"minutes_budget": args.minutes, "precision": precision,
+                               "corpus": "default (Python standard library)" if args.data is None else args.data,
+                               "block_size": args.block_size, "autoencoder": ae_report, "models": {}}
     models = {}
     for name in ("calm", "baseline"):
-        model = load(out / name)
-        models[name] = model
-        r = evaluate_brierlm(model, val, block_size=args.block_size, max_tokens=args.brier_tokens, seed=args.seed,
-                             progress=not args.no_progress)
+        models[name] = model = load(out / name)
         last = _last_eval(out / name / "metrics.jsonl")
-        summary["models"][name] = {"brierlm": r["brierlm"], **{f"brier_{n}": r[f"brier_{n}"] for n in range(1, 5)},
-                                   "brier_tokens": r["num_tokens"], "val_loss": last.get("val_loss"),
-                                   "train_steps": last.get("step"),
-                                   "parameters": sum(p.numel() for n, p in model.named_parameters()
-                                                     if not n.startswith("autoencoder."))}
+        summary["models"][name] = {
+            "brierlm": last["brierlm"], **{f"brier_{n}": last[f"brier_{n}"] for n in range(1, 5)},
+            "brier_tokens": last["brier_tokens"], "val_loss": last.get("val_loss"), "train_steps": last["step"],
+            "train_minutes": round(last.get("train_seconds", 0.0) / 60, 2),
+            "parameters": sum(p.numel() for n, p in model.named_parameters() if not n.startswith("autoencoder."))}
+    calm_b, base_b = summary["models"]["calm"]["brierlm"], summary["models"]["baseline"]["brierlm"]
+    summary["calm_over_baseline_brierlm"] = calm_b / base_b if base_b > 0 else None
 
     _stage("5/5 samples")
-    tok = ae.tokenizer
-    prompt = "def "
-    samples = {}
+    samples: dict[str, dict[str, list[str]]] = {}
     for name, model in models.items():
-        ids = generate(model, tok.encode(prompt), max_new_tokens=48, num_samples=2, seed=args.seed)
-        samples[name] = [tok.decode(row.tolist()) for row in ids]
+        samples[name] = {}
+        for t in (1.0, 0.5):  # CALM at T < 1: the batch approximation over a pool of 200 draws
+            ids = model.generate(tok.encode(PROMPT), max_new_tokens=48, num_samples=2, seed=args.seed, temperature=t)
+            samples[name][f"T={t:g}"] = [tok.decode(row.tolist()) for row in ids]
     summary["samples"] = samples
-    summary["elapsed_minutes"] = round((time.time() - t0) / 60, 2)
+    summary["elapsed_minutes"] = round((time.perf_counter() - t0) / 60, 2)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-
-    print("\n== summary ==")
-    acc = ae_report["token_accuracy"]
-    print(f"autoencoder: token accuracy {100 * acc['0.0']:.2f}% (sigma 0), {100 * acc['0.3']:.2f}% (sigma 0.3), "
-          f"{ae_report['active_dims']}/{ae_report['latent_size']} active dims")
-    print(f"{'model':<10} {'params':>10} {'steps':>7} {'val loss':>10} {'BrierLM':>8}  Brier-1..4")
-    for name, m in summary["models"].items():
-        vl = f"{m['val_loss']:.3f}" if isinstance(m["val_loss"], (int, float)) else "-"
-        briers = " ".join(f"{m[f'brier_{n}']:.3f}" for n in range(1, 5))
-        print(f"{name:<10} {m['parameters']:>10,} {m['train_steps'] or '-':>7} {vl:>10} {m['brierlm']:>8.2f}  {briers}")
-    print("(val loss: energy loss for CALM, cross-entropy for the baseline: not comparable; BrierLM is. "
-          f"BrierLM over {summary['models']['calm']['brier_tokens']} validation tokens, block {args.block_size})")
-    for name, texts in samples.items():
-        print(f"\n--- {name} sample ---\n{texts[0]}")
-    print(f"\nrun folder: {out}  (summary.json, */checkpoint, */metrics.jsonl); "
-          f"{summary['elapsed_minutes']} minutes")
+    print(format_summary(summary))
+    print(f"\nrun folder: {out}  (summary.json, autoencoder_accuracy.png, */checkpoint, */metrics.jsonl)")
     return 0
 
 
-def _last_eval(path: Path) -> dict:
-    last: dict = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("type") == "eval":
-                last = rec
+def format_summary(summary: dict[str, Any]) -> str:
+    ae = summary["autoencoder"]
+    acc = ae["token_accuracy"]
+    lines = ["\n== summary ==",
+             f"autoencoder: token accuracy {100 * acc['0.0']:.2f}% (sigma 0), {100 * acc['0.3']:.2f}% (sigma 0.3), "
+             f"{ae['active_dims']}/{ae['latent_size']} active dims",
+             f"{'model':<10} {'params':>10} {'steps':>7} {'minutes':>8} {'BrierLM':>8}  Brier-1..4"]
+    for name, m in summary["models"].items():
+        briers = " ".join(f"{m[f'brier_{n}']:.3f}" for n in range(1, 5))
+        lines.append(f"{name:<10} {m['parameters']:>10,} {m['train_steps']:>7} {m['train_minutes']:>8.2f} "
+                     f"{m['brierlm']:>8.2f}  {briers}")
+    ratio = summary["calm_over_baseline_brierlm"]
+    calm = summary["models"]["calm"]
+    lines.append(f"CALM / baseline BrierLM: {ratio:.2f} (same training time, data, tokenizer and validation tokens: "
+                 f"{calm['brier_tokens']} tokens in blocks of {summary['block_size']})" if ratio is not None else "")
+    for name, by_t in summary["samples"].items():
+        for t, texts in by_t.items():
+            lines.append(f"\n--- {name} sample, {t}{' (batch approximation, 200 draws)' if name == 'calm' and t != 'T=1' else ''} ---\n{texts[0]}")
+    lines.append(f"\n{summary['elapsed_minutes']} minutes of a {summary['minutes_budget']:g}-minute budget "
+                 f"(precision {summary['precision']})")
+    return "\n".join(lines)
+
+
+def _last_eval(path: Path) -> dict[str, Any]:
+    last: dict[str, Any] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("type") == "eval":
+            last = rec
     return last
