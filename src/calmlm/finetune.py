@@ -249,21 +249,13 @@ def finetune(model_path: str, data: str, cfg: Any, val_data: str | None = None, 
     id) on prompt/completion data with the training engine (``cfg``: a :class:`calmlm.trainer.TrainConfig`;
     ``cfg.block_size`` None = the longest example). Writes a normal calmlm run folder. Returns the final metrics."""
     from .checkpoint import read_metadata
-    from .loading import detect_format, load, resolve
-    from .tokenizer import Tokenizer, check_vocab
+    from .loading import detect_format, load_with_tokenizer, resolve
     from .trainer import Trainer
 
     directory = resolve(model_path)  # a Hub id is downloaded once
     # fp32 master weights whatever the stored dtype (a bf16 conversion); the engine autocasts to bf16 on GPUs
-    model = load(directory, dtype=torch.float32, autoencoder=autoencoder)
-    kind = model.config.kind
-    if kind not in ("calm", "baseline"):
-        raise ConfigError(f"{model_path} is an autoencoder; fine-tune a CALM or baseline model")
-    tok = Tokenizer.load(tokenizer) if tokenizer else model.tokenizer
-    if tokenizer:
-        check_vocab(tok, model.config.vocab_size)
-    if tok is None:
-        raise ConfigError(f"{model_path} holds no tokenizer; pass --tokenizer PATH")
+    model, tok = load_with_tokenizer(directory, dtype=torch.float32, tokenizer=tokenizer, purpose="fine-tuning",
+                                     autoencoder=autoencoder)
     eos = model.config.eos_token_id if model.config.eos_token_id is not None else tok.eos_id
     if eos is None:
         raise ConfigError(f"neither {model_path} nor its tokenizer names an EOS token, which ends every completion; "

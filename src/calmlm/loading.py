@@ -66,6 +66,29 @@ def load(path_or_repo_id: str | Path, device: str | torch.device = "cpu", dtype:
     return model
 
 
+def load_with_tokenizer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                        tokenizer: str | Path | None = None, *, purpose: str | None = None, kind: str | None = None,
+                        autoencoder: str | Path | None = None) -> tuple[nn.Module, Any]:
+    """(model in eval mode, tokenizer): :func:`load`, with the tokenizer of ``tokenizer`` (a file or folder,
+    checked against the model's vocabulary) or else the one saved with the model. ``purpose`` (e.g.
+    "generation"): refuse an autoencoder, naming what needs a language model; ``kind``: refuse another kind."""
+    from .errors import ConfigError, TokenizerError
+    from .tokenizer import Tokenizer, check_vocab
+
+    model = load(path, device=device, dtype=dtype, kind=kind, autoencoder=autoencoder)
+    if purpose is not None and model.config.kind == "autoencoder":
+        raise ConfigError(f"{path} is an autoencoder; {purpose} needs a CALM or baseline model (use `calm eval-ae` "
+                          "for autoencoders)")
+    tok = model.tokenizer
+    if tokenizer:
+        tok = Tokenizer.load(tokenizer)
+        check_vocab(tok, model.config.vocab_size)
+    if tok is None:
+        raise TokenizerError(f"{path} holds no tokenizer; pass --tokenizer PATH (tokenizer.json or tokenizer.model, "
+                             "the tokenizer the model was trained with)")
+    return model, tok
+
+
 def resolve(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
     """A local folder for ``path_or_repo_id``: the path itself if it exists, else a Hub download."""
     path = Path(path_or_repo_id).expanduser()

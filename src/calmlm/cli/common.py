@@ -14,27 +14,16 @@ from ..workflows import DEFAULT_CACHE, DataOptions
 def load_model_and_tokenizer(path: str, device: str | None = None, tokenizer: str | None = None,
                              dtype_name: str = "auto", purpose: str | None = None,
                              kind: str | None = None) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer): the tokenizer of ``tokenizer`` (a file or folder), else the one saved
-    with the model. ``dtype_name``: "stored", "auto" (bfloat16 on GPUs, the stored dtype on CPU) or a torch
-    dtype name. ``purpose`` (e.g. "generation"): refuse an autoencoder, naming what needs a language model;
-    ``kind``: refuse any other kind of model."""
-    from ..loading import load
-    from ..tokenizer import Tokenizer
+    """:func:`calmlm.loading.load_with_tokenizer` with the commands' defaults: ``device`` None = CUDA when
+    available; ``dtype_name`` "stored", "auto" (bfloat16 on GPUs, the stored dtype on CPU) or a torch dtype."""
+    from ..loading import load_with_tokenizer
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype_name == "auto":
         dtype = torch.bfloat16 if dev.startswith("cuda") else None
     else:
         dtype = None if dtype_name == "stored" else getattr(torch, dtype_name)
-    model = load(path, device=dev, dtype=dtype, kind=kind)
-    if purpose is not None and model.config.kind == "autoencoder":
-        raise CalmError(f"{path} is an autoencoder; {purpose} needs a CALM or baseline model (use `calm eval-ae` "
-                        "for autoencoders)")
-    tok = Tokenizer.load(tokenizer) if tokenizer else getattr(model, "tokenizer", None)
-    if tok is None:
-        raise TokenizerError(f"{path} holds no tokenizer; pass --tokenizer PATH (tokenizer.json or tokenizer.model, "
-                             "the tokenizer the model was trained with)")
-    return model.eval(), tok
+    return load_with_tokenizer(path, dev, dtype, tokenizer, purpose=purpose, kind=kind)
 
 
 def training_data_record(path: str) -> dict[str, Any] | None:
