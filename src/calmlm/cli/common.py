@@ -8,15 +8,15 @@ from typing import Any
 import torch
 
 from ..errors import CalmError, DataError, TokenizerError
-from ..workflows import DEFAULT_CACHE, DataOptions
+from ..train.workflows import DEFAULT_CACHE, DataOptions
 
 
 def load_model_and_tokenizer(path: str, device: str | None = None, tokenizer: str | None = None,
                              dtype_name: str = "auto", purpose: str | None = None,
                              kind: str | None = None) -> tuple[Any, Any]:
-    """:func:`calmlm.loading.load_with_tokenizer` with the commands' defaults: ``device`` None = CUDA when
+    """:func:`calmlm.io.loading.load_with_tokenizer` with the commands' defaults: ``device`` None = CUDA when
     available; ``dtype_name`` "stored", "auto" (bfloat16 on GPUs, the stored dtype on CPU) or a torch dtype."""
-    from ..loading import load_with_tokenizer
+    from ..io.loading import load_with_tokenizer
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype_name == "auto":
@@ -28,7 +28,7 @@ def load_model_and_tokenizer(path: str, device: str | None = None, tokenizer: st
 
 def training_data_record(path: str) -> dict[str, Any] | None:
     """The ``data`` entry a local checkpoint (or run folder) recorded at training (:meth:`DataOptions.record`)."""
-    from ..checkpoint import read_metadata
+    from ..io.checkpoint import read_metadata
 
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file() and (folder / "checkpoint" / "config.json").is_file():
@@ -46,7 +46,7 @@ def evaluation_data(model_path: str, model: Any, tok: Any, block_size: int, data
                     text_field: str = "text", cache_dir: str | None = None) -> tuple[Any, str]:
     """(TokenDataset of ``block_size`` blocks, where it came from): every document of ``data``, or else the
     validation split the model was trained with, rebuilt from its record (or reused from the cache)."""
-    from ..data import prepare_corpus
+    from ..data.corpus import prepare_corpus
 
     if tok.vocab_size > model.config.vocab_size:
         raise TokenizerError(f"the tokenizer has {tok.vocab_size} ids but the model only {model.config.vocab_size}; "

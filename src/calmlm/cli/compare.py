@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 
 from . import training as tr
-from ..compare import CompareConfig
-from ..compare import __doc__ as compare_doc
+from ..train.compare import CompareConfig
+from ..train.compare import __doc__ as compare_doc
 from .options import add_dataclass_arguments, dataclass_from_args
 
 
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..compare import Comparison
+    from ..train.compare import Comparison
 
     config = dataclass_from_args(CompareConfig, args)
     Comparison(config, tr.data_options(args), device=args.device, resume=args.resume,

@@ -2,12 +2,12 @@
 
 Evaluation data, in this order:
 
-* ``--data SPEC`` (any spec of :func:`calmlm.data.open_corpus`, e.g. the paper's set
+* ``--data SPEC`` (any spec of :func:`calmlm.data.corpus.open_corpus`, e.g. the paper's set
   ``../shared/data/wikitext103_test_documents.jsonl``): every document is tokenised with the model's own
   tokenizer (EOS after each), concatenated and cut into ``--block-size`` blocks, the remainder dropped.
 * otherwise the model's own validation split, when the checkpoint records its training data: a ``data``
   entry in config.json's metadata, ``{"spec", "val_data", "val_fraction", "seed", "text_field",
-  "cache_dir"}`` as passed to :func:`calmlm.data.prepare_corpus` (the same call rebuilds, or reuses from
+  "cache_dir"}`` as passed to :func:`calmlm.data.corpus.prepare_corpus` (the same call rebuilds, or reuses from
   the cache, the identical split);
 * otherwise an error asking for ``--data``.
 
@@ -22,7 +22,7 @@ import json
 from typing import Any
 
 from ..errors import CalmError
-from ..workflows import DEFAULT_CACHE
+from ..train.workflows import DEFAULT_CACHE
 from . import training as tr
 from .common import evaluation_data, load_model_and_tokenizer
 
@@ -96,7 +96,7 @@ def format_report(r: dict[str, Any], model: str, source: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..metrics import evaluate_brierlm
+    from ..evaluation.brierlm import evaluate_brierlm
 
     model, tok = load_model_and_tokenizer(args.model, args.device, args.tokenizer, "stored", purpose="BrierLM")
     tr.apply_head_options(model, args)

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import evaluate_autoencoder, format_autoencoder_report
+    from ..evaluation.autoencoder import evaluate_autoencoder, format_autoencoder_report
     from .common import evaluation_data, load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(args.model, args.device or "cpu", None, "stored", kind="autoencoder")
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     blocks, _ = evaluation_data(args.model, model, tok, args.block_size, args.data, args.text_field)
     r = evaluate_autoencoder(model, blocks, sigmas=sigmas, max_blocks=args.max_blocks)
     if args.plot:
-        from ..plotting import plot_accuracy_vs_noise
+        from ..evaluation.plotting import plot_accuracy_vs_noise
         plot_accuracy_vs_noise(r, args.plot)
         r["plot"] = args.plot
     print(json.dumps(r, indent=2) if args.json else format_autoencoder_report(r))

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..finetune import finetune
+    from ..train.finetune import finetune
 
     final = finetune(args.model, args.data, tr.train_config(args), val_data=args.val_data,
                      val_fraction=args.val_fraction, tokenizer=args.tokenizer, autoencoder=args.autoencoder,

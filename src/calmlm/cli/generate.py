@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..generation import iter_generate
+    from ..sampling.generation import iter_generate
 
     model, tok = load_model_and_tokenizer(args.model, args.device, args.tokenizer, args.dtype, purpose="generation")
     tr.apply_head_options(model, args)

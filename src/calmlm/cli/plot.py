@@ -38,8 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_accuracy_diversity(args: argparse.Namespace) -> int:
-    from ..metrics import accuracy_diversity
-    from ..plotting import _pyplot, plot_accuracy_diversity
+    from ..evaluation.brierlm import accuracy_diversity
+    from ..evaluation.plotting import _pyplot, plot_accuracy_diversity
     from .common import evaluation_data, load_model_and_tokenizer
     from .eval import default_block_size
 

@@ -39,7 +39,7 @@ def build_server(model_path: str, device: str | None = None, tokenizer: str | No
     except ImportError as e:
         raise CalmError(f"calm serve needs FastAPI and uvicorn ({e.name} is missing); "
                         "install them with: pip install 'calmlm[serve]'") from None
-    from ..loading import resolve
+    from ..io.loading import resolve
     from ..serve.app import Server, read_chat_template
     from .common import load_model_and_tokenizer
 

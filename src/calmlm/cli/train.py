@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .. import workflows as wf
+from ..train import workflows as wf
 from . import training as tr
 from .common import preset_help
 

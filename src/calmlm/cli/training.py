@@ -1,7 +1,7 @@
 """The flags the training commands share (data, generative head, training), and their values as configs.
 
-Training flags are generated from :class:`calmlm.trainer.TrainConfig` (its defaults and help text); a flag
-left out is filled at run time from the model preset's recipe (:func:`calmlm.recipes.recipe`), so the library,
+Training flags are generated from :class:`calmlm.train.trainer.TrainConfig` (its defaults and help text); a flag
+left out is filled at run time from the model preset's recipe (:func:`calmlm.train.recipes.recipe`), so the library,
 the CLI and the quickstart start from the same numbers."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..recipes import RECIPES, recipe
-from ..trainer import TrainConfig
-from ..workflows import DEFAULT_CACHE, DataOptions
+from ..train.recipes import RECIPES, recipe
+from ..train.trainer import TrainConfig
+from ..train.workflows import DEFAULT_CACHE, DataOptions
 from .options import add_dataclass_arguments
 
 # TrainConfig fields with a flag of their own (the data's --block-size, --out, --minutes, --no-progress)
@@ -74,7 +74,7 @@ def add_train_args(p: argparse.ArgumentParser, kind: str | None = None, **defaul
     without it (fine-tuning) from ``defaults``, then TrainConfig's."""
     g = p.add_argument_group("training")
     g.add_argument("--out", required=True, help="run folder")
-    notes = {name: "the --preset's recipe (calmlm.recipes)" for name in _FROM_RECIPE} if kind else {}
+    notes = {name: "the --preset's recipe (calmlm.train.recipes)" for name in _FROM_RECIPE} if kind else {}
     add_dataclass_arguments(g, TrainConfig, exclude=_NOT_FLAGS, unset=True, defaults=defaults, notes=notes)
     g.add_argument("--minutes", type=float, default=None, help="stop cleanly (eval + save) after this many minutes")
     g.add_argument("--resume", action="store_true", help="continue exactly from the run folder's checkpoint")
