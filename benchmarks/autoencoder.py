@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.common import device_name, write_json  # noqa: E402
-from calmlm import workflows as wf  # noqa: E402
-from calmlm.evaluation import evaluate_autoencoder  # noqa: E402
-from calmlm.loading import load  # noqa: E402
-from calmlm.trainer import TrainConfig  # noqa: E402
+from calmlm.train import workflows as wf  # noqa: E402
+from calmlm.evaluation.autoencoder import evaluate_autoencoder  # noqa: E402
+from calmlm.io.loading import load  # noqa: E402
+from calmlm.train.trainer import TrainConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.common import write_json  # noqa: E402
-from calmlm.baseline import BaselineLM  # noqa: E402
-from calmlm.calm import CALM  # noqa: E402
+from calmlm.models.baseline import BaselineLM  # noqa: E402
+from calmlm.models.calm import CALM  # noqa: E402
 from calmlm.config import baseline_preset, calm_preset  # noqa: E402
-from calmlm.generation import generate  # noqa: E402
+from calmlm.sampling.generation import generate  # noqa: E402
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = resolve_dtype(args.dtype, device)
     calm, base = build_pair(args.calm_preset, args.baseline_preset, device, dtype, head_std=args.head_std)
     if args.calm_model:
-        from calmlm.loading import load
+        from calmlm.io.loading import load
 
         calm = load(args.calm_model, device=device, dtype=dtype).eval()
     results = []

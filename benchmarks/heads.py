@@ -25,12 +25,12 @@ import torch  # noqa: E402
 
 from benchmarks.common import device_name, write_json  # noqa: E402
 from benchmarks.generation import time_generation  # noqa: E402
-from calmlm import workflows as wf  # noqa: E402
+from calmlm.train import workflows as wf  # noqa: E402
 from calmlm.config import HEAD_TYPES  # noqa: E402
-from calmlm.flops import head_network_calls, inference_flops_per_token  # noqa: E402
-from calmlm.loading import load  # noqa: E402
-from calmlm.metrics import evaluate_brierlm  # noqa: E402
-from calmlm.trainer import TrainConfig  # noqa: E402
+from calmlm.evaluation.flops import head_network_calls, inference_flops_per_token  # noqa: E402
+from calmlm.io.loading import load  # noqa: E402
+from calmlm.evaluation.brierlm import evaluate_brierlm  # noqa: E402
+from calmlm.train.trainer import TrainConfig  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

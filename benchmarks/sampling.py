@@ -1,6 +1,6 @@
 """Batch-approximation temperature sampling: vectorised vs a per-position Python loop.
 
-Both implement the same rule (calmlm.sampling.batch_temperature_sample: weight Γ(c+1)/Γ(c+1-1/T)
+Both implement the same rule (calmlm.sampling.temperature.batch_temperature_sample: weight Γ(c+1)/Γ(c+1-1/T)
 on each distinct row with count c, falling back to the largest count) on the same pools, timed
 side by side in one run: 64 positions, N = 200 draws each, rows of K = 4 token ids drawn from a
 peaked per-position distribution, T = 0.5 and T = 1/3. Timing: median per-call time over 31
@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from benchmarks.common import environment, time_call, write_json  # noqa: E402
-from calmlm.sampling import batch_temperature_sample, split_inverse_temperature  # noqa: E402
+from calmlm.sampling.temperature import batch_temperature_sample, split_inverse_temperature  # noqa: E402
 
 
 def peaked_pools(positions: int, pool: int, k: int, vocab: int, support: int, seed: int) -> torch.Tensor:

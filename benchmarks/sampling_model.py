@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.common import write_json  # noqa: E402
-from calmlm import sampling  # noqa: E402
-from calmlm.generation import generate  # noqa: E402
-from calmlm.loading import load  # noqa: E402
+from calmlm.sampling import temperature as sampling  # noqa: E402
+from calmlm.sampling.generation import generate  # noqa: E402
+from calmlm.io.loading import load  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -33,7 +33,7 @@ def word_tokenizer(vocab_size: int):
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit
 
-    from calmlm.tokenizer import Tokenizer
+    from calmlm.data.tokenizer import Tokenizer
 
     backend = Backend(WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
     backend.pre_tokenizer = WhitespaceSplit()

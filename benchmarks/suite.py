@@ -4,7 +4,7 @@
    (a pool of ``--pool-size`` draws per step); the baseline uses ordinary softmax temperature.
 2. Training tokens/s and MFU of every model in the pairs: timed optimizer steps (forward + backward +
    clipping + AdamW, fused on CUDA) driven through calmlm's ``Trainer`` so the autocast policy is the
-   training one; FLOPs per token from ``calmlm.flops`` (what ``calm flops`` prints).
+   training one; FLOPs per token from ``calmlm.evaluation.flops`` (what ``calm flops`` prints).
 
 Random weights throughout: speed does not depend on them. Writes JSON (device, torch version and commit
 in its ``meta``) and a markdown table beside it, and prints the markdown.
@@ -30,9 +30,9 @@ import torch  # noqa: E402
 from benchmarks.common import device_name, environment, time_call, write_json  # noqa: E402
 from benchmarks.generation import build_pair, resolve_dtype, time_generation  # noqa: E402
 from calmlm.config import BaselineConfig, CALMConfig, baseline_preset, calm_preset  # noqa: E402
-from calmlm.flops import count_parameters, training_flops_per_token  # noqa: E402
+from calmlm.evaluation.flops import count_parameters, training_flops_per_token  # noqa: E402
 from calmlm.models import build_model  # noqa: E402
-from calmlm.trainer import TrainConfig, Trainer, resolve_precision  # noqa: E402
+from calmlm.train.trainer import TrainConfig, Trainer, resolve_precision  # noqa: E402
 
 # Dense (no sparsity) BF16 tensor-core peaks in TFLOPS, from the NVIDIA product datasheets. Matched as
 # substrings of torch.cuda.get_device_name in this order, so specific names come before their prefixes

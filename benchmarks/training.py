@@ -6,7 +6,7 @@ For each model (random weights, optimizer steps through calmlm's Trainer) three 
 interleaved step by step so a busy machine slows them alike:
 - ``fp32 + logits``: float32 with the (tokens, V) logits materialised and fed to ``F.cross_entropy`` (calmlm
   before issue 10; CALM has no V-way output layer, so for it this is plain fp32);
-- ``fp32``: float32 with :func:`calmlm.losses.linear_cross_entropy` (chunked output projection + CE);
+- ``fp32``: float32 with :func:`calmlm.models.losses.linear_cross_entropy` (chunked output projection + CE);
 - ``bf16``: bf16 autocast with the same fused loss (``precision="auto"`` on CPUs with AMX).
 Writes ``bench_out/training_<device>.json`` and prints a markdown table.
 """
@@ -28,11 +28,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.common import device_name, write_json  # noqa: E402
-from calmlm import autoencoder as ae_module  # noqa: E402
-from calmlm import baseline as baseline_module  # noqa: E402
+from calmlm.models import autoencoder as ae_module  # noqa: E402
+from calmlm.models import baseline as baseline_module  # noqa: E402
 from calmlm.config import autoencoder_preset, baseline_preset, calm_preset  # noqa: E402
 from calmlm.models import build_model  # noqa: E402
-from calmlm.trainer import TrainConfig, Trainer, cpu_has_fast_bf16  # noqa: E402
+from calmlm.train.trainer import TrainConfig, Trainer, cpu_has_fast_bf16  # noqa: E402
 
 
 def materialised_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

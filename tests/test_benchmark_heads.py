@@ -11,10 +11,10 @@ from benchmarks import heads  # noqa: E402
 
 
 def test_heads_benchmark_debug(tmp_path: Path, capsys) -> None:
-    from calmlm.autoencoder import Autoencoder
-    from calmlm.checkpoint import save_model
+    from calmlm.models.autoencoder import Autoencoder
+    from calmlm.io.checkpoint import save_model
     from calmlm.config import autoencoder_preset
-    from calmlm.tokenizer import train_tokenizer
+    from calmlm.data.tokenizer import train_tokenizer
 
     # a corpus whose 512-id tokenizer still leaves the validation split a few 64-token blocks
     docs = [f"def f{i}(x):\n    return x * {i} + {i % 7}  # line {i}\n" * 20 for i in range(60)]

@@ -2,12 +2,13 @@
 
 from .config import AutoencoderConfig, BaselineConfig, CALMConfig
 from .errors import CalmError, CheckpointError, ConfigError, DataError, GenerationError, TokenizerError
-from .loading import load
+from .io.loading import load
+from .models import Autoencoder, BaselineLM, CALM, build_model
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "load",
+    "load", "build_model", "Autoencoder", "BaselineLM", "CALM",
     "AutoencoderConfig", "BaselineConfig", "CALMConfig",
     "CalmError", "CheckpointError", "ConfigError", "DataError", "GenerationError", "TokenizerError",
 ]

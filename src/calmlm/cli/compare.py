@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from .. import workflows as wf
-from ..compare import CompareConfig
-from ..compare import __doc__ as compare_doc
+from . import training as tr
+from ..train.compare import CompareConfig
+from ..train.compare import __doc__ as compare_doc
 from .options import add_dataclass_arguments, dataclass_from_args
 
 
@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=compare_doc,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_arguments(p, CompareConfig, group="comparison")
-    wf.add_data_args(p)
+    tr.add_data_args(p)
     g = p.add_argument_group("run")
     g.add_argument("--resume", action="store_true", help="continue an interrupted comparison in --out")
     g.add_argument("--device", default=None)
@@ -25,9 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..compare import Comparison
+    from ..train.compare import Comparison
 
     config = dataclass_from_args(CompareConfig, args)
-    Comparison(config, wf.data_options(args), device=args.device, resume=args.resume,
+    Comparison(config, tr.data_options(args), device=args.device, resume=args.resume,
                progress=not args.no_progress).run()
     return 0

@@ -49,15 +49,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoint import save_model
-    from ..loading import load
+    from ..io.checkpoint import save_model
+    from ..io.loading import load
 
     max_shard = parse_size(args.max_shard_size)
     dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
     model = load(args.src, dtype=dtype, autoencoder=args.autoencoder, revision=args.revision)
     tokenizer = model.tokenizer
     if args.tokenizer:
-        from ..tokenizer import Tokenizer, check_vocab
+        from ..data.tokenizer import Tokenizer, check_vocab
 
         tokenizer = Tokenizer.load(args.tokenizer)
         check_vocab(tokenizer, model.config.vocab_size)

@@ -2,12 +2,12 @@
 
 Evaluation data, in this order:
 
-* ``--data SPEC`` (any spec of :func:`calmlm.data.open_corpus`, e.g. the paper's set
+* ``--data SPEC`` (any spec of :func:`calmlm.data.corpus.open_corpus`, e.g. the paper's set
   ``../shared/data/wikitext103_test_documents.jsonl``): every document is tokenised with the model's own
   tokenizer (EOS after each), concatenated and cut into ``--block-size`` blocks, the remainder dropped.
 * otherwise the model's own validation split, when the checkpoint records its training data: a ``data``
   entry in config.json's metadata, ``{"spec", "val_data", "val_fraction", "seed", "text_field",
-  "cache_dir"}`` as passed to :func:`calmlm.data.prepare_corpus` (the same call rebuilds, or reuses from
+  "cache_dir"}`` as passed to :func:`calmlm.data.corpus.prepare_corpus` (the same call rebuilds, or reuses from
   the cache, the identical split);
 * otherwise an error asking for ``--data``.
 
@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from .. import workflows as wf
-from ..errors import CalmError, DataError, TokenizerError
+from ..errors import CalmError
+from ..train.workflows import DEFAULT_CACHE
+from . import training as tr
+from .common import evaluation_data, load_model_and_tokenizer
 
 DEFAULT_BLOCK_SIZE = 1024  # the reference's evaluation default (train_calm.py --block_size)
-DEFAULT_CACHE = "~/.cache/calmlm/tokens"
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,53 +58,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_data_arguments(p)
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    wf.add_head_args(p, sampling_only=True)
+    tr.add_head_args(p, sampling_only=True)
     p.set_defaults(func=run)
 
 
 # -- shared with `calm plot` ------------------------------------------------------------------------------
-
-def load_model(path: str, device: str | None = None, tokenizer: str | None = None) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer or None). Uses calmlm.loading.load when present (any format)."""
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        from ..loading import load
-    except ImportError:
-        load = None
-    if load is not None:
-        model = load(path, device=dev)
-    else:
-        from ..checkpoint import load_model as load_checkpoint
-        model = load_checkpoint(path, device=dev)
-    kind = getattr(getattr(model, "config", None), "kind", None)
-    if kind not in ("calm", "baseline"):
-        raise CalmError(f"{path} is {'an autoencoder' if kind == 'autoencoder' else f'a {kind!r} model'}; "
-                        "BrierLM needs a CALM or baseline language model (use `calm eval-ae` for autoencoders)")
-    tok = None
-    if tokenizer:
-        from ..tokenizer import Tokenizer
-        tok = Tokenizer.load(tokenizer)
-    else:
-        tok = getattr(model, "tokenizer", None)
-        folder = Path(path).expanduser()
-        if tok is None and folder.is_dir() and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-            from ..tokenizer import Tokenizer
-            tok = Tokenizer.load(folder)
-    return model.eval(), tok
-
-
-def _metadata(path: str) -> dict[str, Any]:
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file() and (folder / "checkpoint" / "config.json").is_file():
-        folder = folder / "checkpoint"  # a training run folder
-    if not (folder / "config.json").is_file():
-        return {}
-    try:
-        from ..checkpoint import read_metadata
-        return read_metadata(folder)
-    except CalmError:
-        return {}
-
 
 def default_block_size(model: Any, requested: int | None) -> int:
     cfg = model.config
@@ -116,37 +72,6 @@ def default_block_size(model: Any, requested: int | None) -> int:
             raise CalmError(f"--block-size must be positive, got {requested}")
         return requested
     return min(DEFAULT_BLOCK_SIZE, context)
-
-
-def evaluation_data(model: Any, tok: Any, args: argparse.Namespace, block_size: int) -> tuple[Any, str]:
-    """(TokenDataset of ``block_size`` blocks, a description of where it came from)."""
-    from ..data import prepare_corpus
-
-    if tok is None:
-        raise TokenizerError(f"{args.model} holds no tokenizer to tokenise the evaluation text; "
-                             "pass --tokenizer PATH (the tokenizer the model was trained with)")
-    if tok.vocab_size > model.config.vocab_size:
-        raise TokenizerError(f"the tokenizer has {tok.vocab_size} ids but the model only {model.config.vocab_size}; "
-                             "pass the tokenizer the model was trained with (--tokenizer)")
-    cache = args.cache_dir or DEFAULT_CACHE
-    if args.data is not None:
-        data, _, info = prepare_corpus(args.data, tok, cache, block_size, val_fraction=0.0,
-                                       text_field=args.text_field)
-        return data, info["source"]
-    record = _metadata(args.model).get("data")
-    if isinstance(record, str):
-        record = {"spec": record}
-    if not isinstance(record, dict):
-        raise DataError(f"{args.model} does not record the data it was trained on, so it has no validation split "
-                        "to evaluate; pass --data (the paper's set: --data wikitext103_test_documents.jsonl)")
-    spec = record.get("spec", record.get("data"))
-    _, val, info = prepare_corpus(spec, tok, args.cache_dir or record.get("cache_dir") or cache, block_size,
-                                  val_fraction=float(record.get("val_fraction", 0.01)),
-                                  seed=int(record.get("seed", 0)), val_data=record.get("val_data"),
-                                  text_field=record.get("text_field", args.text_field))
-    if val is None:
-        raise DataError(f"{args.model} was trained without a validation split; pass --data")
-    return val, f"validation split of {info['source']} ({info['split']})"
 
 
 # -- the command --------------------------------------------------------------------------------------------
@@ -171,12 +96,12 @@ def format_report(r: dict[str, Any], model: str, source: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..metrics import evaluate_brierlm
+    from ..evaluation.brierlm import evaluate_brierlm
 
-    model, tok = load_model(args.model, args.device, args.tokenizer)
-    wf.apply_head_options(model, args)
+    model, tok = load_model_and_tokenizer(args.model, args.device, args.tokenizer, "stored", purpose="BrierLM")
+    tr.apply_head_options(model, args)
     block_size = default_block_size(model, args.block_size)
-    data, source = evaluation_data(model, tok, args, block_size)
+    data, source = evaluation_data(args.model, model, tok, block_size, args.data, args.text_field, args.cache_dir)
     r = evaluate_brierlm(model, data, block_size, args.batch_size, args.max_tokens, seed=args.seed,
                          progress=not args.no_progress and not args.json)
     if args.json:

@@ -24,44 +24,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def evaluation_blocks(model_path: str, model: object, data: str | None, text_field: str, block_size: int):
-    from ..checkpoint import read_metadata
-    from ..data import prepare_corpus
-    from ..loading import resolve
-
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        raise CalmError(f"{model_path} holds no tokenizer; it is needed to tokenise the evaluation data")
-    cache = "~/.cache/calmlm/tokens"
-    if data is not None:
-        blocks, _, _ = prepare_corpus(data, tok, cache, block_size, val_fraction=0.0, text_field=text_field)
-        return blocks
-    try:
-        record = read_metadata(resolve(model_path)).get("data")
-    except Exception:
-        record = None
-    if not record:
-        raise CalmError(f"{model_path} records no training data, so there is no default validation split; "
-                        "pass --data")
-    _, val, _ = prepare_corpus(record.get("spec"), tok, record.get("cache_dir", cache), block_size,
-                               record.get("val_fraction", 0.02), record.get("seed", 0),
-                               val_data=record.get("val_data"), text_field=record.get("text_field", "text"))
-    return val
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import evaluate_autoencoder, format_autoencoder_report
-    from ..loading import load
+    from ..evaluation.autoencoder import evaluate_autoencoder, format_autoencoder_report
+    from .common import evaluation_data, load_model_and_tokenizer
 
-    model = load(args.model, device=args.device or "cpu", kind="autoencoder")
+    model, tok = load_model_and_tokenizer(args.model, args.device or "cpu", None, "stored", kind="autoencoder")
     try:
         sigmas = [float(s) for s in args.sigmas.split(",")]
     except ValueError:
         raise CalmError(f"--sigmas must be comma-separated numbers, got {args.sigmas!r}") from None
-    blocks = evaluation_blocks(args.model, model, args.data, args.text_field, args.block_size)
+    blocks, _ = evaluation_data(args.model, model, tok, args.block_size, args.data, args.text_field)
     r = evaluate_autoencoder(model, blocks, sigmas=sigmas, max_blocks=args.max_blocks)
     if args.plot:
-        from ..plotting import plot_accuracy_vs_noise
+        from ..evaluation.plotting import plot_accuracy_vs_noise
         plot_accuracy_vs_noise(r, args.plot)
         r["plot"] = args.plot
     print(json.dumps(r, indent=2) if args.json else format_autoencoder_report(r))

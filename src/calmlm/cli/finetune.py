@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .. import workflows as wf
+from . import training as tr
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,14 +31,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-temperature", type=float, default=1.0, help="temperature of those generations")
     p.add_argument("--tokenizer", default=None, help="tokenizer file/folder, if the checkpoint has none")
     p.add_argument("--autoencoder", default=None, help="reference-format CALM only: its autoencoder folder")
-    wf.add_train_args(p, lr=1e-4, batch_size=8)
-    p.set_defaults(func=run, max_steps=1000, warmup_steps=20, eval_every=200, save_every=500)
+    tr.add_train_args(p, lr=1e-4, batch_size=8, warmup_steps=20, schedule="constant")  # fine-tuning's recipe
+    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..finetune import finetune
+    from ..train.finetune import finetune
 
-    final = finetune(args.model, args.data, wf.train_config(args), val_data=args.val_data,
+    final = finetune(args.model, args.data, tr.train_config(args), val_data=args.val_data,
                      val_fraction=args.val_fraction, tokenizer=args.tokenizer, autoencoder=args.autoencoder,
                      epochs=args.epochs, eval_examples=args.eval_examples, eval_temperature=args.eval_temperature,
                      resume=args.resume, device=args.device)

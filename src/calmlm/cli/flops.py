@@ -11,7 +11,7 @@ from typing import Any
 from ..config import (BASELINE_PRESETS, CALM_PRESETS, CONFIG_CLASSES, HEAD_TYPES, AutoencoderConfig, BaselineConfig,
                       CALMConfig, baseline_preset, calm_preset, config_from_dict, load_config)
 from ..errors import ConfigError
-from ..flops import summarize
+from ..evaluation.flops import summarize
 
 FAMILIES = ("calm", "baseline")
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-from .. import workflows as wf
-from ..errors import CalmError
+from . import training as tr
+from .common import load_model_and_tokenizer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,34 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto = bfloat16 on GPUs, the stored dtype on CPU; bfloat16 is also ~3x faster on "
                         "CPUs with AMX (e.g. Sapphire Rapids) for T<1, where hundreds of latents are decoded per step")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off on long generations)")
-    wf.add_head_args(p, sampling_only=True)
+    tr.add_head_args(p, sampling_only=True)
     p.set_defaults(func=run)
 
 
-def load_model_and_tokenizer(path: str, device: str | None = None, tokenizer: str | None = None,
-                             dtype_name: str = "auto"):
-    from ..loading import load
-    from ..tokenizer import Tokenizer
-
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype_name == "auto":
-        dtype = torch.bfloat16 if dev.startswith("cuda") else None
-    else:
-        dtype = getattr(torch, dtype_name)
-    model = load(path, device=dev, dtype=dtype)
-    tok = Tokenizer.load(tokenizer) if tokenizer else getattr(model, "tokenizer", None)
-    if tok is None:
-        raise CalmError(f"{path} holds no tokenizer; pass --tokenizer PATH (tokenizer.json or tokenizer.model)")
-    return model.eval(), tok
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..generation import iter_generate
+    from ..sampling.generation import iter_generate
 
-    model, tok = load_model_and_tokenizer(args.model, args.device, args.tokenizer, args.dtype)
-    if model.config.kind == "autoencoder":
-        raise CalmError(f"{args.model} is an autoencoder; generation needs a CALM or baseline model")
-    wf.apply_head_options(model, args)
+    model, tok = load_model_and_tokenizer(args.model, args.device, args.tokenizer, args.dtype, purpose="generation")
+    tr.apply_head_options(model, args)
     prompt = tok.encode(args.prompt)
     stream = args.num_samples == 1  # several samples are printed one after another at the end
     rows: list[list[int]] = [[] for _ in range(args.num_samples)]

@@ -38,9 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_accuracy_diversity(args: argparse.Namespace) -> int:
-    from ..metrics import accuracy_diversity
-    from ..plotting import _pyplot, plot_accuracy_diversity
-    from .eval import default_block_size, evaluation_data, load_model
+    from ..evaluation.brierlm import accuracy_diversity
+    from ..evaluation.plotting import _pyplot, plot_accuracy_diversity
+    from .common import evaluation_data, load_model_and_tokenizer
+    from .eval import default_block_size
 
     if not args.out.lower().endswith(".png"):
         raise CalmError(f"--out {args.out} should be a .png file")
@@ -48,10 +49,9 @@ def run_accuracy_diversity(args: argparse.Namespace) -> int:
     series: dict[str, Any] = {}
     report: dict[str, Any] = {}
     for path in args.model:
-        model, tok = load_model(path, args.device, args.tokenizer)
+        model, tok = load_model_and_tokenizer(path, args.device, args.tokenizer, "stored", purpose="BrierLM")
         block_size = default_block_size(model, args.block_size)
-        ns = argparse.Namespace(**{**vars(args), "model": path})
-        data, source = evaluation_data(model, tok, ns, block_size)
+        data, source = evaluation_data(path, model, tok, block_size, args.data, args.text_field, args.cache_dir)
         points = accuracy_diversity(model, data, args.temperatures, args.pool_sizes, block_size, args.batch_size,
                                     args.max_tokens, seed=args.seed, progress=not args.no_progress)
         label = path if path not in series else f"{path} ({len(series)})"

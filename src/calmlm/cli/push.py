@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..hub import model_card, push
+    from ..io.hub import model_card, push
 
     evaluation = None
     if args.eval:

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import workflows as wf
-from ..recipes import recipe
+from ..train import workflows as wf
+from ..train.recipes import recipe
 
 # Share of the training time for the autoencoder; CALM and the baseline split the rest equally.
 AE_SHARE = 0.36
@@ -52,10 +52,10 @@ def _stage(name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..evaluation import evaluate_autoencoder, format_autoencoder_report
-    from ..loading import load
-    from ..plotting import plot_accuracy_vs_noise
-    from ..trainer import resolve_precision
+    from ..evaluation.autoencoder import evaluate_autoencoder, format_autoencoder_report
+    from ..io.loading import load
+    from ..evaluation.plotting import plot_accuracy_vs_noise
+    from ..train.trainer import resolve_precision
 
     t0 = time.perf_counter()
     deadline = t0 + args.minutes * 60

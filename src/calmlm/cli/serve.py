@@ -39,13 +39,11 @@ def build_server(model_path: str, device: str | None = None, tokenizer: str | No
     except ImportError as e:
         raise CalmError(f"calm serve needs FastAPI and uvicorn ({e.name} is missing); "
                         "install them with: pip install 'calmlm[serve]'") from None
-    from ..loading import resolve
+    from ..io.loading import resolve
     from ..serve.app import Server, read_chat_template
-    from .generate import load_model_and_tokenizer
+    from .common import load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(model_path, device, tokenizer, dtype)
-    if model.config.kind == "autoencoder":
-        raise CalmError(f"{model_path} is an autoencoder; serving needs a CALM or baseline model")
+    model, tok = load_model_and_tokenizer(model_path, device, tokenizer, dtype, purpose="serving")
     folder = resolve(model_path)
     name = served_model_name or (model_path if not Path(model_path).exists() else folder.name)
     template = read_chat_template(Path(tokenizer) if tokenizer and Path(tokenizer).is_dir() else folder)

@@ -40,8 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..data import open_corpus
-    from ..tokenizer import train_tokenizer
+    from ..data.corpus import open_corpus
+    from ..data.tokenizer import train_tokenizer
 
     corpus = open_corpus(args.data, args.text_field)
     print(f"training a {args.vocab_size}-token BPE on {corpus.description}")
@@ -53,14 +53,14 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_encode(args: argparse.Namespace) -> int:
-    from ..tokenizer import Tokenizer
+    from ..data.tokenizer import Tokenizer
 
     print(" ".join(map(str, Tokenizer.load(args.tokenizer).encode(args.text))))
     return 0
 
 
 def run_decode(args: argparse.Namespace) -> int:
-    from ..tokenizer import Tokenizer
+    from ..data.tokenizer import Tokenizer
 
     tok = Tokenizer.load(args.tokenizer)
     bad = [i for i in args.ids if not 0 <= i < tok.vocab_size]

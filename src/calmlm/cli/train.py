@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from .. import workflows as wf
+from ..train import workflows as wf
+from . import training as tr
+from .common import preset_help
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,17 +16,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "energy by default, flow or diffusion) predicts the next chunk's latent. Periodic "
                                    "evaluation reports BrierLM.")
     p.add_argument("--autoencoder", required=True, help="trained autoencoder (run folder, checkpoint or Hub id)")
-    p.add_argument("--preset", default="small", help="CALM preset: debug, small, base, calm-m, calm-l, calm-xl")
+    p.add_argument("--preset", default="small", help=f"CALM preset: {preset_help('calm')}")
     p.add_argument("--config", default=None, help="CALMConfig JSON (overrides --preset)")
     p.add_argument("--brier-tokens", type=int, default=8192, help="tokens scored by BrierLM at each evaluation")
-    wf.add_head_args(p)
-    wf.add_data_args(p)
-    wf.add_train_args(p)
+    tr.add_head_args(p)
+    tr.add_data_args(p)
+    tr.add_train_args(p, "calm")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    final = wf.train_calm(wf.data_options(args), wf.train_config(args), args.autoencoder, args.preset, args.config,
-                          args.resume, args.device, args.brier_tokens, wf.head_options(args))
+    final = wf.train_calm(tr.data_options(args), tr.train_config(args), args.autoencoder, args.preset, args.config,
+                          args.resume, args.device, args.brier_tokens, tr.head_options(args))
     print(json.dumps(final, indent=2, default=str))
     return 0

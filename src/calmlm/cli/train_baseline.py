@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from .. import workflows as wf
+from ..train import workflows as wf
+from . import training as tr
+from .common import preset_help
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,16 +16,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer, or an autoencoder run folder to share its tokenizer (default: train one)")
     p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--preset", default="small", help="baseline preset: debug, small, base, transformer-s/m/l")
+    p.add_argument("--preset", default="small", help=f"baseline preset: {preset_help('baseline')}")
     p.add_argument("--config", default=None, help="BaselineConfig JSON (overrides --preset)")
     p.add_argument("--brier-tokens", type=int, default=8192)
-    wf.add_data_args(p)
-    wf.add_train_args(p)
+    tr.add_data_args(p)
+    tr.add_train_args(p, "baseline")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    final = wf.train_baseline(wf.data_options(args), wf.train_config(args), args.tokenizer, args.preset, args.config,
+    final = wf.train_baseline(tr.data_options(args), tr.train_config(args), args.tokenizer, args.preset, args.config,
                               args.vocab_size, args.resume, args.device, args.brier_tokens)
     print(json.dumps(final, indent=2, default=str))
     return 0

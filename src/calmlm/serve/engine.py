@@ -9,7 +9,7 @@ disconnect).
 
 Batching never changes an answer: the backbone masks each row's padding and numbers its positions from 0
 (``backbone.left_padding``), and every request draws its randomness from its own generator, seeded
-by its ``seed``. The draws are those of :func:`calmlm.generation.generate` for the same prompt, options and
+by its ``seed``. The draws are those of :func:`calmlm.sampling.generation.generate` for the same prompt, options and
 seed, so a request answers the same alone, in any batch, and through ``calm generate``.
 """
 
@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from ..backbone import left_padding
+from ..models.transformer import left_padding
 from ..errors import GenerationError
-from ..generation import _next_chunk, _stop_after_eos, _validate, sample_logits
+from ..sampling.generation import _next_chunk, _stop_after_eos, _validate, sample_logits
 
 # Called from the worker thread with each step's Step, then once with None when the request is finished, or
 # with an exception when it failed.

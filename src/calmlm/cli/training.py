@@ -1,0 +1,94 @@
+"""The flags the training commands share (data, generative head, training), and their values as configs.
+
+Training flags are generated from :class:`calmlm.train.trainer.TrainConfig` (its defaults and help text); a flag
+left out is filled at run time from the model preset's recipe (:func:`calmlm.train.recipes.recipe`), so the library,
+the CLI and the quickstart start from the same numbers."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..train.recipes import RECIPES, recipe
+from ..train.trainer import TrainConfig
+from ..train.workflows import DEFAULT_CACHE, DataOptions
+from .options import add_dataclass_arguments
+
+# TrainConfig fields with a flag of their own (the data's --block-size, --out, --minutes, --no-progress)
+_NOT_FLAGS = ("block_size", "out_dir", "time_budget_s", "progress")
+_FROM_RECIPE = sorted({k for values in RECIPES.values() for k in values})
+
+
+def add_data_args(p: argparse.ArgumentParser, block_size: int = 256) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, help="corpus: file, folder, glob, .jsonl, hf:NAME (default: the Python "
+                                                "standard library of this interpreter)")
+    g.add_argument("--val-data", default=None, help="separate validation corpus (default: hold out --val-fraction)")
+    g.add_argument("--val-fraction", type=float, default=DataOptions.val_fraction,
+                   help=f"share of the corpus held out for validation (default: {DataOptions.val_fraction})")
+    g.add_argument("--text-field", default=DataOptions.text_field, help="JSON field holding the text")
+    g.add_argument("--block-size", type=int, default=block_size, help="tokens per training block")
+    g.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where tokenised corpora are cached")
+
+
+def data_options(args: argparse.Namespace) -> DataOptions:
+    seed = args.seed if getattr(args, "seed", None) is not None else DataOptions.seed
+    return DataOptions(args.data, args.val_data, args.val_fraction, args.text_field, args.block_size, seed,
+                       args.cache_dir)
+
+
+def add_head_args(p: argparse.ArgumentParser, sampling_only: bool = False) -> None:
+    """The generative head's options (CALMConfig fields); None keeps the preset's / checkpoint's value."""
+    from ..config import FLOW_SOLVERS, HEAD_TYPES
+
+    g = p.add_argument_group("generative head (CALM)")
+    if not sampling_only:
+        g.add_argument("--head", choices=HEAD_TYPES, default=None,
+                       help="energy (default; one network call per sample), flow (flow matching) or diffusion")
+    g.add_argument("--flow-steps", type=int, default=None, metavar="N",
+                   help="flow head: network calls per sample (default 20; the midpoint solver takes N/2 steps)")
+    g.add_argument("--flow-solver", choices=FLOW_SOLVERS, default=None, help="flow head: ODE solver (default midpoint)")
+    if not sampling_only:
+        g.add_argument("--diffusion-steps", type=int, default=None, metavar="T",
+                       help="diffusion head: training timesteps of the cosine schedule (default 1000)")
+    g.add_argument("--diffusion-sample-steps", type=int, default=None, metavar="S",
+                   help="diffusion head: reverse steps of the respaced sampling chain (default 100)")
+
+
+def head_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The head options given on the command line, as CALMConfig fields."""
+    names = ("head", "flow_steps", "flow_solver", "diffusion_steps", "diffusion_sample_steps")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def apply_head_options(model: Any, args: argparse.Namespace) -> None:
+    """Apply --flow-steps / --flow-solver / --diffusion-sample-steps to a loaded CALM model."""
+    options = head_options(args)
+    if options and getattr(model.config, "kind", None) == "calm":
+        model.set_head_options(**options)
+
+
+def add_train_args(p: argparse.ArgumentParser, kind: str | None = None, **defaults: Any) -> None:
+    """The training flags: one per TrainConfig field, plus --out, --minutes, --resume, --device, --no-progress.
+    ``kind`` ("autoencoder" | "calm" | "baseline"): flags left out come from the recipe of (kind, --preset);
+    without it (fine-tuning) from ``defaults``, then TrainConfig's."""
+    g = p.add_argument_group("training")
+    g.add_argument("--out", required=True, help="run folder")
+    notes = {name: "the --preset's recipe (calmlm.train.recipes)" for name in _FROM_RECIPE} if kind else {}
+    add_dataclass_arguments(g, TrainConfig, exclude=_NOT_FLAGS, unset=True, defaults=defaults, notes=notes)
+    g.add_argument("--minutes", type=float, default=None, help="stop cleanly (eval + save) after this many minutes")
+    g.add_argument("--resume", action="store_true", help="continue exactly from the run folder's checkpoint")
+    g.add_argument("--device", default=None)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(kind=kind)
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of the parsed flags: the ones given, the rest from the recipe (see add_train_args)."""
+    given = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__
+             if name not in _NOT_FLAGS and getattr(args, name, None) is not None}
+    given.update(block_size=args.block_size, out_dir=args.out, progress=not args.no_progress,
+                 time_budget_s=args.minutes * 60 if args.minutes else None)
+    if getattr(args, "kind", None) is None:
+        return TrainConfig(**given)
+    return recipe(args.kind, args.preset, **given)

@@ -1,0 +1,1 @@
+"""Data: corpora, token datasets and block sampling, tokenizers."""

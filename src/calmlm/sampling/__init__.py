@@ -1,0 +1,1 @@
+"""Sampling: likelihood-free temperature sampling (§5) and generation with a KV cache."""

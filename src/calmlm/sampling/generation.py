@@ -1,0 +1,277 @@
+"""Batched, KV-cached generation for CALM (one latent -> K tokens per step) and the baseline.
+
+Prompt policy for CALM: the backbone reads whole chunks, so a prompt whose length is not a multiple of
+K is *left-padded* with the EOS token (the document separator the model saw in training; the
+autoencoder's mask token when the model has no EOS id) to the next multiple of K. An empty prompt
+becomes one chunk of padding. Padding is removed from the returned sequences.
+
+Temperature for CALM (likelihood-free, paper §5): T = 1 draws one latent per step; T < 1 uses either
+the batch approximation (``sampler="batch"``: a pool of ``pool_size`` draws per step) or the exact
+rejection sampler (``sampler="exact"``). The baseline uses ordinary softmax temperature and top-k.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from ..errors import GenerationError
+
+
+def _validate(model: Any, temperature: float, max_new_tokens: int, num_samples: int, sampler: str,
+              pool_size: int) -> None:
+    if max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if num_samples < 1:
+        raise GenerationError(f"num_samples must be >= 1, got {num_samples}")
+    is_calm = model.config.kind == "calm"
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)):
+        raise GenerationError(f"temperature must be a finite number, got {temperature!r}")
+    if is_calm:
+        if not 0.0 < temperature <= 1.0:
+            raise GenerationError(
+                f"CALM temperature must be in (0, 1], got {temperature}: likelihood-free sampling can only "
+                "sharpen the model's distribution (use T=1 for plain sampling)")
+        if sampler not in ("batch", "exact"):
+            raise GenerationError(f"unknown sampler {sampler!r}; use 'batch' or 'exact'")
+        if sampler == "batch" and temperature < 1.0 and pool_size < round(1 / temperature):
+            raise GenerationError(f"pool_size {pool_size} is too small for T={temperature}: "
+                                  f"it needs at least 1/T = {1 / temperature:.3g} draws")
+    elif temperature < 0:
+        raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+
+
+def _as_batch(input_ids: torch.Tensor | list[int] | list[list[int]], device: torch.device) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2:
+        raise GenerationError(f"prompt ids must be (length,) or (batch, length), got shape {tuple(ids.shape)}")
+    return ids
+
+
+def _make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@torch.no_grad()
+def iter_generate(model: Any, input_ids: torch.Tensor | list[int] | list[list[int]], max_new_tokens: int = 64,
+                  temperature: float = 1.0, num_samples: int = 1, top_k: int | None = None,
+                  sampler: str = "batch", pool_size: int = 200, eos_token_id: int | None = None,
+                  seed: int | None = None, use_cache: bool = True, stop_check_every: int = 8,
+                  compile: bool = False) -> Iterator[torch.Tensor]:
+    """Yield new tokens as they are produced: (B * num_samples, K) per step for CALM, (B', 1) for the
+    baseline. Sequences that produced EOS are padded with EOS afterwards; the loop stops early once all
+    have (checked every ``stop_check_every`` steps; on GPUs the check reads a flag copied asynchronously
+    at the previous check, so the decode loop never waits for the device).
+
+    ``compile=True`` runs the per-step computations (backbone step; head + decoder, or logits + sampling)
+    through ``torch.compile``: the first call pays the compilation, later calls with the same model reuse it."""
+    _validate(model, temperature, max_new_tokens, num_samples, sampler, pool_size)
+    device = next(model.parameters()).device
+    ids = _as_batch(input_ids, device).repeat_interleave(num_samples, dim=0)
+    eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
+    gen = _make_generator(seed, device)
+    if model.config.kind == "calm":
+        yield from _calm_steps(model, ids, max_new_tokens, temperature, sampler, pool_size, eos, gen, use_cache,
+                               stop_check_every, compile)
+    else:
+        yield from _baseline_steps(model, ids, max_new_tokens, temperature, top_k, eos, gen, use_cache,
+                                   stop_check_every, compile)
+
+
+def generate(model: Any, input_ids: torch.Tensor | list[int] | list[list[int]], max_new_tokens: int = 64,
+             callback: Callable[[torch.Tensor], None] | None = None, **kwargs: Any) -> torch.Tensor:
+    """Generate up to ``max_new_tokens`` tokens after the prompt; returns (B * num_samples, T + new).
+
+    ``callback`` receives each step's new tokens (for streaming). Options: temperature, num_samples,
+    top_k (baseline), sampler / pool_size (CALM), eos_token_id, seed, use_cache, compile."""
+    device = next(model.parameters()).device
+    prompt = _as_batch(input_ids, device).repeat_interleave(kwargs.get("num_samples", 1), dim=0)
+    pieces = [prompt]
+    for new in iter_generate(model, input_ids, max_new_tokens, **kwargs):
+        if callback is not None:
+            callback(new)
+        pieces.append(new)
+    out = torch.cat(pieces, dim=1)
+    return out[:, : prompt.shape[1] + max_new_tokens]
+
+
+def _stop_after_eos(tokens: torch.Tensor, done: torch.Tensor, eos: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad with EOS after a sequence's first EOS; return the tokens and the updated done flags."""
+    if eos is None:
+        return tokens, done
+    is_eos = tokens == eos
+    after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # positions after the first EOS in this step
+    tokens = tokens.masked_fill(after | done[:, None], eos)
+    return tokens, done | is_eos.any(-1)
+
+
+def _maybe_compile(fn: Callable[..., Any], compile: bool) -> Callable[..., Any]:
+    # Dynamo caches compiled code per code object and guards on the closure (the model), so wrapping
+    # afresh on every generate call reuses earlier compilations (tested). Only deterministic functions are
+    # compiled: random draws stay eager with the caller's generator, so both paths make the same draws.
+    return torch.compile(fn) if compile else fn
+
+
+def _head_and_decode(model: Any, hidden: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return model.decode_latents(model.head(hidden, noise))
+
+
+def _chunk_sampler(model: Any, compile: bool) -> Callable[..., torch.Tensor]:
+    """``model.sample_chunks`` with the noise drawn eagerly and head + decoder optionally compiled (the same
+    draws as the eager sampler for the same generator)."""
+    if not compile:
+        return model.sample_chunks
+    decode = torch.compile(_head_and_decode)
+
+    def sample(hidden: torch.Tensor, num_samples: int | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        lead = tuple(hidden.shape[:-1]) if num_samples is None else (num_samples, *hidden.shape[:-1])
+        return decode(model, hidden, model.head.noise(lead, hidden.device, hidden.dtype, generator))
+
+    return sample
+
+
+def _calm_steps(model: Any, ids: torch.Tensor, max_new_tokens: int, temperature: float, sampler: str,
+                pool_size: int, eos: int | None, gen: torch.Generator | None, use_cache: bool,
+                stop_check_every: int, compile: bool = False) -> Iterator[torch.Tensor]:
+    cfg = model.config
+    k = cfg.chunk_size
+    pad_id = eos if eos is not None else cfg.autoencoder.mask_token_id
+    pad = (-ids.shape[1]) % k if ids.shape[1] else k
+    if pad:
+        ids = torch.cat([ids.new_full((ids.shape[0], pad), pad_id), ids], dim=1)
+    steps = math.ceil(max_new_tokens / k)
+    total_chunks = ids.shape[1] // k + steps
+    if ids.shape[1] // k > cfg.max_position_embeddings:
+        raise GenerationError(
+            f"prompt of {ids.shape[1] - pad} tokens is longer than the model's context of "
+            f"{cfg.max_position_embeddings * k} tokens ({cfg.max_position_embeddings} chunks of K={k}); shorten it")
+    if total_chunks > cfg.max_position_embeddings:
+        room = (cfg.max_position_embeddings - ids.shape[1] // k) * k
+        raise GenerationError(f"prompt + max_new_tokens exceed the context of {cfg.max_position_embeddings * k} "
+                              f"tokens; at most {room} new tokens fit after this prompt")
+    if steps == 0:
+        return
+    cache = model.backbone.new_cache(ids.shape[0], total_chunks) if use_cache else None
+    draw = _chunk_sampler(model, compile)
+    yield from _decode_loop(_maybe_compile(lambda x, c: model.hidden_states(x, c)[:, -1], compile),
+                            lambda h: _next_chunk(model, h, temperature, sampler, pool_size, gen, draw),
+                            ids, steps, eos, cache, stop_check_every)
+
+
+def _decode_loop(forward: Callable[[torch.Tensor, Any], torch.Tensor], propose: Callable[[torch.Tensor], torch.Tensor],
+                 ids: torch.Tensor, steps: int, eos: int | None, cache: Any,
+                 stop_check_every: int) -> Iterator[torch.Tensor]:
+    """The decode loop shared by both families: ``forward(new_ids, cache)`` gives the state at the last
+    position (CALM hidden state, baseline logits), ``propose(state)`` the next (B, k) tokens. Without a
+    cache every step recomputes the whole sequence (the reference path the tests compare against)."""
+    seq = ids
+    state = forward(ids, cache)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    all_done = _AsyncFlag(ids.device)
+    for step in range(steps):
+        new, done = _stop_after_eos(propose(state), done, eos)
+        yield new
+        if step == steps - 1 or (eos is not None and (step + 1) % stop_check_every == 0 and all_done.update(done.all())):
+            return
+        if cache is not None:
+            state = forward(new, cache)
+        else:
+            seq = torch.cat([seq, new], dim=1)
+            state = forward(seq, None)
+
+
+class _AsyncFlag:
+    """A boolean computed on the device, read by the host without stalling the GPU queue: ``update``
+    starts copying the new value to pinned memory and returns the value copied at the previous update
+    (long finished by then). On CPU it returns the new value directly."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.host = torch.zeros((), dtype=torch.bool).pin_memory()
+            self.event = torch.cuda.Event()
+            self.pending = False
+
+    def update(self, value: torch.Tensor) -> bool:
+        if not self.cuda:
+            return bool(value)
+        previous = False
+        if self.pending:
+            self.event.synchronize()
+            previous = bool(self.host)
+        self.host.copy_(value, non_blocking=True)
+        self.event.record()
+        self.pending = True
+        return previous
+
+
+def _next_chunk(model: Any, hidden: torch.Tensor, temperature: float, sampler: str, pool_size: int,
+                gen: torch.Generator | None, sample_chunks: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    sample_chunks = sample_chunks or model.sample_chunks
+    if temperature == 1.0:
+        return sample_chunks(hidden, generator=gen)
+    from . import temperature as sampling
+
+    if sampler == "batch":
+        if hidden.device.type == "cpu":
+            # Decode only as much of each draw as telling the chunks apart needs, then the chosen draws
+            # in full. (Data-dependent sizes: on GPUs the full pool is decoded, without synchronising.)
+            z = model.sample_latents(hidden, pool_size, gen).transpose(0, 1)  # (B, N, l)
+            keys = model.autoencoder.decode_pool_keys(z)
+            pick = sampling.batch_temperature_choice(keys, temperature, generator=gen)
+            return model.decode_latents(z[torch.arange(z.shape[0], device=z.device), pick])
+        pool = sample_chunks(hidden, num_samples=pool_size, generator=gen).transpose(0, 1)  # (B, N, K)
+        return sampling.batch_temperature_sample(pool, temperature, generator=gen, num_values=model.config.vocab_size)
+
+    def draw(m: int, active: torch.Tensor) -> torch.Tensor:  # (A, m, K) for the unfinished rows only
+        return sample_chunks(hidden[active.to(hidden.device)], num_samples=m, generator=gen).transpose(0, 1)
+
+    samples, _ = sampling.exact_temperature_sample_batch(draw, hidden.shape[0], temperature, generator=gen)
+    return samples
+
+
+def _baseline_steps(model: Any, ids: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
+                    eos: int | None, gen: torch.Generator | None, use_cache: bool,
+                    stop_check_every: int, compile: bool = False) -> Iterator[torch.Tensor]:
+    cfg = model.config
+    if ids.shape[1] == 0:
+        if cfg.bos_token_id is None and eos is None:
+            raise GenerationError("an empty prompt needs a BOS or EOS token id to start from; give a prompt")
+        ids = ids.new_full((ids.shape[0], 1), cfg.bos_token_id if cfg.bos_token_id is not None else eos)
+    total = ids.shape[1] + max_new_tokens
+    if ids.shape[1] > cfg.max_position_embeddings:
+        raise GenerationError(f"prompt of {ids.shape[1]} tokens is longer than the model's context of "
+                              f"{cfg.max_position_embeddings} tokens; shorten it")
+    if total > cfg.max_position_embeddings:
+        raise GenerationError(f"prompt + max_new_tokens exceed the context of {cfg.max_position_embeddings} "
+                              f"tokens; at most {cfg.max_position_embeddings - ids.shape[1]} new tokens fit")
+    if max_new_tokens == 0:
+        return
+    cache = model.backbone.new_cache(ids.shape[0], total) if use_cache else None
+    yield from _decode_loop(_maybe_compile(lambda x, c: model.logits(x, c)[:, -1], compile),
+                            lambda logits: sample_logits(logits, temperature, top_k, gen)[:, None],
+                            ids, max_new_tokens, eos, cache, stop_check_every)
+
+
+def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B,) ids; temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) is an exact draw from p, and unlike
+    # torch.multinomial it never synchronises with the host on GPUs.
+    probs = torch.softmax(logits, dim=-1)
+    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
+    return (probs / race).argmax(-1)

@@ -1,0 +1,592 @@
+"""One training engine for the autoencoder, CALM and the baseline.
+
+Every model's ``forward(input_ids)`` returns ``ModelOutput(loss, metrics)``; the engine only needs that. A
+dataset whose blocks are dicts (fine-tuning: input ids + loss mask) has them passed as keyword arguments.
+AdamW (fused on CUDA) with warm-up then constant or cosine LR, gradient accumulation, clipping, bf16
+autocast on CUDA, optional ``torch.compile``, DDP or FSDP2 (``TrainConfig.distributed``) under ``torchrun``,
+periodic evaluation, JSON-lines metrics, atomic checkpoints and exact (bit-identical on CPU) resume.
+FSDP checkpoints have the same single-file format as the others (gathered on rank 0), so a run can be
+resumed with either wrapping, or with none.
+
+Randomness: ``fit`` seeds torch/numpy/random with ``seed + rank`` at the start of a fresh run, so under DDP
+each rank draws its own dropout masks / noise (different data per rank, independent randomness); resume
+restores every rank's generator state. Evaluation runs under a forked, fixed-seed generator so it neither
+perturbs training randomness nor varies between evaluations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..io import checkpoint as ckpt
+from ..data.corpus import stack_blocks
+from ..errors import CheckpointError, ConfigError, DataError
+from .distributed import Parallel, all_reduce, rank_and_world
+from ..io.loading import full_state_dict, unique_tensors
+
+EvaluateFn = Callable[[nn.Module, Any], dict[str, float]]
+# control(step, training seconds) -> (evaluate now, stop now): extra evaluation points and stopping rules
+# (e.g. `calm compare`'s log-spaced points and training-time budget), checked after every optimizer step.
+Control = Callable[[int, float], tuple[bool, bool]]
+CHECKPOINT_DIR = "checkpoint"
+METRICS_FILE = "metrics.jsonl"
+TRAIN_CONFIG_FILE = "train_config.json"
+RUN_FILE = "run.json"  # what produced the run: code version, resolved train and model configs, data record
+
+
+def _field(default: Any, help: str, **metadata: Any) -> Any:
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run settings; the training commands' flags are generated from these fields."""
+
+    lr: float = _field(3e-4, "peak learning rate")
+    min_lr_ratio: float = _field(0.1, "the cosine schedule decays to lr * min_lr_ratio at max_steps")
+    warmup_steps: int = _field(0, "linear warm-up from lr/warmup_steps to lr")
+    schedule: str = _field("cosine", "LR after warm-up", choices=("constant", "cosine"))
+    weight_decay: float = _field(0.1, "AdamW decay on >=2-D weights (matrices, embeddings); never on norms, "
+                                      "biases or frozen parameters")
+    betas: tuple[float, float] = _field((0.9, 0.95), "AdamW betas")
+    eps: float = _field(1e-8, "AdamW epsilon")
+    grad_clip: float = _field(1.0, "max global gradient norm; 0 disables clipping")
+    batch_size: int = _field(8, "blocks per micro-batch per rank (GPU)")
+    grad_accum: int = _field(1, "micro-batches per optimizer step")
+    max_steps: int = _field(1000, "optimizer steps")
+    eval_every: int = _field(200, "evaluate every N steps; 0: only at the end")
+    eval_batches: int = _field(20, "validation micro-batches per evaluation (of batch_size blocks, all ranks)")
+    save_every: int = _field(500, "checkpoint every N steps; 0: only at the end")
+    log_every: int = _field(10, "log training metrics every N steps")
+    seed: int = _field(0, "random seed (also of the validation split)")
+    block_size: int | None = _field(None, "tokens per block; None: taken from the data")
+    precision: str = _field("auto", "auto: bf16 autocast on CUDA and on CPUs with AMX, else fp32",
+                            choices=("auto", "fp32", "bf16"))
+    compile: bool = _field(False, "torch.compile the model")
+    distributed: str = _field("ddp", "under torchrun: replicate the model on every GPU (ddp) or shard parameters, "
+                                     "gradients and optimizer state across them (fsdp, FSDP2) for models that do "
+                                     "not fit one GPU", choices=("ddp", "fsdp"))
+    time_budget_s: float | None = _field(None, "stop cleanly (eval + save) before this much wall time")
+    out_dir: str = _field("runs/run", "run folder")
+    progress: bool = _field(True, "tqdm progress bar on rank 0")
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]  # JSON gives a list
+        for name in ("batch_size", "grad_accum", "max_steps", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"TrainConfig.lr must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"unknown LR schedule {self.schedule!r}; use 'constant' or 'cosine'")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"unknown precision {self.precision!r}; use 'auto', 'fp32' or 'bf16'")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise ConfigError(f"unknown distributed mode {self.distributed!r}; use 'ddp' or 'fsdp'")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.block_size is not None and self.block_size <= 0:
+            raise ConfigError(f"block_size must be positive, got {self.block_size}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ConfigError(f"time_budget_s must be positive, got {self.time_budget_s}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def lr_multiplier(step: int, config: TrainConfig) -> float:
+    """LR factor for optimizer step ``step`` (0-based): linear warm-up, then constant or cosine to min_lr_ratio
+    (reached at step == max_steps)."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    span = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX tiles, Sapphire Rapids and later): there
+    bf16 autocast trains 2-3x faster than fp32 (BENCHMARKS.md); without AMX it is emulated and slower."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if probe is not None:
+        try:
+            return bool(probe())
+        except RuntimeError:
+            return False
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> 'bf16' on CUDA and on AMX CPUs, else 'fp32'."""
+    if precision != "auto":
+        return precision
+    fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+    return "bf16" if fast else "fp32"
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on trainable tensors with >= 2 dims (linear weights and embeddings, as in Llama /
+    GPT training); no decay on 1-D ones (norm gains, biases). Frozen parameters (CALM's autoencoder) and tied
+    duplicates are excluded."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():  # named_parameters already drops tied duplicates
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+# -- data ------------------------------------------------------------------------------------------------
+
+def _block_size_of(data: Any) -> int:
+    if hasattr(data, "block_size"):
+        return int(data.block_size)
+    return int(data[0].shape[-1])
+
+
+def _forward(model: nn.Module, batch: torch.Tensor | dict[str, torch.Tensor], device: torch.device) -> Any:
+    """``model(batch)``, or ``model(**batch)`` for a dict batch (fine-tuning's ``{"input_ids", "loss_mask"}``)."""
+    if isinstance(batch, dict):
+        return model(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})
+    return model(batch.to(device, non_blocking=True))
+
+
+@contextlib.contextmanager
+def _fixed_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block with freshly seeded generators and restore the previous states afterwards."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+
+
+def evaluate_loss(model: nn.Module, data: Any, batch_size: int, num_batches: int, device: torch.device,
+                  autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
+    """Mean loss and model metrics over the first ``num_batches * batch_size`` validation blocks, in eval
+    mode without gradients; under DDP each rank takes every world_size-th block and results are averaged."""
+    rank, world = rank_and_world()
+    n = min(len(data), num_batches * batch_size)
+    mine = list(range(rank, n, world))
+    was_training = model.training
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            for s in range(0, len(mine), batch_size):
+                idx = mine[s:s + batch_size]
+                with autocast():
+                    out = _forward(model, stack_blocks(data, idx), device)
+                for k, v in {"loss": out.loss, **out.metrics}.items():
+                    sums[k] = sums.get(k, 0) + v.detach().double() * len(idx)
+                count += len(idx)
+    finally:
+        model.train(was_training)
+    keys = sorted(sums)
+    vec = all_reduce(torch.stack([sums[k] for k in keys] + [count]) if keys else count.view(1))
+    total = vec[-1].item()
+    return {k: vec[i].item() / max(total, 1.0) for i, k in enumerate(keys)}
+
+
+class _ProgressBar:
+    """tqdm bar of a run: in minutes (elapsed / budget, time left) when the run has a time budget, else in
+    steps; the precision, loss, LR and tokens/s ride along."""
+
+    def __init__(self, cfg: TrainConfig, step: int, end: int, precision: str) -> None:
+        from tqdm.auto import tqdm
+        self.budget_min = cfg.time_budget_s / 60 if cfg.time_budget_s else None
+        self.step, self.end, self.info, self.shown = step, end, {"precision": precision}, 0.0
+        if self.budget_min is not None:
+            self.bar = tqdm(total=round(self.budget_min, 2), desc="train", dynamic_ncols=True,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} min {postfix}")
+        else:
+            self.bar = tqdm(total=end, initial=step, desc="train", dynamic_ncols=True, unit="step")
+
+    def postfix(self, loss: float, lr: float, tokens_per_s: float) -> None:
+        self.info.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+
+    def update(self, step: int, elapsed_s: float) -> None:
+        if self.budget_min is None:
+            self.bar.update(step - self.step)
+        else:
+            self.bar.n = round(min(elapsed_s / 60, self.budget_min), 2)
+            left = max(0.0, self.budget_min - elapsed_s / 60)
+            self.info["step"] = step
+            self.info["left"] = f"{left:.1f} min"
+        self.step = step
+        self.bar.set_postfix(self.info, refresh=False)
+        now = time.monotonic()
+        if self.budget_min is not None and now - self.shown >= 0.5:  # a time bar moves on its own: redraw it twice a second
+            self.bar.refresh()
+            self.shown = now
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def code_version() -> dict[str, Any]:
+    """calmlm's version, and the git commit of its source (with ``dirty`` for uncommitted changes) when it
+    runs from a checkout."""
+    import subprocess
+
+    from .. import __version__
+
+    out: dict[str, Any] = {"calmlm": __version__, "torch": torch.__version__}
+    here = Path(__file__).resolve().parent
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", str(here), *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=10, check=True).stdout.strip()
+        out.update(git_commit=git("rev-parse", "HEAD"), dirty=bool(git("status", "--porcelain", "--", ".")))
+    except (OSError, subprocess.SubprocessError):
+        pass  # an installed package: the version is all there is
+    return out
+
+
+class Trainer:
+    """Train a calmlm model. ``train_data``/``val_data``: sequences of fixed-size blocks (``TokenDataset`` or
+    anything with ``len`` and ``[i] -> (T,)`` token tensors). ``evaluate_fn(model, val_data) -> dict`` adds
+    metrics to each evaluation (e.g. BrierLM). ``resume=True`` continues from ``out_dir/checkpoint``."""
+
+    def __init__(self, model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig,
+                 tokenizer: Any = None, evaluate_fn: EvaluateFn | None = None, resume: bool = False,
+                 device: str | torch.device | None = None, metadata: dict[str, Any] | None = None,
+                 parallel: Parallel | None = None) -> None:
+        self.config, self.tokenizer, self.evaluate_fn = config, tokenizer, evaluate_fn
+        self.train_data, self.val_data, self.resume, self.metadata = train_data, val_data, resume, metadata
+        self.parallel = parallel if parallel is not None else Parallel(config.distributed)
+        self.dist = self.parallel.info
+        self.device = torch.device(device) if device is not None else self.dist.device
+        self.out_dir = Path(config.out_dir).expanduser()
+        self.block_size = self._check_data(model)
+        self.precision = resolve_precision(config.precision, self.device)
+        self.use_bf16 = self.precision == "bf16"
+        self.fsdp_bf16 = self.parallel.fsdp and self.use_bf16 and self.device.type == "cuda"  # CPU: plain fp32
+        self.model, self.engine = self.parallel.wrap(model, self.device, bf16=self.fsdp_bf16)
+        self._check_out_dir()
+        self.step = 0
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps,
+            **({"fused": True} if self.device.type == "cuda" else {}))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(s, config))
+        from ..data.corpus import BlockSampler
+        self.sampler = BlockSampler(len(train_data), config.batch_size, seed=config.seed,
+                                    rank=self.dist.rank, world_size=self.dist.world_size)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.train_seconds = 0.0  # wall time spent in optimizer steps (not evaluation or saving), kept on resume
+        if config.compile:
+            self.engine = torch.compile(self.engine)  # type: ignore[assignment]
+        self.last_metrics: dict[str, Any] = {}
+
+    # -- validation ------------------------------------------------------------------------------------
+    def _check_data(self, model: nn.Module) -> int:
+        cfg = self.config
+        if self.train_data is None or len(self.train_data) == 0:
+            raise DataError("the training data is empty (no full block); use more data or a smaller block size")
+        block = _block_size_of(self.train_data)
+        if cfg.block_size is not None and cfg.block_size != block:
+            raise ConfigError(f"TrainConfig.block_size={cfg.block_size} but the training data has blocks of "
+                              f"{block} tokens; rebuild the dataset with block_size={cfg.block_size} or drop the setting")
+        if self.val_data is not None and len(self.val_data) and _block_size_of(self.val_data) != block:
+            raise ConfigError(f"validation blocks have {_block_size_of(self.val_data)} tokens but training blocks "
+                              f"{block}; build both with the same block_size")
+        mcfg = getattr(model, "config", None)
+        k = getattr(mcfg, "chunk_size", None)
+        if k and block % k:
+            raise ConfigError(f"block_size {block} is not a multiple of the chunk size K={k}; use a block size "
+                              f"divisible by {k} (e.g. {block - block % k or k})")
+        max_pos = getattr(mcfg, "max_position_embeddings", None)
+        if max_pos:
+            positions = block // k if (k and getattr(mcfg, "kind", "") == "calm") else block - 1
+            if positions > max_pos:
+                raise ConfigError(f"block_size {block} needs {positions} positions but the model has "
+                                  f"max_position_embeddings={max_pos}; use a smaller block size or a larger model context")
+        if self.dist.world_size * cfg.batch_size > len(self.train_data):
+            raise DataError(f"{len(self.train_data)} training blocks cannot fill one global batch of "
+                            f"{self.dist.world_size * cfg.batch_size}; use more data or a smaller batch size")
+        return block
+
+    def _check_out_dir(self) -> None:
+        if not self.dist.is_main:
+            return
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.out_dir / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"the output directory {self.out_dir} is not writable ({e.strerror}); "
+                              "pass a writable out_dir") from None
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def autocast(self) -> Any:
+        if not self.use_bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / CHECKPOINT_DIR
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            with open(self.out_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """On resume, drop records written after the checkpoint (they will be produced again)."""
+        path = self.out_dir / METRICS_FILE
+        if not self.dist.is_main or not path.is_file():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def save(self) -> None:
+        """Atomic checkpoint of weights + optimizer + scheduler + step + RNG (all ranks) + data position."""
+        rng = self.parallel.gather(ckpt.rng_state())  # collectives: every rank takes part
+        weights, optimizer = self.parallel.full_state(self.model, self.optimizer)
+        if self.dist.is_main:
+            for alias in unique_tensors(self.model)[1]:  # tied weights are stored once, under the first name
+                weights.pop(alias, None)
+            state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "step": self.step, "rng": rng,
+                     "data_state": self.sampler.state_dict(),
+                     "extra": {"train_config": self.config.to_dict(), "world_size": self.dist.world_size,
+                               "train_seconds": self.train_seconds}}
+            meta = {**(self.metadata or {}), "step": self.step}
+            ckpt.save_checkpoint(self.checkpoint_dir, self.model.config, weights, self.tokenizer, meta,
+                                 training_state=state)
+        self.parallel.barrier()
+
+    def load(self, directory: str | Path) -> None:
+        directory = Path(directory).expanduser()
+        if not ckpt.is_checkpoint(directory):
+            raise CheckpointError(f"resume requested but there is no checkpoint at {directory} (looked for "
+                                  f"{ckpt.CONFIG_FILE} and {ckpt.WEIGHTS_FILE} there); train without resume "
+                                  "first, or point resume_from at a checkpoint directory")
+        saved = ckpt.read_config(directory)
+        mine = self.model.config.to_dict() if hasattr(self.model, "config") else {}
+        diff = sorted(k for k in mine if k in saved and saved[k] != mine[k])
+        if saved.get("kind") != mine.get("kind") or diff:
+            raise CheckpointError(f"the checkpoint {directory} is for another model (kind {saved.get('kind')!r}, "
+                                  f"differing fields {diff}); resume with the same model config")
+        # every rank reads the full weights (on the CPU under FSDP) and keeps its part
+        weights = ckpt.read_weights(directory, "cpu" if self.parallel.fsdp else self.device)
+        info = ckpt.read_training_state(directory)
+        with torch.no_grad():
+            self.parallel.load_weights(self.model, full_state_dict(self.model, weights, str(directory)))
+        try:
+            self.parallel.load_optimizer(self.model, self.optimizer, info["optimizer"])
+            if info["scheduler"] is not None:
+                self.scheduler.load_state_dict(info["scheduler"])
+        except (ValueError, KeyError, IndexError, RuntimeError) as e:
+            raise ckpt.optimizer_mismatch(directory, e) from None
+        self.step = info["step"]
+        self.train_seconds = float(info["extra"].get("train_seconds", 0.0))
+        if info["data_state"] is not None:
+            self.sampler.load_state_dict(info["data_state"])
+        rng = info["rng"]
+        if isinstance(rng, list):  # one state per rank
+            rng = rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0]
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        if self.val_data is None or len(self.val_data) == 0:
+            return {}
+        cfg = self.config
+        # FSDP's bf16 policy gathers bf16 parameters: evaluate_fn needs autocast to mix them with fp32 tensors
+        fn_autocast = self.autocast if self.fsdp_bf16 else contextlib.nullcontext
+        with _fixed_rng(cfg.seed + 10_007 + self.dist.rank, self.device), self.parallel.unsharded(self.model):
+            out = evaluate_loss(self.model, self.val_data, cfg.batch_size, max(1, cfg.eval_batches), self.device,
+                                self.autocast)
+            result = {f"val_{k}": v for k, v in out.items()}
+            if self.evaluate_fn is not None:
+                was = self.model.training
+                self.model.eval()
+                try:
+                    with torch.no_grad(), fn_autocast():
+                        extra = self.evaluate_fn(self.model, self.val_data) or {}
+                finally:
+                    self.model.train(was)
+                result.update({k: float(v) for k, v in extra.items()})
+        return result
+
+    def train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """One optimizer step of :meth:`fit` (micro-batches, autocast, backward, clipping, AdamW, LR schedule)
+        without its logging, evaluation and checkpointing; returns (loss, metrics, grad norm) as tensors.
+        Benchmarks time this."""
+        cfg = self.config
+        loss_sum = torch.zeros((), device=self.device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        for micro in range(cfg.grad_accum):
+            idx = next(self.sampler)
+            batch = stack_blocks(self.train_data, idx)
+            last = micro == cfg.grad_accum - 1
+            with self.parallel.sync_gradients(self.model, last):  # gradients are synced on the last micro-step
+                with self.autocast():
+                    out = _forward(self.engine, batch, self.device)
+                (out.loss / cfg.grad_accum).backward()
+            loss_sum += out.loss.detach().float() / cfg.grad_accum
+            for k, v in out.metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0) + v.detach().float() / cfg.grad_accum
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip) if cfg.grad_clip > 0
+                     else torch.zeros((), device=self.device))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: the total norm comes back as a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, metric_sums, grad_norm
+
+    def fit(self, resume_from: str | Path | None = None, stop_at: int | None = None,
+            control: Control | None = None) -> dict[str, Any]:
+        """Train to ``max_steps`` (or ``stop_at``, the time budget, or when ``control`` says stop); eval + save
+        at the last step and wherever ``control`` asks. Returns the final metrics (last training record merged
+        with the final evaluation)."""
+        cfg = self.config
+        if resume_from is not None or self.resume:
+            self.load(resume_from if resume_from is not None else self.checkpoint_dir)
+            self._truncate_metrics(self.step)
+        else:
+            seed = cfg.seed + self.dist.rank
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+        if self.dist.is_main:
+            (self.out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            model_config = getattr(getattr(self.model, "config", None), "to_dict", dict)()
+            run = {"code": code_version(), "train_config": cfg.to_dict(), "world_size": self.dist.world_size,
+                   "precision": self.precision,
+                   "model_config": model_config, **(self.metadata or {})}
+            (self.out_dir / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+        end = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size * self.block_size
+        self.model.train()
+        bar = _ProgressBar(cfg, self.step, end, self.precision) if cfg.progress and self.dist.is_main else None
+        start = time.perf_counter()
+        window_t, window_steps = start, 0
+        acc_loss = torch.zeros((), device=self.device)
+        acc_metrics: dict[str, torch.Tensor] = {}
+        acc_norm = torch.zeros((), device=self.device)
+        first_step, final_eval = self.step, {}
+        try:
+            while self.step < end:
+                lr = self.scheduler.get_last_lr()[0]
+                t_step = time.perf_counter()
+                loss, metrics, norm = self.train_step()
+                self.step += 1
+                window_steps += 1
+                acc_loss += loss
+                acc_norm += norm.float()
+                for k, v in metrics.items():
+                    acc_metrics[k] = acc_metrics.get(k, 0) + v
+                self.train_seconds += time.perf_counter() - t_step
+                want_eval, want_stop = control(self.step, self.train_seconds) if control else (False, False)
+                stop = self._out_of_time(start, first_step) or want_stop
+                last = self.step == end or stop
+                if self.step % cfg.log_every == 0 or last:
+                    keys = sorted(acc_metrics)
+                    vec = all_reduce(torch.stack([acc_loss, acc_norm] + [acc_metrics[k] for k in keys]) / window_steps,
+                                     mean=True)
+                    now = time.perf_counter()
+                    vals = vec.tolist()  # the only host sync of the loop
+                    if not math.isfinite(vals[0]):
+                        raise FloatingPointError(f"the training loss became {vals[0]} by step {self.step}; lower "
+                                                 "the learning rate or raise warmup_steps")
+                    record = {"type": "train", "step": self.step, "loss": vals[0],
+                              **{k: vals[2 + i] for i, k in enumerate(keys)}, "grad_norm": vals[1], "lr": lr,
+                              "tokens_per_s": tokens_per_step * window_steps / max(now - window_t, 1e-9),
+                              "tokens": tokens_per_step * self.step, "elapsed_s": now - start,
+                              "train_seconds": self.train_seconds}
+                    self._log(record)
+                    self.last_metrics = record
+                    if bar is not None:
+                        bar.postfix(vals[0], lr, record["tokens_per_s"])
+                    window_t, window_steps = now, 0
+                    acc_loss, acc_norm, acc_metrics = torch.zeros_like(acc_loss), torch.zeros_like(acc_norm), {}
+                if bar is not None:
+                    bar.update(self.step, time.perf_counter() - start)
+                if (cfg.eval_every and self.step % cfg.eval_every == 0) or want_eval or last:
+                    result = self.evaluate()
+                    if result:
+                        self._log({"type": "eval", "step": self.step, "tokens": tokens_per_step * self.step,
+                                   "train_seconds": self.train_seconds, **result})
+                    if last:
+                        final_eval = result
+                if (cfg.save_every and self.step % cfg.save_every == 0) or want_eval or last:
+                    self.save()
+                if stop:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        return {**self.last_metrics, **final_eval, "step": self.step}
+
+    def _out_of_time(self, start: float, first_step: int) -> bool:
+        """Stop when another step would exceed the time budget (leaving room for eval + save)."""
+        budget = self.config.time_budget_s
+        if budget is None:
+            return False
+        elapsed = time.perf_counter() - start
+        per_step = elapsed / max(1, self.step - first_step)
+        return self.parallel.agree(elapsed + 2 * per_step > budget, self.device)  # every rank stops at one step
+
+
+def train(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig, tokenizer: Any = None,
+          evaluate_fn: EvaluateFn | None = None, resume: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """Build a :class:`Trainer` and run ``fit``; returns the final metrics."""
+    return Trainer(model, train_data, val_data, config, tokenizer, evaluate_fn, resume=resume, **kwargs).fit()

@@ -1,0 +1,199 @@
+"""The three training jobs (autoencoder, CALM, baseline) as functions the CLI and the quickstart share.
+
+Each writes a run folder: ``checkpoint/`` (weights, config with the data it was trained on, tokenizer,
+training state), ``metrics.jsonl`` and ``train_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import (AutoencoderConfig, BaselineConfig, CALMConfig, autoencoder_preset, baseline_preset,
+                     calm_preset, load_config)
+from ..errors import ConfigError
+from .trainer import Control, TrainConfig, Trainer
+
+DEFAULT_CACHE = "~/.cache/calmlm/tokens"
+
+
+@dataclass
+class DataOptions:
+    data: str | None = None  # corpus spec; None = the Python standard library
+    val_data: str | None = None
+    val_fraction: float = 0.02
+    text_field: str = "text"
+    block_size: int = 256
+    seed: int = 0
+    cache_dir: str = DEFAULT_CACHE
+
+    def record(self) -> dict[str, Any]:
+        """What ``calm eval`` needs to rebuild the validation split."""
+        return {"spec": self.data, "val_data": self.val_data, "val_fraction": self.val_fraction,
+                "seed": self.seed, "text_field": self.text_field, "cache_dir": self.cache_dir}
+
+
+def prepare_data(opts: DataOptions, tokenizer: Any) -> tuple[Any, Any, dict[str, Any]]:
+    from ..data.corpus import prepare_corpus
+    train, val, info = prepare_corpus(opts.data, tokenizer, opts.cache_dir, opts.block_size, opts.val_fraction,
+                                      opts.seed, val_data=opts.val_data, text_field=opts.text_field)
+    if val is None:
+        raise ConfigError("training needs validation data: give --val-data or a --val-fraction above 0")
+    return train, val, info
+
+
+def get_tokenizer(path: str | None, opts: DataOptions, vocab_size: int, out_dir: str | Path) -> Any:
+    """Load ``path``, or train a byte-level BPE on the training corpus and save it in the run folder."""
+    from ..data.corpus import is_validation, open_corpus
+    from ..data.tokenizer import Tokenizer, train_tokenizer
+
+    if path:
+        return Tokenizer.load(path)
+    saved = Path(out_dir) / "tokenizer"
+    if (saved / "tokenizer.json").exists():
+        return Tokenizer.load(saved)
+    corpus = open_corpus(opts.data, opts.text_field)
+    docs = (d for d in corpus if opts.val_data or not is_validation(d, opts.seed, opts.val_fraction))
+    tok = train_tokenizer(docs, vocab_size=vocab_size)
+    tok.save(saved)
+    return tok
+
+
+def _model_config(kind: str, preset: str, config_file: str | None, **overrides: Any) -> Any:
+    if config_file:
+        cfg = load_config(config_file)
+        if cfg.kind != kind:
+            raise ConfigError(f"{config_file} is a {cfg.kind} config, expected {kind}")
+        return cfg.replace(**overrides)
+    if kind == "autoencoder":
+        return autoencoder_preset(preset, **overrides)
+    if kind == "baseline":
+        return baseline_preset(preset, **overrides)
+    return calm_preset(preset, **overrides)
+
+
+def _fit(model: Any, train: Any, val: Any, cfg: TrainConfig, tok: Any, opts: DataOptions, info: dict[str, Any],
+         evaluate_fn: Any, resume: bool, device: str | None, control: Control | None = None) -> dict[str, Any]:
+    meta = {"data": opts.record(), "data_info": {k: v for k, v in info.items() if k != "cache"}}
+    trainer = Trainer(model, train, val, cfg, tokenizer=tok, evaluate_fn=evaluate_fn, resume=resume, device=device,
+                      metadata=meta)
+    final = trainer.fit(control=control)
+    Path(cfg.out_dir, "data_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return final
+
+
+def autoencoder_eval_fn(max_blocks: int = 32) -> Any:
+    from ..evaluation.autoencoder import evaluate_autoencoder
+
+    def fn(model: Any, val: Any) -> dict[str, float]:
+        r = evaluate_autoencoder(model, val, sigmas=(0.0, 0.3), max_blocks=max_blocks)
+        return {"token_acc_sigma0": r["token_accuracy"]["0.0"], "token_acc_sigma0.3": r["token_accuracy"]["0.3"],
+                "active_dims": r["active_dims"]}
+    return fn
+
+
+def autoencoder_config(tok: Any, preset: str = "default", config_file: str | None = None,
+                       **overrides: Any) -> AutoencoderConfig:
+    """The autoencoder config a run trains: the preset (or file) with the tokenizer's vocabulary and pad id."""
+    from ..data.tokenizer import check_vocab
+
+    cfg: AutoencoderConfig = _model_config("autoencoder", preset, config_file, vocab_size=tok.vocab_size,
+                                           mask_token_id=tok.pad_id if tok.pad_id is not None else 0, **overrides)
+    check_vocab(tok, cfg.vocab_size, "autoencoder")
+    return cfg
+
+
+def train_autoencoder(opts: DataOptions, cfg: TrainConfig, preset: str = "default", config_file: str | None = None,
+                      tokenizer: str | None = None, vocab_size: int = 8192, resume: bool = False,
+                      device: str | None = None, control: Control | None = None,
+                      **overrides: Any) -> dict[str, Any]:
+    """Train an autoencoder; ``overrides`` are AutoencoderConfig fields (e.g. chunk_size)."""
+    from ..models.autoencoder import Autoencoder
+
+    tok = get_tokenizer(tokenizer, opts, vocab_size, cfg.out_dir)
+    ae_cfg = autoencoder_config(tok, preset, config_file, **overrides)
+    train, val, info = prepare_data(opts, tok)
+    return _fit(Autoencoder(ae_cfg), train, val, cfg, tok, opts, info, autoencoder_eval_fn(), resume, device, control)
+
+
+def brier_eval_fn(block_size: int, max_tokens: int = 8192) -> Any:
+    from ..evaluation.brierlm import make_brierlm_eval_fn
+    return make_brierlm_eval_fn(block_size=block_size, batch_size=8, max_tokens=max_tokens)
+
+
+def load_autoencoder(path: str) -> Any:
+    """A trained autoencoder with its tokenizer (CALM is trained on the autoencoder's tokenizer)."""
+    from ..io.loading import load
+
+    ae = load(path, kind="autoencoder")
+    if getattr(ae, "tokenizer", None) is None:
+        raise ConfigError(f"the autoencoder at {path} holds no tokenizer; train it with `calm train-ae`")
+    return ae
+
+
+def calm_config(ae_config: AutoencoderConfig, tok: Any, block_size: int, preset: str = "small",
+                config_file: str | None = None, **overrides: Any) -> CALMConfig:
+    """The CALM config a run trains: the preset (or file) matched to its autoencoder, tokenizer and block size;
+    ``overrides`` are CALMConfig fields (head options...)."""
+    a = ae_config
+    if block_size % a.chunk_size:
+        raise ConfigError(f"--block-size {block_size} is not a multiple of the autoencoder's K={a.chunk_size}")
+    over: dict[str, Any] = dict(autoencoder=a, vocab_size=a.vocab_size, chunk_size=a.chunk_size,
+                                latent_size=a.latent_size, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
+    over.update(overrides)
+    if config_file:  # a CALM config file names its own autoencoder; it must match the one given
+        over.pop("autoencoder")
+    model_cfg: CALMConfig = _model_config("calm", preset, config_file, **over)
+    positions = block_size // a.chunk_size
+    if model_cfg.max_position_embeddings < positions:
+        model_cfg = model_cfg.replace(max_position_embeddings=positions)
+    return model_cfg
+
+
+def train_calm(opts: DataOptions, cfg: TrainConfig, autoencoder: str, preset: str = "small",
+               config_file: str | None = None, resume: bool = False, device: str | None = None,
+               brier_tokens: int = 8192, head_options: dict[str, Any] | None = None,
+               control: Control | None = None) -> dict[str, Any]:
+    from ..models.calm import CALM
+
+    ae = load_autoencoder(autoencoder)
+    model_cfg = calm_config(ae.config, ae.tokenizer, opts.block_size, preset, config_file, **(head_options or {}))
+    model = CALM(model_cfg, autoencoder=ae)
+    train, val, info = prepare_data(opts, ae.tokenizer)
+    return _fit(model, train, val, cfg, ae.tokenizer, opts, info, brier_eval_fn(opts.block_size, brier_tokens),
+                resume, device, control)
+
+
+def baseline_config(tok: Any, block_size: int, preset: str = "small", config_file: str | None = None,
+                    **overrides: Any) -> BaselineConfig:
+    model_cfg: BaselineConfig = _model_config("baseline", preset, config_file, vocab_size=tok.vocab_size,
+                                              eos_token_id=tok.eos_id, bos_token_id=tok.bos_id, **overrides)
+    if model_cfg.max_position_embeddings < block_size:
+        model_cfg = model_cfg.replace(max_position_embeddings=block_size)
+    return model_cfg
+
+
+def train_baseline(opts: DataOptions, cfg: TrainConfig, tokenizer: str | None = None, preset: str = "small",
+                   config_file: str | None = None, vocab_size: int = 8192, resume: bool = False,
+                   device: str | None = None, brier_tokens: int = 8192,
+                   control: Control | None = None) -> dict[str, Any]:
+    from ..models.baseline import BaselineLM
+
+    tok = get_tokenizer(_tokenizer_path(tokenizer), opts, vocab_size, cfg.out_dir)
+    model_cfg = baseline_config(tok, opts.block_size, preset, config_file)
+    train, val, info = prepare_data(opts, tok)
+    return _fit(BaselineLM(model_cfg), train, val, cfg, tok, opts, info, brier_eval_fn(opts.block_size, brier_tokens),
+                resume, device, control)
+
+
+def _tokenizer_path(path: str | None) -> str | None:
+    """Accept a checkpoint or run folder as --tokenizer (to share an autoencoder's tokenizer)."""
+    if path is None:
+        return None
+    p = Path(path)
+    for cand in (p / "checkpoint", p):
+        if (cand / "tokenizer.json").exists():
+            return str(cand)
+    return path
