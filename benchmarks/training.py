@@ -28,6 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.common import device_name, write_json  # noqa: E402
+from benchmarks.suite import RandomBlocks  # noqa: E402
 from calmlm.models import autoencoder as ae_module  # noqa: E402
 from calmlm.models import baseline as baseline_module  # noqa: E402
 from calmlm.config import autoencoder_preset, baseline_preset, calm_preset  # noqa: E402
@@ -52,19 +53,6 @@ def old_loss() -> Any:
         yield
     finally:
         ae_module.linear_cross_entropy, baseline_module.linear_cross_entropy = saved
-
-
-class RandomBlocks:
-    def __init__(self, n: int, length: int, vocab: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.blocks = torch.randint(3, vocab, (n, length), generator=g)
-        self.block_size = length
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.blocks[i]
 
 
 VARIANTS = {"fp32 + logits": ("fp32", True), "fp32": ("fp32", False), "bf16": ("bf16", False)}

@@ -55,3 +55,13 @@ def test_peak_table_prefers_specific_names() -> None:
         assert suite.lookup_peak(name)[1] == peak, name
     assert suite.lookup_peak("Some Future GPU") is None
     assert suite.peak_tflops(torch.device("cpu"), True, 100.0) == (100.0, "--peak-tflops")
+
+
+def test_training_benchmark_debug(tmp_path):
+    from benchmarks import training
+
+    out = training.main(["--preset", "debug", "--batch", "2", "--block-size", "16", "--repeats", "1",
+                         "--out", str(tmp_path / "t.json")])
+    assert [r["model"] for r in out["rows"]] == ["autoencoder", "calm", "baseline"]
+    assert all(v > 0 for r in out["rows"] for v in r["tokens_per_s"].values())
+    assert (tmp_path / "t.json").exists() and "| autoencoder |" in out["table"]

@@ -81,15 +81,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                 rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        total = torch.zeros((), device=h.device, dtype=torch.float32)
+        acc = torch.promote_types(h.dtype, torch.float32)  # softmax and sums: at least float32
+        total = torch.zeros((), device=h.device, dtype=acc)
         correct = torch.zeros((), device=h.device, dtype=torch.long)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if need_w else None
+        grad_w = torch.zeros(w.shape, device=w.device, dtype=acc) if need_w else None
         for s in range(0, h.shape[0], rows):
             hc, tc = h[s:s + rows], targets[s:s + rows]
             valid = tc != ignore_index
             tc = tc.clamp_min(0)
-            logits = (hc @ w.T).float()  # (r, V)
+            logits = (hc @ w.T).to(acc)  # (r, V)
             lse = torch.logsumexp(logits, -1)
             target_logit = logits.gather(1, tc[:, None])[:, 0]
             total += torch.where(valid, lse - target_logit, 0.0).sum()
@@ -101,7 +102,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[s:s + rows] = g @ w  # type: ignore[index]
                 if need_w:
-                    grad_w += (g.T @ hc).float()  # type: ignore[operator]
+                    grad_w += (g.T @ hc).to(acc)  # type: ignore[operator]
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
         ctx.has = (need_h, need_w)
         return total, correct, (targets != ignore_index).sum()
