@@ -191,7 +191,7 @@ class Comparison:
         def report(units: float) -> None:
             done = self.done_units + base_units + units * scale
             elapsed = time.perf_counter() - self.started
-            eta = elapsed * (self.total_units - done) / max(done, 1e-9)
+            eta = max(0.0, elapsed * (self.total_units - done) / max(done, 1e-9))
             self._say(f"{run}: evaluating at {units:.3g} {self.cfg.unit}; comparison {100 * done / self.total_units:.0f}% "
                       f"done, {elapsed / 60:.1f} min elapsed, about {eta / 60:.1f} min left")
         return report
