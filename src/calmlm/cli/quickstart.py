@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from ..train.trainer import resolve_precision
 
     t0 = time.perf_counter()
-    deadline = t0 + args.minutes * 60
+    budget = args.minutes * 60
+    deadline = t0 + budget
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     opts = wf.DataOptions(data=args.data, block_size=args.block_size, seed=args.seed,
@@ -76,7 +77,6 @@ def run(args: argparse.Namespace) -> int:
     def left() -> float:
         return deadline - time.perf_counter()
 
-    budget = args.minutes * 60
     ae_reserve = min(RESERVE_AE_S, RESERVE_AE_SHARE * budget)
     models_reserve = 2 * min(RESERVE_PER_MODEL_S, RESERVE_PER_MODEL_SHARE * budget)
     _stage("1/5 tokenizer + autoencoder")

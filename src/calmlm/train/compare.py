@@ -119,16 +119,6 @@ def budget_control(unit: str, budget: float, flops_per_step: float, points: int,
     return timed, 10**9
 
 
-@dataclass
-class _Run:
-    name: str
-    kind: str  # "autoencoder" | "calm" | "baseline"
-    chunk_size: int | None
-    budget: float  # in the comparison's unit, this run's own training
-    offset_flops: float = 0.0  # autoencoder cost charged to a CALM run
-    offset_seconds: float = 0.0
-
-
 def _read_points(run_dir: Path, flops_per_token: float, offset_flops: float, offset_seconds: float) -> list[dict]:
     points = []
     path = run_dir / "metrics.jsonl"
@@ -181,27 +171,34 @@ class Comparison:
         self.done_units = 0.0
         self.total_units = config.budget * (1 + len(config.chunk_sizes))
         self.rank0 = int(os.environ.get("RANK", "0")) == 0
+        self._autoencoders: dict[str, Any] = {}
+
+    def _load_autoencoder(self, path: str) -> Any:
+        """Each autoencoder is read once: its K, tokenizer, config and cost are all needed."""
+        if path not in self._autoencoders:
+            self._autoencoders[path] = wf.load_autoencoder(path)
+        return self._autoencoders[path]
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def _say(self, msg: str) -> None:
         if self.rank0:
             print(f"[compare] {msg}", flush=True)
 
-    def _point_reporter(self, run: str, base_units: float, scale: float) -> Any:
+    def _point_reporter(self, run: str, base_units: float) -> Any:
         def report(units: float) -> None:
-            done = self.done_units + base_units + units * scale
+            done = self.done_units + base_units + units
             elapsed = time.perf_counter() - self.started
             eta = max(0.0, elapsed * (self.total_units - done) / max(done, 1e-9))
             self._say(f"{run}: evaluating at {units:.3g} {self.cfg.unit}; comparison {100 * done / self.total_units:.0f}% "
                       f"done, {elapsed / 60:.1f} min elapsed, about {eta / 60:.1f} min left")
         return report
 
-    def _train_config(self, kind: str, name: str, batch_override: int | None = None) -> TrainConfig:
+    def _train_config(self, kind: str, name: str) -> TrainConfig:
         from .recipes import recipe
 
         c = self.cfg
         over = {k: v for k, v in (("lr", c.lr), ("warmup_steps", c.warmup_steps),
-                                  ("batch_size", batch_override or c.batch_size)) if v is not None}
+                                  ("batch_size", c.batch_size)) if v is not None}
         if kind == "autoencoder":  # the autoencoder keeps its own recipe
             over = {k: v for k, v in over.items() if k == "batch_size"}
         size = c.ae_preset if kind == "autoencoder" else c.preset
@@ -229,7 +226,7 @@ class Comparison:
         runs: list[tuple[str, dict[str, Any]]] = []
         for k in c.chunk_sizes:
             ae_path, ae_cost = self._autoencoder(k, tok)
-            ae = wf.load_autoencoder(ae_path)
+            ae = self._load_autoencoder(ae_path)
             calm_cfg = wf.calm_config(ae.config, tok, block, c.preset)
             fpt = training_flops_per_token(calm_cfg, block).total
             runs.append((f"calm_k{k}", {"kind": "calm", "chunk_size": k, "autoencoder": ae_path,
@@ -246,7 +243,7 @@ class Comparison:
                 raise ConfigError(f"the K={info['chunk_size']} autoencoder already cost {spent:.3g} {c.unit}, the whole "
                                   "budget; raise the budget or give a cheaper --autoencoder / lower --ae-share")
             info["budget"] = own
-            self._train(name, info, own, tok)
+            self._train(name, info, own)
             info["points"] = _read_points(self.out / name, info["flops_per_token"], offset["train_flops"],
                                           offset["train_seconds"])
             result["runs"][name] = info
@@ -273,8 +270,7 @@ class Comparison:
         from ..data.tokenizer import Tokenizer
 
         if self.cfg.autoencoder:  # the autoencoders' tokenizer (they must share one)
-            tok = wf.load_autoencoder(self.cfg.autoencoder[0]).tokenizer
-            return tok
+            return self._load_autoencoder(self.cfg.autoencoder[0]).tokenizer
         path = self.out / "tokenizer"
         if self.rank0 and not (path / "tokenizer.json").exists():
             self._say("training the tokenizer")
@@ -286,10 +282,10 @@ class Comparison:
         """Path of the K autoencoder and its training cost {"train_flops", "train_seconds"}."""
         from ..evaluation.flops import autoencoder_training_flops_per_token
 
-        given = [p for p in self.cfg.autoencoder if wf.load_autoencoder(p).config.chunk_size == k]
+        given = [p for p in self.cfg.autoencoder if self._load_autoencoder(p).config.chunk_size == k]
         if given:
             path = given[0]
-            cost = autoencoder_cost(path)
+            cost = autoencoder_cost(path, self._load_autoencoder(path).config)
             self._say(f"K={k}: using the autoencoder {path} (cost {cost['train_flops']:.3g} FLOPs, "
                       f"{cost['train_seconds'] / 60:.1f} min)")
             return path, cost
@@ -308,9 +304,9 @@ class Comparison:
                                  tokenizer=str(self.out / "tokenizer"), resume=self._resumable(run_dir),
                                  device=self.device, control=control, chunk_size=k)
             _mark_finished(run_dir)
-        return str(run_dir), autoencoder_cost(str(run_dir))
+        return str(run_dir), autoencoder_cost(str(run_dir), ae_cfg)
 
-    def _train(self, name: str, info: dict[str, Any], budget: float, tok: Any) -> None:
+    def _train(self, name: str, info: dict[str, Any], budget: float) -> None:
         run_dir = self.out / name
         if _finished(run_dir):
             self._say(f"{name}: finished earlier, kept")
@@ -318,7 +314,7 @@ class Comparison:
         tcfg = self._train_config(info["kind"], name)
         per_step = info["flops_per_token"] * tcfg.batch_size * self.data.block_size
         spent = self.cfg.budget - budget
-        report = self._point_reporter(name, spent, 1.0)
+        report = self._point_reporter(name, spent)
         control, cap = budget_control(self.cfg.unit, budget, per_step, self.cfg.points, on_point=report)
         tcfg = tcfg.replace(max_steps=cap)
         self._say(f"{name}: training on {budget:.3g} {self.cfg.unit}")
@@ -362,11 +358,11 @@ class Comparison:
         self._write(result)
 
 
-def autoencoder_cost(path: str) -> dict[str, float]:
-    """Training FLOPs and seconds of a trained autoencoder, from its run folder's last training record."""
+def autoencoder_cost(path: str, config: Any) -> dict[str, float]:
+    """Training FLOPs and seconds of the autoencoder (of ``config``) trained in the run folder ``path``, from
+    its last training record."""
     from ..evaluation.flops import autoencoder_training_flops_per_token
 
-    ae = wf.load_autoencoder(path)
     p = Path(path)
     run = p.parent if p.name == "checkpoint" else p
     last: dict[str, Any] = {}
@@ -380,7 +376,7 @@ def autoencoder_cost(path: str) -> dict[str, float]:
         raise ConfigError(f"{path} has no metrics.jsonl training record, so its training cost is unknown; "
                           "pass the run folder written by `calm train-ae`")
     tokens = last.get("tokens", 0)
-    return {"train_flops": autoencoder_training_flops_per_token(ae.config) * tokens,
+    return {"train_flops": autoencoder_training_flops_per_token(config) * tokens,
             "train_seconds": last.get("train_seconds", last.get("elapsed_s", 0.0)), "tokens": tokens}
 
 

@@ -240,7 +240,7 @@ class _ProgressBar:
     def __init__(self, cfg: TrainConfig, step: int, end: int, precision: str) -> None:
         from tqdm.auto import tqdm
         self.budget_min = cfg.time_budget_s / 60 if cfg.time_budget_s else None
-        self.step, self.end, self.info, self.shown = step, end, {"precision": precision}, 0.0
+        self.step, self.info, self.shown = step, {"precision": precision}, 0.0
         if self.budget_min is not None:
             self.bar = tqdm(total=round(self.budget_min, 2), desc="train", dynamic_ncols=True,
                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} min {postfix}")
