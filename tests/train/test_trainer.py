@@ -57,6 +57,20 @@ def test_lr_schedule_warmup_and_cosine_end():
     assert lr_multiplier(2, const) == 0.75 and lr_multiplier(19, const) == 1.0
 
 
+def test_lr_schedule_follows_the_time_budget():
+    """A time-budgeted run (max_steps out of reach) anneals by the end of its budget; the step count still ends
+    the cosine when it comes first; warm-up stays in steps; a constant schedule ignores the clock."""
+    cfg = TrainConfig(lr=1.0, warmup_steps=4, max_steps=10**7, min_lr_ratio=0.1, schedule="cosine",
+                      time_budget_s=100.0)
+    assert lr_multiplier(2, cfg, train_seconds=90.0) == 0.75
+    assert lr_multiplier(50, cfg, train_seconds=0.0) == pytest.approx(1.0, abs=1e-9)
+    assert lr_multiplier(50, cfg, train_seconds=50.0) == pytest.approx(0.55)
+    assert lr_multiplier(50, cfg, train_seconds=150.0) == pytest.approx(0.1)
+    by_steps = cfg.replace(max_steps=20)
+    assert lr_multiplier(20, by_steps, train_seconds=1.0) == pytest.approx(0.1)
+    assert lr_multiplier(50, cfg.replace(schedule="constant"), train_seconds=99.0) == 1.0
+
+
 def test_weight_decay_groups_exclude_norms_biases_and_frozen():
     model = _model("calm")
     groups = param_groups(model, 0.1)
@@ -148,6 +162,18 @@ def test_time_budget_stops_cleanly(tmp_path):
     result = Trainer(_model("baseline"), Blocks(8, 16), Blocks(2, 16), cfg).fit()
     assert 0 < result["step"] < 10_000 and "val_loss" in result
     assert json.loads((Path(cfg.out_dir) / "checkpoint" / "trainer_state.json").read_text())["step"] == result["step"]
+
+
+def test_time_budgeted_cosine_anneals_by_the_end(tmp_path):
+    """With max_steps out of reach, the LR of a time-budgeted cosine run still falls from its peak to near the
+    floor by the last step (the schedule follows the training clock)."""
+    cfg = _cfg(tmp_path, max_steps=10**7, time_budget_s=1.5, eval_every=0, warmup_steps=0, schedule="cosine",
+               min_lr_ratio=0.0)
+    Trainer(_model("baseline"), Blocks(8, 16), Blocks(2, 16), cfg).fit()
+    lrs = [r["lr"] for r in map(json.loads, (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines())
+           if r["type"] == "train"]
+    assert len(lrs) > 10 and lrs[0] == pytest.approx(1e-3, rel=0.05)
+    assert lrs[-1] < 0.35e-3 and all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
 def test_errors(tmp_path):

@@ -16,9 +16,10 @@ RECIPES: dict[tuple[str, str], dict[str, Any]] = {
     ("autoencoder", "debug"): dict(lr=3e-3, warmup_steps=20, batch_size=16, schedule="constant"),
     ("calm", "default"): dict(lr=1e-3, warmup_steps=100, batch_size=16, schedule="constant"),
     ("baseline", "default"): dict(lr=1e-3, warmup_steps=100, batch_size=16, schedule="constant"),
-    # small: lr 1e-3 / 2e-3 / 3e-3 searched for both (docs/small_scale.md); CALM's energy head is xavier-initialised
-    ("calm", "small"): dict(lr=1e-3, warmup_steps=100, batch_size=16, schedule="constant"),
-    ("baseline", "small"): dict(lr=2e-3, warmup_steps=100, batch_size=16, schedule="constant"),
+    # small: lr 1e-3 / 2e-3 / 3e-3 and constant / cosine-to-0 searched for both, batch 8 / 16 / 32 for CALM
+    # (docs/small_scale.md). The cosine ends at max_steps or at the end of the time budget, whichever is first.
+    ("calm", "small"): dict(lr=1e-3, warmup_steps=100, batch_size=16, schedule="cosine", min_lr_ratio=0.0),
+    ("baseline", "small"): dict(lr=2e-3, warmup_steps=100, batch_size=16, schedule="cosine", min_lr_ratio=0.0),
 }
 KINDS = ("autoencoder", "calm", "baseline")
 

@@ -57,7 +57,8 @@ class TrainConfig:
     """Optimisation and run settings; the training commands' flags are generated from these fields."""
 
     lr: float = _field(3e-4, "peak learning rate")
-    min_lr_ratio: float = _field(0.1, "the cosine schedule decays to lr * min_lr_ratio at max_steps")
+    min_lr_ratio: float = _field(0.1, "the cosine schedule decays to lr * min_lr_ratio at max_steps (or at the "
+                                      "end of the time budget, whichever comes first)")
     warmup_steps: int = _field(0, "linear warm-up from lr/warmup_steps to lr")
     schedule: str = _field("cosine", "LR after warm-up", choices=("constant", "cosine"))
     weight_decay: float = _field(0.1, "AdamW decay on >=2-D weights (matrices, embeddings); never on norms, "
@@ -126,15 +127,18 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-def lr_multiplier(step: int, config: TrainConfig) -> float:
-    """LR factor for optimizer step ``step`` (0-based): linear warm-up, then constant or cosine to min_lr_ratio
-    (reached at step == max_steps)."""
+def lr_multiplier(step: int, config: TrainConfig, train_seconds: float = 0.0) -> float:
+    """LR factor for optimizer step ``step`` (0-based): linear warm-up, then constant or cosine to min_lr_ratio,
+    reached at step == max_steps or, with a time budget, when ``train_seconds`` reach it (whichever is first),
+    so a time-budgeted run anneals by its end however many steps it gets."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     if config.schedule == "constant":
         return 1.0
     span = max(1, config.max_steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
+    if config.time_budget_s:
+        progress = max(progress, min(1.0, train_seconds / config.time_budget_s))
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -309,15 +313,16 @@ class Trainer:
         self.model, self.engine = self.parallel.wrap(model, self.device, bf16=self.fsdp_bf16)
         self._check_out_dir()
         self.step = 0
+        self.train_seconds = 0.0  # wall time spent in optimizer steps (not evaluation or saving), kept on resume
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps,
             **({"fused": True} if self.device.type == "cuda" else {}))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(s, config))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda s: lr_multiplier(s, config, self.train_seconds))
         from ..data.corpus import BlockSampler
         self.sampler = BlockSampler(len(train_data), config.batch_size, seed=config.seed,
                                     rank=self.dist.rank, world_size=self.dist.world_size)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.train_seconds = 0.0  # wall time spent in optimizer steps (not evaluation or saving), kept on resume
         if config.compile:
             self.engine = torch.compile(self.engine)  # type: ignore[assignment]
         self.last_metrics: dict[str, Any] = {}
