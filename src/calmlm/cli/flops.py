@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-from ..config import (BASELINE_PRESETS, CALM_PRESETS, CONFIG_CLASSES, HEAD_TYPES, AutoencoderConfig, BaselineConfig,
-                      CALMConfig, baseline_preset, calm_preset, config_from_dict, load_config)
+from ..config import (BASELINE_PRESETS, CALM_PRESETS, HEAD_TYPES, AutoencoderConfig, BaselineConfig, CALMConfig,
+                      baseline_preset, calm_preset, load_config)
 from ..errors import ConfigError
 from ..evaluation.flops import summarize
 
@@ -69,27 +68,24 @@ def _load(args: argparse.Namespace) -> tuple[str, AutoencoderConfig | BaselineCo
         if not (args.model / "config.json").is_file():
             raise ConfigError(f"{args.model} has no config.json; pass a calmlm model directory "
                               "(or convert a released checkpoint with `calm convert` first)")
-        config = _load_file(args.model / "config.json", metadata_ok=True)
-        return str(args.model), config
+        from ..io.checkpoint import model_config  # torch-free until a checkpoint is read
+
+        _refuse_reference_config(args.model / "config.json")
+        return str(args.model), model_config(args.model)  # a checkpoint's extra keys are metadata
     if args.config.is_dir():
         raise ConfigError(f"{args.config} is a directory; use --model for a model directory")
-    return str(args.config), _load_file(args.config)
+    _refuse_reference_config(args.config)
+    return str(args.config), load_config(args.config)
 
 
-def _load_file(path: Path, metadata_ok: bool = False) -> AutoencoderConfig | BaselineConfig | CALMConfig:
-    """A config file; ``metadata_ok``: a checkpoint's config.json, whose extra keys (training data, step) are
-    metadata, not config fields."""
+def _refuse_reference_config(path: Path) -> None:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
-        data = None  # load_config reports missing and corrupt files
+        return  # load_config and model_config report missing and corrupt files
     if isinstance(data, dict) and "kind" not in data and ("architectures" in data or "model_type" in data):
         raise ConfigError(f"{path} is a Hugging Face config of a released/reference checkpoint, not a calmlm "
                           "config; convert the checkpoint with `calm convert` first")
-    if metadata_ok and isinstance(data, dict) and data.get("kind") in CONFIG_CLASSES:
-        known = {f.name for f in dataclasses.fields(CONFIG_CLASSES[data["kind"]])}  # type: ignore[arg-type]
-        return config_from_dict({k: v for k, v in data.items() if k in known or k == "kind"})
-    return load_config(path)
 
 
 def _count(n: float) -> str:
