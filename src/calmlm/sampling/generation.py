@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import GenerationError
+from . import temperature as sampling
 
 
 def _validate(model: Any, temperature: float, max_new_tokens: int, num_samples: int, sampler: str,
@@ -27,10 +28,9 @@ def _validate(model: Any, temperature: float, max_new_tokens: int, num_samples: 
         raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if num_samples < 1:
         raise GenerationError(f"num_samples must be >= 1, got {num_samples}")
-    is_calm = model.config.kind == "calm"
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)):
         raise GenerationError(f"temperature must be a finite number, got {temperature!r}")
-    if is_calm:
+    if model.config.kind == "calm":
         if not 0.0 < temperature <= 1.0:
             raise GenerationError(
                 f"CALM temperature must be in (0, 1], got {temperature}: likelihood-free sampling can only "
@@ -53,12 +53,6 @@ def _as_batch(input_ids: torch.Tensor | list[int] | list[list[int]], device: tor
     return ids
 
 
-def _make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    if seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 @torch.no_grad()
 def iter_generate(model: Any, input_ids: torch.Tensor | list[int] | list[list[int]], max_new_tokens: int = 64,
                   temperature: float = 1.0, num_samples: int = 1, top_k: int | None = None,
@@ -70,13 +64,13 @@ def iter_generate(model: Any, input_ids: torch.Tensor | list[int] | list[list[in
     have (checked every ``stop_check_every`` steps; on GPUs the check reads a flag copied asynchronously
     at the previous check, so the decode loop never waits for the device).
 
-    ``compile=True`` runs the per-step computations (backbone step; head + decoder, or logits + sampling)
-    through ``torch.compile``: the first call pays the compilation, later calls with the same model reuse it."""
+    ``compile=True`` runs the per-step computations through ``torch.compile``; later calls with the same
+    model reuse the compilation."""
     _validate(model, temperature, max_new_tokens, num_samples, sampler, pool_size)
     device = next(model.parameters()).device
     ids = _as_batch(input_ids, device).repeat_interleave(num_samples, dim=0)
     eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
-    gen = _make_generator(seed, device)
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     if model.config.kind == "calm":
         yield from _calm_steps(model, ids, max_new_tokens, temperature, sampler, pool_size, eos, gen, use_cache,
                                stop_check_every, compile)
@@ -98,8 +92,7 @@ def generate(model: Any, input_ids: torch.Tensor | list[int] | list[list[int]], 
         if callback is not None:
             callback(new)
         pieces.append(new)
-    out = torch.cat(pieces, dim=1)
-    return out[:, : prompt.shape[1] + max_new_tokens]
+    return torch.cat(pieces, dim=1)[:, : prompt.shape[1] + max_new_tokens]
 
 
 def _stop_after_eos(tokens: torch.Tensor, done: torch.Tensor, eos: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,18 +141,16 @@ def _calm_steps(model: Any, ids: torch.Tensor, max_new_tokens: int, temperature:
     if pad:
         ids = torch.cat([ids.new_full((ids.shape[0], pad), pad_id), ids], dim=1)
     steps = math.ceil(max_new_tokens / k)
-    total_chunks = ids.shape[1] // k + steps
-    if ids.shape[1] // k > cfg.max_position_embeddings:
-        raise GenerationError(
-            f"prompt of {ids.shape[1] - pad} tokens is longer than the model's context of "
-            f"{cfg.max_position_embeddings * k} tokens ({cfg.max_position_embeddings} chunks of K={k}); shorten it")
-    if total_chunks > cfg.max_position_embeddings:
-        room = (cfg.max_position_embeddings - ids.shape[1] // k) * k
-        raise GenerationError(f"prompt + max_new_tokens exceed the context of {cfg.max_position_embeddings * k} "
-                              f"tokens; at most {room} new tokens fit after this prompt")
+    prompt_chunks, context = ids.shape[1] // k, cfg.max_position_embeddings
+    if prompt_chunks > context:
+        raise GenerationError(f"prompt of {ids.shape[1] - pad} tokens is longer than the model's context of "
+                              f"{context * k} tokens ({context} chunks of K={k}); shorten it")
+    if prompt_chunks + steps > context:
+        raise GenerationError(f"prompt + max_new_tokens exceed the context of {context * k} "
+                              f"tokens; at most {(context - prompt_chunks) * k} new tokens fit after this prompt")
     if steps == 0:
         return
-    cache = model.backbone.new_cache(ids.shape[0], total_chunks) if use_cache else None
+    cache = model.backbone.new_cache(ids.shape[0], prompt_chunks + steps) if use_cache else None
     draw = _chunk_sampler(model, compile)
     yield from _decode_loop(_maybe_compile(lambda x, c: model.hidden_states(x, c)[:, -1], compile),
                             lambda h: _next_chunk(model, h, temperature, sampler, pool_size, gen, draw),
@@ -179,7 +170,8 @@ def _decode_loop(forward: Callable[[torch.Tensor, Any], torch.Tensor], propose: 
     for step in range(steps):
         new, done = _stop_after_eos(propose(state), done, eos)
         yield new
-        if step == steps - 1 or (eos is not None and (step + 1) % stop_check_every == 0 and all_done.update(done.all())):
+        check_stop = eos is not None and (step + 1) % stop_check_every == 0
+        if step == steps - 1 or (check_stop and all_done.update(done.all())):
             return
         if cache is not None:
             state = forward(new, cache)
@@ -218,8 +210,6 @@ def _next_chunk(model: Any, hidden: torch.Tensor, temperature: float, sampler: s
     sample_chunks = sample_chunks or model.sample_chunks
     if temperature == 1.0:
         return sample_chunks(hidden, generator=gen)
-    from . import temperature as sampling
-
     if sampler == "batch":
         if hidden.device.type == "cpu":
             # Decode only as much of each draw as telling the chunks apart needs, then the chosen draws
@@ -246,16 +236,16 @@ def _baseline_steps(model: Any, ids: torch.Tensor, max_new_tokens: int, temperat
         if cfg.bos_token_id is None and eos is None:
             raise GenerationError("an empty prompt needs a BOS or EOS token id to start from; give a prompt")
         ids = ids.new_full((ids.shape[0], 1), cfg.bos_token_id if cfg.bos_token_id is not None else eos)
-    total = ids.shape[1] + max_new_tokens
-    if ids.shape[1] > cfg.max_position_embeddings:
+    context = cfg.max_position_embeddings
+    if ids.shape[1] > context:
         raise GenerationError(f"prompt of {ids.shape[1]} tokens is longer than the model's context of "
-                              f"{cfg.max_position_embeddings} tokens; shorten it")
-    if total > cfg.max_position_embeddings:
-        raise GenerationError(f"prompt + max_new_tokens exceed the context of {cfg.max_position_embeddings} "
-                              f"tokens; at most {cfg.max_position_embeddings - ids.shape[1]} new tokens fit")
+                              f"{context} tokens; shorten it")
+    if ids.shape[1] + max_new_tokens > context:
+        raise GenerationError(f"prompt + max_new_tokens exceed the context of {context} "
+                              f"tokens; at most {context - ids.shape[1]} new tokens fit")
     if max_new_tokens == 0:
         return
-    cache = model.backbone.new_cache(ids.shape[0], total) if use_cache else None
+    cache = model.backbone.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens) if use_cache else None
     yield from _decode_loop(_maybe_compile(lambda x, c: model.logits(x, c)[:, -1], compile),
                             lambda logits: sample_logits(logits, temperature, top_k, gen)[:, None],
                             ids, max_new_tokens, eos, cache, stop_check_every)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
 
 import numpy
 import torch
@@ -33,14 +32,8 @@ from torch import Tensor
 
 from ..errors import GenerationError
 
-__all__ = [
-    "batch_temperature_choice",
-    "batch_temperature_sample",
-    "exact_temperature_sample",
-    "exact_temperature_sample_batch",
-    "expected_exact_draws",
-    "split_inverse_temperature",
-]
+__all__ = ["batch_temperature_choice", "batch_temperature_sample", "exact_temperature_sample",
+           "exact_temperature_sample_batch", "expected_exact_draws", "split_inverse_temperature"]
 
 # 1/T within this relative distance of an integer is that integer: 1/0.5 and 1/(1/3) must give α = 0
 # exactly, or Algorithm 1 would run a pointless (and costly) factory for α ≈ 4e-16.
@@ -53,21 +46,18 @@ _REJECT, _ACCEPT, _UNRESOLVED = 0, 1, 2
 def split_inverse_temperature(temperature: float) -> tuple[int, float]:
     """Return ``(n, α)`` with ``1/temperature = n + α``, ``n ≥ 1`` an integer and ``0 ≤ α < 1``.
 
-    Raises GenerationError unless ``temperature`` is a real number in (0, 1].
-    """
+    Raises GenerationError unless ``temperature`` is a real number in (0, 1]."""
     try:
         if isinstance(temperature, (bool, str, bytes)):  # float("0.5") / float(True) would "work"
             raise TypeError
         t = float(temperature)  # int, float, numpy or one-element torch scalars
     except (TypeError, ValueError):
         raise GenerationError(
-            f"temperature must be a number in (0, 1], got {temperature!r}; pass e.g. temperature=0.5"
-        ) from None
+            f"temperature must be a number in (0, 1], got {temperature!r}; pass e.g. temperature=0.5") from None
     if not math.isfinite(t) or t <= 0.0 or t > 1.0:
         raise GenerationError(
             f"temperature must be in (0, 1], got {t}; likelihood-free sampling can only sharpen the "
-            "model's distribution (T ≤ 1), and T → 0 needs unboundedly many draws - use e.g. 0.5"
-        )
+            "model's distribution (T ≤ 1), and T → 0 needs unboundedly many draws - use e.g. 0.5")
     inv = 1.0 / t
     nearest = round(inv)
     if abs(inv - nearest) <= _INTEGER_TOLERANCE * max(1.0, inv):
@@ -77,11 +67,8 @@ def split_inverse_temperature(temperature: float) -> tuple[int, float]:
 
 
 def _factory_reject_prob(alpha: float, i: Tensor | float) -> Tensor | float:
-    """Probability that the Bernoulli factory rejects at step ``i`` (1-based) after a mismatch.
-
-    A separate function so tests can swap in a deliberately wrong rule (α/(i+1)) and check that the
-    statistical tests reject it.
-    """
+    """Probability that the Bernoulli factory rejects at step ``i`` (1-based) after a mismatch. A separate
+    function so tests can swap in a wrong rule (α/(i+1)) and check that the statistical tests reject it."""
     return alpha / i
 
 
@@ -92,12 +79,8 @@ def _same(a: object, b: object) -> bool:
     return bool(a == b)
 
 
-def exact_temperature_sample(
-    draw: Callable[[], Hashable],
-    temperature: float,
-    generator: torch.Generator | None = None,
-    max_draws: int | None = None,
-) -> tuple[Hashable, int]:
+def exact_temperature_sample(draw: Callable[[], Hashable], temperature: float, generator: torch.Generator | None = None,
+                             max_draws: int | None = None) -> tuple[Hashable, int]:
     """Draw one sample from P_T(x) ∝ P(x)^(1/T) using only draws from P (paper Algorithm 1).
 
     ``draw()`` returns a fresh i.i.d. sample of P; samples are compared with ``==`` (``torch.equal``
@@ -131,13 +114,9 @@ def exact_temperature_sample(
         if max_draws is not None and used >= max_draws:
             raise GenerationError(
                 f"exact temperature sampling at T={temperature} used max_draws={max_draws} draws without "
-                "accepting; raise max_draws, use a higher temperature, or use batch_temperature_sample"
-            )
+                "accepting; raise max_draws, use a higher temperature, or use batch_temperature_sample")
         used += 1
         return draw()
-
-    def uniform() -> float:
-        return float(torch.rand((), generator=generator, dtype=torch.float64))
 
     while True:
         x = take()
@@ -146,20 +125,19 @@ def exact_temperature_sample(
         if alpha == 0.0:
             return x, used
         i = 1
-        while True:
-            if _same(take(), x):
-                return x, used
-            if uniform() < _factory_reject_prob(alpha, i):
+        while not _same(take(), x):
+            if float(torch.rand((), generator=generator, dtype=torch.float64)) < _factory_reject_prob(alpha, i):
                 break
             i += 1
+        else:
+            return x, used
 
 
 def expected_exact_draws(probs: Tensor | Sequence[float], temperature: float) -> float:
     """Expected number of draws :func:`exact_temperature_sample` uses for the distribution ``probs``.
 
     ``probs`` is a 1-D probability vector (zeros allowed). Uses the formula in
-    :func:`exact_temperature_sample`'s docstring; the factory's series Σ_i Π_{j<i}(1-p)(1-α/j) is
-    summed in closed form (p^(α-1)), which the tests check against the truncated series.
+    :func:`exact_temperature_sample`'s docstring, with the factory's series in closed form (p^(α-1)).
     """
     n, alpha = split_inverse_temperature(temperature)
     p = torch.as_tensor(probs, dtype=torch.float64).flatten()
@@ -168,13 +146,10 @@ def expected_exact_draws(probs: Tensor | Sequence[float], temperature: float) ->
     p = p[p > 0]
     stage1 = 1.0 + sum(float((p**m).sum()) for m in range(1, n))
     stage2 = float((p ** (n + alpha - 1.0)).sum()) if alpha > 0.0 else 0.0
-    accept = float((p ** (n + alpha)).sum())
-    return (stage1 + stage2) / accept
+    return (stage1 + stage2) / float((p ** (n + alpha)).sum())
 
 
-# ----------------------------------------------------------------------------------------------
-# Vectorised exact sampler
-# ----------------------------------------------------------------------------------------------
+# Vectorised exact sampler ---------------------------------------------------------------------
 
 
 def _uniforms(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -189,39 +164,29 @@ def _run_factories(y: Tensor, x: Tensor, start: Tensor, alpha: float, generator:
     1-based factory index of the chunk's first step. Returns status [B, F]: accept / reject at the
     first terminating step, or unresolved if none of the L steps terminated.
     """
-    steps = y.shape[2]
     match = (y == x.unsqueeze(2)).all(-1)  # [B, F, L]
-    index = (start.unsqueeze(-1) + torch.arange(steps, device=y.device)).to(torch.float64)
+    index = (start.unsqueeze(-1) + torch.arange(y.shape[2], device=y.device)).to(torch.float64)
     coin = _uniforms(match.shape, generator, y.device) < _factory_reject_prob(alpha, index)
     terminal = match | coin  # a match accepts even when the coin would have rejected
     first = terminal.to(torch.uint8).argmax(-1, keepdim=True)  # first terminating step
-    accepted = match.gather(-1, first).squeeze(-1)
-    status = torch.where(accepted, _ACCEPT, _REJECT)
+    status = torch.where(match.gather(-1, first).squeeze(-1), _ACCEPT, _REJECT)
     return torch.where(terminal.any(-1), status, torch.full_like(status, _UNRESOLVED))
 
 
-@dataclass
 class _ExactBatch:
     """Per-position bookkeeping of :func:`exact_temperature_sample_batch` (flags and counts on the CPU)."""
 
-    draw: Callable[[int, Tensor], Tensor]
-    n: int
-    alpha: float
-    generator: torch.Generator | None
-    done: Tensor  # [P] bool: the sample is in `out`
-    pending: Tensor  # [P] bool: an attempt whose factory ran out of steps is continued next round
-    pend_next: Tensor  # [P] long: next factory index of the pending attempt
-    draws: Tensor  # [P] long: every sample drawn for the position
-    out: Tensor | None = None  # [P, D] samples (rows flattened), on the draw's device; made at the first draw
-    pend_x: Tensor | None = None  # [P, D] the pending attempt's value
-    trail: tuple[int, ...] = ()  # the shape of one sample
-
-    @classmethod
-    def start(cls, draw: Callable[[int, Tensor], Tensor], num_positions: int, n: int, alpha: float,
-              generator: torch.Generator | None) -> _ExactBatch:
-        flags = lambda: torch.zeros(num_positions, dtype=torch.bool)  # noqa: E731
-        return cls(draw, n, alpha, generator, flags(), flags(), torch.ones(num_positions, dtype=torch.long),
-                   torch.zeros(num_positions, dtype=torch.long))
+    def __init__(self, draw: Callable[[int, Tensor], Tensor], num_positions: int, n: int, alpha: float,
+                 generator: torch.Generator | None) -> None:
+        self.draw, self.n, self.alpha, self.generator = draw, n, alpha, generator
+        self.done = torch.zeros(num_positions, dtype=torch.bool)  # [P] the sample is in `out`
+        # [P] an attempt whose factory ran out of steps is continued next round, from factory index pend_next
+        self.pending = torch.zeros(num_positions, dtype=torch.bool)
+        self.pend_next = torch.ones(num_positions, dtype=torch.long)
+        self.draws = torch.zeros(num_positions, dtype=torch.long)  # [P] every sample drawn for the position
+        self.out: Tensor | None = None  # [P, D] samples (rows flattened), on the draw's device; made at the first draw
+        self.pend_x: Tensor | None = None  # [P, D] the pending attempt's value
+        self.trail: tuple[int, ...] = ()  # the shape of one sample
 
     def fetch(self, m: int, idx: Tensor) -> Tensor:
         """m fresh samples for the positions idx, flattened to [len(idx), m, D]."""
@@ -244,90 +209,67 @@ class _ExactBatch:
         self.out[idx.to(values.device)] = values  # type: ignore[index]
 
 
-def _continue_pending(st: _ExactBatch, factory_steps: int) -> None:
-    """Pending factories go first: they come before any attempt not yet started. Each gets as many steps
-    as it has run so far (its length doubles)."""
-    pidx = st.pending.nonzero().squeeze(1)
-    if not pidx.numel():
-        return
-    start = st.pend_next[pidx]
-    steps = max(factory_steps, int(start.max()) - 1)
-    y = st.fetch(steps, pidx)
-    px = st.pend_x[pidx.to(y.device)]  # type: ignore[index]
-    status = _run_factories(y.unsqueeze(1), px.unsqueeze(1), start.to(y.device).unsqueeze(1), st.alpha,
-                            st.generator).squeeze(1).cpu()
-    acc = status == _ACCEPT
-    st.finish(pidx[acc], px[acc.to(px.device)])
-    st.pending[pidx[status != _UNRESOLVED]] = False
-    st.pend_next[pidx] += steps
-
-
-def _stage_one(st: _ExactBatch, fidx: Tensor, attempts: int) -> tuple[Tensor, Tensor]:
-    """``attempts`` stage-1 attempts of n draws per position: (their values x [Pf, A, D], passed [Pf, A])."""
-    y = st.fetch(attempts * st.n, fidx).reshape(fidx.numel(), attempts, st.n, -1)
-    x = y[:, :, 0]
-    return x, (y == x.unsqueeze(2)).all(-1).all(-1)
-
-
-def _first_factories(st: _ExactBatch, fidx: Tensor, x: Tensor, passed: Tensor, candidates: int,
-                     factory_steps: int) -> None:
-    """Factories for the first ``candidates`` passers in attempt order (a predictable selection); the first
-    of them that does not reject decides: accepted, or pending when its factory ran out of steps."""
-    a, dev = x.shape[1], x.device
-    cands = min(candidates, a)
-    order = torch.where(passed, torch.arange(a, device=dev), a + torch.arange(a, device=dev))
-    slot = order.sort(1).values[:, :cands]  # [Pf, F]
-    valid = slot < a
-    has = valid.any(1)
-    if not bool(has.any()):
-        return
-    rows = has.nonzero().squeeze(1)
-    slot, valid = slot[rows] % a, valid[rows]
-    cx = x[rows].gather(1, slot.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, F, D]
-    sidx = fidx[has.cpu()]
-    y = st.fetch(cands * factory_steps, sidx).reshape(sidx.numel(), cands, factory_steps, -1)
-    status = _run_factories(y, cx, torch.ones_like(slot), st.alpha, st.generator)
+def _decide(st: _ExactBatch, idx: Tensor, cand: Tensor, valid: Tensor, start: Tensor, steps: int) -> None:
+    """Run ``steps`` factory steps, from factory index ``start`` [B], for the candidates ``cand`` [B, F, D]
+    (``valid`` [B, F]) of the positions ``idx``. At each position the first valid candidate that does not
+    reject decides: accepted, or pending (continued next round) when its factory ran out of steps."""
+    num_b, num_f = valid.shape
+    y = st.fetch(num_f * steps, idx).reshape(num_b, num_f, steps, -1)
+    status = _run_factories(y, cand, start.to(y.device)[:, None].expand(num_b, num_f), st.alpha, st.generator)
     decisive = valid & (status != _REJECT)
     got = decisive.any(1)
     pick = decisive.to(torch.uint8).argmax(1, keepdim=True)
     first = status.gather(1, pick).squeeze(1)
-    px = cx.gather(1, pick.unsqueeze(-1).expand(-1, -1, cx.shape[-1])).squeeze(1)
+    value = cand.gather(1, pick.unsqueeze(-1).expand(-1, -1, cand.shape[-1])).squeeze(1)
     acc = got & (first == _ACCEPT)
-    st.finish(sidx[acc.cpu()], px[acc])
+    st.finish(idx[acc.cpu()], value[acc])
     unresolved = (got & (first == _UNRESOLVED)).cpu()
-    uidx = sidx[unresolved]
-    st.pending[uidx] = True
-    st.pend_next[uidx] = 1 + factory_steps
-    st.pend_x[uidx.to(dev)] = px[unresolved.to(dev)]  # type: ignore[index]
+    st.pending[idx] = unresolved
+    st.pend_next[idx[unresolved]] = start[unresolved] + steps
+    st.pend_x[idx[unresolved].to(y.device)] = value[unresolved.to(y.device)]  # type: ignore[index]
+
+
+def _continue_pending(st: _ExactBatch, factory_steps: int) -> None:
+    """Pending factories go first: they come before any attempt not yet started. Each gets as many steps
+    as it has run so far (its length doubles)."""
+    pidx = st.pending.nonzero().squeeze(1)
+    if pidx.numel():
+        start = st.pend_next[pidx]
+        value = st.pend_x[pidx.to(st.pend_x.device)].unsqueeze(1)  # type: ignore[union-attr]
+        valid = torch.ones(pidx.numel(), 1, dtype=torch.bool, device=value.device)
+        _decide(st, pidx, value, valid, start, max(factory_steps, int(start.max()) - 1))
 
 
 def _fresh_attempts(st: _ExactBatch, proposals: int, factory_steps: int, candidates: int) -> None:
-    """New attempts for the positions with nothing pending: stage 1, then (α > 0) the factories."""
+    """New attempts for the positions with nothing pending: stage 1 (n draws each), then (α > 0) factories
+    for the first ``candidates`` passers in attempt order (a predictable selection)."""
     fidx = (~st.done & ~st.pending).nonzero().squeeze(1)
     if not fidx.numel():
         return
     if st.n == 1:  # every attempt passes stage 1, and only the first `candidates` are used
         proposals = 1 if st.alpha == 0.0 else min(proposals, candidates)
-    x, passed = _stage_one(st, fidx, proposals)
+    y = st.fetch(proposals * st.n, fidx).reshape(fidx.numel(), proposals, st.n, -1)
+    x = y[:, :, 0]  # [Pf, A, D]
+    passed = (y == x.unsqueeze(2)).all(-1).all(-1)  # [Pf, A]
     if st.alpha == 0.0:  # stage 1 is the whole attempt: the first passer wins
         has = passed.any(1)
         first = passed.to(torch.uint8).argmax(1)
-        rows = has.nonzero().squeeze(1)
-        st.finish(fidx[has.cpu()], x[rows, first[rows]])
+        st.finish(fidx[has.cpu()], x[has, first[has]])
         return
-    _first_factories(st, fidx, x, passed, candidates, factory_steps)
+    order = torch.arange(proposals, device=x.device) + proposals * ~passed  # passers first, in attempt order
+    slot = order.sort(1).values[:, : min(candidates, proposals)]  # [Pf, F]
+    valid = slot < proposals
+    has = valid[:, 0]
+    if bool(has.any()):
+        sidx = fidx[has.cpu()]
+        cand = x[has].gather(1, (slot[has] % proposals).unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, F, D]
+        _decide(st, sidx, cand, valid[has], torch.ones_like(sidx), factory_steps)
 
 
-def exact_temperature_sample_batch(
-    draw: Callable[[int, Tensor], Tensor],
-    num_positions: int,
-    temperature: float,
-    generator: torch.Generator | None = None,
-    proposals_per_round: int = 32,
-    max_rounds: int = 10_000,
-    factory_steps: int = 8,
-    factory_candidates: int = 4,
-) -> tuple[Tensor, Tensor]:
+def exact_temperature_sample_batch(draw: Callable[[int, Tensor], Tensor], num_positions: int, temperature: float,
+                                   generator: torch.Generator | None = None, proposals_per_round: int = 32,
+                                   max_rounds: int = 10_000, factory_steps: int = 8,
+                                   factory_candidates: int = 4) -> tuple[Tensor, Tensor]:
     """Exact temperature sampling (Algorithm 1) for ``num_positions`` positions at once.
 
     ``draw(m, active)`` returns a tensor [len(active), m, ...] of m fresh i.i.d. samples for each position
@@ -354,16 +296,12 @@ def exact_temperature_sample_batch(
     Raises GenerationError if some position is still unfinished after ``max_rounds`` rounds.
     """
     n, alpha = split_inverse_temperature(temperature)
-    for name, value in (
-        ("num_positions", num_positions),
-        ("proposals_per_round", proposals_per_round),
-        ("max_rounds", max_rounds),
-        ("factory_steps", factory_steps),
-        ("factory_candidates", factory_candidates),
-    ):
+    counts = {"num_positions": num_positions, "proposals_per_round": proposals_per_round, "max_rounds": max_rounds,
+              "factory_steps": factory_steps, "factory_candidates": factory_candidates}
+    for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise GenerationError(f"{name} must be a positive integer, got {value!r}")
-    st = _ExactBatch.start(draw, num_positions, n, alpha, generator)
+    st = _ExactBatch(draw, num_positions, n, alpha, generator)
     for _ in range(max_rounds):
         if bool(st.done.all()):
             break
@@ -373,14 +311,11 @@ def exact_temperature_sample_batch(
         raise GenerationError(
             f"exact temperature sampling at T={temperature}: {int((~st.done).sum())} of {num_positions} positions "
             f"still unfinished after max_rounds={max_rounds}; raise max_rounds or proposals_per_round, use a "
-            "higher temperature, or use batch_temperature_sample"
-        )
+            "higher temperature, or use batch_temperature_sample")
     return st.out.reshape(num_positions, *st.trail), st.draws  # type: ignore[union-attr]
 
 
-# ----------------------------------------------------------------------------------------------
-# Batch approximation (Algorithm 2)
-# ----------------------------------------------------------------------------------------------
+# Batch approximation (Algorithm 2) ------------------------------------------------------------
 
 
 def _as_rows(pool: Tensor) -> Tensor:
@@ -404,34 +339,31 @@ def _pack_rows(rows: Tensor, num_values: int | None = None) -> Tensor | None:
     if rows.dtype.is_floating_point or rows.dtype.is_complex:
         return None
     rows = rows.long()
-    if num_values is not None:  # too wide for one key (e.g. 4 ids of a 128k vocabulary): column-wise sort
-        if num_values**dims > 2**63:
-            return None
-        key = rows[..., 0]
-        for d in range(1, dims):  # Horner with a Python-int radix: no host-to-device copy
-            key = key * num_values + rows[..., d]
-        return key
-    lo, hi = (int(v) for v in rows.aminmax())
-    if (hi - lo + 1) ** dims <= 2**63:  # one radix for all columns: the cheap common case (token ids)
-        mult = [(hi - lo + 1) ** (dims - 1 - d) for d in range(dims)]
-        return ((rows - lo) * torch.tensor(mult, device=rows.device)).sum(-1)
-    low, high = torch.aminmax(rows.reshape(-1, dims), dim=0)
-    mult, size = [], 1  # mixed radix, last column least significant; Python ints cannot overflow
-    for a, b in zip(reversed(low.tolist()), reversed(high.tolist())):
-        mult.append(size)
-        size *= b - a + 1
-    if size > 2**63:
+    if num_values is not None:
+        lows, spans = [0] * dims, [num_values] * dims
+    else:
+        lo, hi = (int(v) for v in rows.aminmax())
+        lows, spans = [lo] * dims, [hi - lo + 1] * dims  # one radix for all columns: the common case
+        if (hi - lo + 1) ** dims > 2**63:  # per-column ranges (a mixed radix) may still fit
+            low, high = torch.aminmax(rows.reshape(-1, dims), dim=0)
+            lows = low.tolist()
+            spans = [b - a + 1 for a, b in zip(lows, high.tolist())]
+    if math.prod(spans) > 2**63:  # e.g. 4 ids of a 128k vocabulary: column-wise sort
         return None
-    return ((rows - low) * torch.tensor(mult[::-1], device=rows.device)).sum(-1)
+    # Horner, last column least significant, with Python-int digits (no host-to-device copy); no overflow
+    # since every key is below the product of the spans.
+    key = rows[..., 0] - lows[0]
+    for d in range(1, dims):
+        key = key * spans[d] + (rows[..., d] - lows[d])
+    return key
 
 
 @functools.lru_cache(maxsize=64)
 def _group_log_weights(pool_size: int, n: int, alpha: float) -> numpy.ndarray:
     """log w(c) for c = 0..pool_size: log Γ(c+1) - log Γ(c+1-τ) for c ≥ n, -inf below (τ = n + α)."""
-    tau = n + alpha
     table = numpy.full(pool_size + 1, -math.inf)
     for c in range(n, pool_size + 1):
-        table[c] = math.lgamma(c + 1) - math.lgamma(c + 1 - tau)
+        table[c] = math.lgamma(c + 1) - math.lgamma(c + 1 - (n + alpha))
     table.flags.writeable = False
     return table
 
@@ -546,9 +478,8 @@ def _sample_numpy(key: numpy.ndarray, n: int, alpha: float, u: numpy.ndarray) ->
         log_w = numpy.where(fallback[row], numpy.where(sizes == top[row], 0.0, -math.inf), log_w)
     cum = numpy.cumsum(numpy.exp(log_w))
     base = numpy.where(first > 0, cum[first - 1], 0.0)
-    target = base + u * (cum[last] - base)
-    chosen = numpy.searchsorted(cum, target, side="right")
-    # Float rounding can put target at the row's end: clamp to its last group of positive weight.
+    chosen = numpy.searchsorted(cum, base + u * (cum[last] - base), side="right")
+    # Float rounding can put the target at the row's end: clamp to its last group of positive weight.
     chosen = numpy.minimum(chosen, numpy.searchsorted(cum, cum[last], side="left"))
     picked = ordered[starts[chosen]]
     return (key == picked[:, None]).argmax(1)  # first pool entry holding the chosen value
@@ -593,19 +524,15 @@ def batch_temperature_choice(pool: Tensor, temperature: float, generator: torch.
     randomness). Only the equality pattern of the pool matters, so a pool of stand-in keys works too."""
     n, alpha = split_inverse_temperature(temperature)
     rows = _as_rows(pool)
-    # One uniform per position, drawn the same way on every path (inverse-CDF selection).
-    gen_device = generator.device if generator is not None else pool.device
-    u = torch.rand(pool.shape[0], generator=generator, dtype=torch.float64, device=gen_device)
+    u = _uniforms((pool.shape[0],), generator, pool.device)  # one per position, the same on every path
     key = None
     if use_numpy and pool.device.type == "cpu":
         try:
             key = _pack_numpy(rows.detach().numpy())
         except TypeError:  # dtypes numpy lacks (bfloat16...): torch path
-            key = None
+            pass
         if key is not None and key.dtype.kind == "f" and numpy.isnan(key).any():
             key = None  # NaN ≠ NaN: the value lookup at the end needs equality, the torch path does not
     if key is not None:
-        choice = torch.from_numpy(_sample_numpy(key, n, alpha, u.cpu().numpy()))
-    else:
-        choice = _sample_torch(pool, temperature, u, num_values)
-    return choice.to(pool.device)
+        return torch.from_numpy(_sample_numpy(key, n, alpha, u.numpy()))
+    return _sample_torch(pool, temperature, u, num_values).to(pool.device)
