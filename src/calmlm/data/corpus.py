@@ -2,26 +2,23 @@
 
 Data specs (``--data``), resolved by ``open_corpus``:
 
-* ``None`` — the default corpus: the Python standard library source of the running interpreter
-  (``sysconfig.get_paths()["stdlib"]``, every ``*.py`` file, one document per file, skipping
-  ``site-packages``/``dist-packages``, ``test``/``tests``/``idle_test`` and ``__pycache__`` folders):
-  about 12 MB, a few million tokens, on every machine with no download.
+* ``None`` — the default corpus: every ``*.py`` file of the running interpreter's standard library
+  (``sysconfig.get_paths()["stdlib"]``), one document per file, skipping the folders in ``STDLIB_EXCLUDED_DIRS``
+  (site-packages, tests, ``__pycache__``): about 12 MB, a few million tokens, on every machine with no download.
 * a file: ``.jsonl``/``.json``/``.ndjson`` are JSON Lines (one object per line, its ``text`` field is a
   document; a bare string line is a document) or one JSON array of such objects/strings; ``.parquet`` is read
   through ``datasets``; any other file is UTF-8 text and one document.
 * a directory: a ``datasets`` ``save_to_disk`` folder is loaded with ``load_from_disk``; otherwise every file
-  below it (sorted, hidden entries skipped) whose extension is in ``TEXT_EXTENSIONS``, ``JSON_EXTENSIONS``
-  or ``.parquet``, each read as above.
+  below it (sorted, hidden entries skipped) whose extension is in ``READ_EXTENSIONS``, each read as above.
 * a glob (``data/*.txt``, ``**`` allowed): the matching files, each read as above.
 * ``hf:NAME[:CONFIG][@SPLIT]``, or a name that is not a local path (``wikitext``, ``org/name``): a Hugging Face
   dataset streamed with ``datasets.load_dataset(NAME, CONFIG, split=SPLIT, streaming=True)`` (split defaults
   to ``train``). ``PATH@SPLIT`` picks a split of a local ``save_to_disk`` DatasetDict.
 
 Empty documents are skipped. Without separate validation data, documents are split deterministically: a
-document is in validation when a hash of the seed and its text falls below ``val_fraction``. The split depends
-only on the content, never on listing order, and duplicated documents land on the same side. For the default
-corpus each file is one document, so it is split by file. If the validation side gets less than one block,
-the last ``val_fraction`` of the training blocks is held out instead (``info["split"]`` says which).
+document is in validation when a hash of the seed and its text falls below ``val_fraction``, so the split
+depends only on the content, never on listing order, and duplicated documents land on the same side. If a
+side gets less than one block, the last ``val_fraction`` of the blocks is held out instead (``info["split"]``).
 
 Token files: a flat ``uint16`` (vocabulary <= 65536) or ``uint32`` array, every document followed by EOS,
 written to a temporary file then renamed, with a JSON meta beside it (``<file>.json``: dtype, num_tokens,
@@ -55,7 +52,7 @@ TEXT_EXTENSIONS = frozenset({
     ".yaml", ".yml", ".toml", ".ini", ".cfg",
 })
 JSON_EXTENSIONS = frozenset({".jsonl", ".json", ".ndjson"})
-PARQUET_EXTENSIONS = frozenset({".parquet"})
+READ_EXTENSIONS = TEXT_EXTENSIONS | JSON_EXTENSIONS | {".parquet"}  # the files a directory spec reads
 STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 TOKEN_FORMAT = 1  # bump when the token-file layout changes, so old caches are rebuilt
 _ENCODE_BATCH_CHARS = 1 << 20  # tokenise about 1 MB of text per encode_batch call
@@ -70,9 +67,7 @@ class Corpus:
     documents: Callable[[], Iterator[str]]
 
     def __iter__(self) -> Iterator[str]:
-        for doc in self.documents():
-            if doc:
-                yield doc
+        return filter(None, self.documents())  # empty documents are skipped
 
 
 # -- sources ---------------------------------------------------------------------------------------------
@@ -82,15 +77,14 @@ def open_corpus(spec: str | None, text_field: str = "text") -> Corpus:
     if spec is None:
         return stdlib_corpus()
     if spec.startswith("hf:"):
-        name, config, split = _parse_hf(spec[3:])
-        return _hf_corpus(name, config, split, text_field)
+        return _hf_corpus(*_parse_hf(spec[3:]), text_field)
     path = Path(spec).expanduser()
     if path.is_file():
         return _files_corpus([path], path.parent, f"file {path}", text_field)
     if path.is_dir():
         return _dir_corpus(path, text_field, split=None)
-    if "@" in spec and Path(spec.rsplit("@", 1)[0]).expanduser().is_dir():  # PATH@SPLIT
-        base, split = spec.rsplit("@", 1)
+    base, at, split = spec.rpartition("@")
+    if at and Path(base).expanduser().is_dir():  # PATH@SPLIT
         return _dir_corpus(Path(base).expanduser(), text_field, split=split)
     if any(c in spec for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
@@ -102,8 +96,7 @@ def open_corpus(spec: str | None, text_field: str = "text") -> Corpus:
     if _looks_local(spec):
         raise DataError(f"no such file or directory: {spec}; pass an existing file, directory or glob, "
                         "or hf:NAME for a Hugging Face dataset")
-    name, config, split = _parse_hf(spec)
-    return _hf_corpus(name, config, split, text_field, maybe_path=True)
+    return _hf_corpus(*_parse_hf(spec), text_field, maybe_path=True)
 
 
 def stdlib_corpus() -> Corpus:
@@ -131,7 +124,7 @@ def stdlib_corpus() -> Corpus:
 def _looks_local(spec: str) -> bool:
     """A spec that cannot be a Hugging Face dataset name, so a missing path is reported as missing."""
     return (spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1
-            or Path(spec).suffix.lower() in TEXT_EXTENSIONS | JSON_EXTENSIONS | PARQUET_EXTENSIONS)
+            or Path(spec).suffix.lower() in READ_EXTENSIONS)
 
 
 def _parse_hf(rest: str) -> tuple[str, str | None, str]:
@@ -194,17 +187,15 @@ def _dir_corpus(path: Path, text_field: str, split: str | None) -> Corpus:
     if split is not None:
         raise DataError(f"{path} is not a `datasets` save_to_disk folder, so @{split} cannot pick a split; "
                         "drop the @SPLIT suffix")
-    wanted = TEXT_EXTENSIONS | JSON_EXTENSIONS | PARQUET_EXTENSIONS
     files = []
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
         files += [Path(dirpath) / f for f in filenames
-                  if not f.startswith(".") and Path(f).suffix.lower() in wanted]
+                  if not f.startswith(".") and Path(f).suffix.lower() in READ_EXTENSIONS]
     if not files:
         raise DataError(f"the directory {path} holds no text files (extensions read: "
-                        f"{' '.join(sorted(wanted))}); put documents there or pass another --data")
-    files.sort()
-    return _files_corpus(files, path, f"{len(files)} files under {path}", text_field)
+                        f"{' '.join(sorted(READ_EXTENSIONS))}); put documents there or pass another --data")
+    return _files_corpus(sorted(files), path, f"{len(files)} files under {path}", text_field)
 
 
 def _saved_dataset_corpus(path: Path, text_field: str, split: str | None) -> Corpus:
@@ -235,7 +226,7 @@ def _files_corpus(files: Sequence[Path], root: Path, description: str, text_fiel
             suffix = f.suffix.lower()
             if suffix in JSON_EXTENSIONS:
                 yield from _read_json_docs(f, text_field)
-            elif suffix in PARQUET_EXTENSIONS:
+            elif suffix == ".parquet":
                 ds = _import_datasets(f"the parquet file {f}").load_dataset(
                     "parquet", data_files=[str(f)], split="train", streaming=True)
                 yield from _rows_text(ds, text_field, f"parquet file {f}")
@@ -333,6 +324,13 @@ def _read_meta(path: Path) -> dict[str, Any] | None:
     return meta
 
 
+def _reusable(path: Path, tokenizer: Tokenizer, source: str) -> dict[str, Any] | None:
+    """The meta of the complete token file at ``path`` if ``tokenizer`` built it from ``source``, else None."""
+    meta = _read_meta(path)
+    built_by = meta and (meta.get("format"), meta.get("tokenizer"), meta.get("source"))
+    return meta if built_by == (TOKEN_FORMAT, tokenizer.hash, source) else None
+
+
 class _TokenWriter:
     """Appends token arrays to a temporary file; ``commit`` renames it into place, then writes the meta."""
 
@@ -355,9 +353,8 @@ class _TokenWriter:
         meta = {"format": TOKEN_FORMAT, "dtype": self.dtype.name, "num_tokens": self.num_tokens,
                 "num_documents": self.num_documents, "eos_id": self.tokenizer.eos_id,
                 "vocab_size": self.tokenizer.vocab_size, "tokenizer": self.tokenizer.hash, "source": self.source}
-        tmp_meta = self.tmp.with_name(self.tmp.name + ".json")
-        tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp_meta, _meta_path(self.path))
+        _meta_path(self.tmp).write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(_meta_path(self.tmp), _meta_path(self.path))
         return meta
 
     def abort(self) -> None:
@@ -365,36 +362,47 @@ class _TokenWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def _tokenize_into(docs: Iterable[str], tokenizer: Tokenizer, route: Callable[[str], _TokenWriter]) -> None:
+def _text_batches(docs: Iterable[str]) -> Iterator[list[str]]:
+    """The non-empty documents, in batches of about ``_ENCODE_BATCH_CHARS`` characters."""
+    batch: list[str] = []
+    chars = 0
+    for doc in docs:
+        if doc:
+            batch.append(doc)
+            chars += len(doc)
+        if chars >= _ENCODE_BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _write_token_files(docs: Iterable[str], tokenizer: Tokenizer, description: str,
+                       outputs: Sequence[tuple[Path, str]],
+                       route: Callable[[str], int] = lambda doc: 0) -> dict[str, Any]:
+    """Tokenise ``docs`` in one pass (a streamed dataset is read only once) into the token files ``outputs``,
+    ``(path, source)`` pairs, the ``route(doc)``-th getting each document; returns the first file's meta."""
     eos = tokenizer.eos_id
     if eos is None:
         raise TokenizerError(f"{tokenizer!r} has no EOS token to separate documents; name one as eos_token "
                              "in its tokenizer_config.json")
-    batch: list[str] = []
-    chars = 0
-
-    def flush() -> None:
-        # allow_special=False: text that spells a special token (e.g. "<pad>") never yields its id
-        for doc, ids in zip(batch, tokenizer.encode_batch(batch, allow_special=False)):
-            ids.append(eos)
-            route(doc).write(ids)
-        batch.clear()
-
-    for doc in docs:
-        batch.append(doc)
-        chars += len(doc)
-        if chars >= _ENCODE_BATCH_CHARS:
-            flush()
-            chars = 0
-    flush()
-
-
-def _reusable(path: Path, tokenizer: Tokenizer, source: str) -> dict[str, Any] | None:
-    meta = _read_meta(path)
-    if meta and meta.get("format") == TOKEN_FORMAT and meta.get("tokenizer") == tokenizer.hash \
-            and meta.get("source") == source:
-        return meta
-    return None
+    writers = [_TokenWriter(path, tokenizer, source) for path, source in outputs]
+    try:
+        for batch in _text_batches(docs):
+            # allow_special=False: text that spells a special token (e.g. "<pad>") never yields its id
+            for doc, ids in zip(batch, tokenizer.encode_batch(batch, allow_special=False)):
+                ids.append(eos)
+                writers[route(doc)].write(ids)
+        if not any(w.num_documents for w in writers):
+            raise DataError(f"the corpus {description} contains no text (no non-empty documents); "
+                            "pass --data with some text")
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    for w in reversed(writers):  # the first last: a cache counts as complete only once its meta exists
+        meta = w.commit()
+    return meta
 
 
 def build_token_file(docs: Iterable[str], tokenizer: Tokenizer, path: str | Path, source: str = "") -> dict[str, Any]:
@@ -406,17 +414,7 @@ def build_token_file(docs: Iterable[str], tokenizer: Tokenizer, path: str | Path
     path = Path(path)
     if meta := _reusable(path, tokenizer, source):
         return {**meta, "reused": True}
-    writer = _TokenWriter(path, tokenizer, source)
-    try:
-        _tokenize_into((d for d in docs if d), tokenizer, lambda _: writer)
-    except BaseException:
-        writer.abort()
-        raise
-    if writer.num_documents == 0:
-        writer.abort()
-        raise DataError(f"the corpus {source or path} contains no text (no non-empty documents); "
-                        "pass --data with some text")
-    return {**writer.commit(), "reused": False}
+    return {**_write_token_files(docs, tokenizer, source or str(path), [(path, source)]), "reused": False}
 
 
 class TokenDataset:
@@ -450,9 +448,7 @@ class TokenDataset:
                        if self.num_tokens else np.zeros(0, dtype=dtype))
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers: reopen the map instead of copying it
-        state = dict(self.__dict__)
-        del state["tokens"]
-        return state
+        return {key: value for key, value in self.__dict__.items() if key != "tokens"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -601,23 +597,24 @@ def prepare_corpus(data_spec: str | None, tokenizer: Tokenizer, cache_dir: str |
     key = hashlib.sha256(json.dumps([TOKEN_FORMAT, corpus.fingerprint, split, tokenizer.hash]).encode()).hexdigest()
     folder = Path(cache_dir).expanduser() / key[:16]
     train_path, val_path = folder / "train.tokens", folder / "val.tokens"
-    train_source, val_source = f"{corpus.fingerprint} | train {split}", f"{corpus.fingerprint} | val {split}"
-    if val_corpus:
-        val_source = f"{val_corpus.fingerprint} | val"
+    train_source = f"{corpus.fingerprint} | train {split}"
+    val_source = f"{val_corpus.fingerprint} | val" if val_corpus else f"{corpus.fingerprint} | val {split}"
     holdout = val_corpus is None and val_fraction > 0
-
-    reused = bool(_reusable(train_path, tokenizer, train_source)) and (
-        not (holdout or val_corpus) or bool(_reusable(val_path, tokenizer, val_source)))
+    has_val = holdout or val_corpus is not None
+    reused = _reusable(train_path, tokenizer, train_source) is not None and (
+        not has_val or _reusable(val_path, tokenizer, val_source) is not None)
     if not reused:
         if holdout:
-            _build_split(corpus, tokenizer, train_path, val_path, train_source, val_source, seed, val_fraction)
+            outputs = [(train_path, train_source), (val_path, val_source)]
+            _write_token_files(corpus, tokenizer, corpus.description, outputs,
+                               route=lambda doc: int(is_validation(doc, seed, val_fraction)))
         else:
             build_token_file(corpus, tokenizer, train_path, train_source)
             if val_corpus:
                 build_token_file(val_corpus, tokenizer, val_path, val_source)
 
     train = TokenDataset(train_path, block_size)
-    val = TokenDataset(val_path, block_size) if holdout or val_corpus else None
+    val = TokenDataset(val_path, block_size) if has_val else None
     mode = "separate validation data" if val_corpus else ("documents" if holdout else "none")
     if holdout and (train.num_blocks == 0 or val.num_blocks == 0):  # type: ignore[union-attr]
         # too few documents to split by document: tokenise everything and hold out the tail blocks
@@ -634,32 +631,12 @@ def prepare_corpus(data_spec: str | None, tokenizer: Tokenizer, cache_dir: str |
     if train.num_blocks == 0:
         raise DataError(f"{corpus.description} gives only {train.num_tokens} training tokens, less than one block "
                         f"of {block_size}; use more data or a smaller block size")
-    if val is not None and val.num_blocks == 0:
-        raise DataError(f"the validation data {val_corpus.description if val_corpus else ''} gives only "
-                        f"{val.num_tokens} tokens, less than one block of {block_size}; use more validation data "
-                        "or a smaller block size")
+    if val_corpus and val.num_blocks == 0:  # type: ignore[union-attr]
+        raise DataError(f"the validation data {val_corpus.description} gives only {val.num_tokens} tokens, "
+                        f"less than one block of {block_size}; use more validation data or a smaller block size")
     info = {"source": corpus.description, "cache": str(folder), "reused": reused, "split": mode,
             "train_tokens": train.num_blocks * block_size, "train_blocks": train.num_blocks,
             "train_documents": train.meta["num_documents"],
             "val_tokens": val.num_blocks * block_size if val else 0, "val_blocks": val.num_blocks if val else 0,
             "val_documents": val.meta["num_documents"] if val else 0, "dtype": train.meta["dtype"]}
     return train, val, info
-
-
-def _build_split(corpus: Corpus, tokenizer: Tokenizer, train_path: Path, val_path: Path, train_source: str,
-                 val_source: str, seed: int, val_fraction: float) -> None:
-    """One pass over the corpus writing both token files (a streamed dataset is read only once)."""
-    train, val = _TokenWriter(train_path, tokenizer, train_source), _TokenWriter(val_path, tokenizer, val_source)
-    try:
-        _tokenize_into(corpus, tokenizer, lambda doc: val if is_validation(doc, seed, val_fraction) else train)
-    except BaseException:
-        train.abort()
-        val.abort()
-        raise
-    if train.num_documents + val.num_documents == 0:
-        train.abort()
-        val.abort()
-        raise DataError(f"the corpus {corpus.description} contains no text (no non-empty documents); "
-                        "pass --data with some text")
-    val.commit()
-    train.commit()  # last: the cache counts as complete only once train's meta exists

@@ -8,14 +8,11 @@ Formats ``Tokenizer.load`` accepts (a directory holding one of them, or the file
   the special tokens with their ids. It is rebuilt as an equivalent ``tokenizers`` byte-level BPE:
 
   - vocabulary: each token's bytes mapped to GPT-2's byte-level unicode alphabet, id = rank;
-  - merges ("BPE recovery", as the transformers converter does): for every token of more than one byte,
-    each split into two parts that are both tokens becomes a merge, and merges are ordered by the rank of
-    the merged token. tiktoken always applies the lowest-ranked available merge, so this ordering
-    reproduces it; ``ignore_merges`` makes a pre-token that is itself a token map to it directly, as
-    tiktoken does;
-  - pre-tokenizer: ``Split`` with the Llama 3 pattern ``LLAMA3_PATTERN`` (behaviour "isolated": contractions,
-    letter runs with one optional leading non-letter, digit groups of at most 3, punctuation runs,
-    newline runs, whitespace), then ``ByteLevel(add_prefix_space=False, use_regex=False)``;
+  - merges ("BPE recovery", as the transformers converter does): every split of a multi-byte token into two
+    tokens is a merge, ordered by the merged token's rank, which reproduces tiktoken's lowest-rank-first
+    merging; ``ignore_merges`` maps a pre-token that is itself a token straight to it, as tiktoken does;
+  - pre-tokenizer: ``Split`` with the Llama 3 pattern ``LLAMA3_PATTERN`` (behaviour "isolated"), then
+    ``ByteLevel(add_prefix_space=False, use_regex=False)``;
   - decoder: ``ByteLevel``; special tokens are added with their ids (128000..128255 for Llama 3).
 
 ``encode`` adds no BOS/EOS: the data pipeline appends EOS after each document itself. Special tokens
@@ -30,10 +27,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 from collections.abc import Iterable, Sequence
+from contextlib import suppress
+from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 
 from ..errors import TokenizerError
 
@@ -43,15 +46,11 @@ LLAMA3_PATTERN = (
 )
 TRAINED_SPECIALS = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2
 CONFIG_FILE = "tokenizer_config.json"
-_BOS_GUESSES = ("<bos>", "<|begin_of_text|>", "<s>", "<|startoftext|>")
-_EOS_GUESSES = ("<eos>", "<|end_of_text|>", "</s>", "<|endoftext|>")
-_PAD_GUESSES = ("<pad>", "[PAD]", "<|pad|>")
-
-
-def _import_tokenizers() -> Any:
-    import tokenizers  # a core dependency; imported lazily so `calm --help` stays fast
-
-    return tokenizers
+_ROLE_GUESSES = (  # bos, eos, pad names recognised when a tokenizer comes without a config
+    ("<bos>", "<|begin_of_text|>", "<s>", "<|startoftext|>"),
+    ("<eos>", "<|end_of_text|>", "</s>", "<|endoftext|>"),
+    ("<pad>", "[PAD]", "<|pad|>"),
+)
 
 
 class Tokenizer:
@@ -62,15 +61,11 @@ class Tokenizer:
         self.backend = backend
         vocab = backend.get_vocab(with_added_tokens=True)
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
-        for name in ("bos_token", "eos_token", "pad_token"):
-            token = getattr(self, name)
+        for name, token in zip(("bos_token", "eos_token", "pad_token"), (bos_token, eos_token, pad_token)):
             if token is not None and token not in vocab:
                 raise TokenizerError(f"{name} {token!r} is not in the tokenizer's vocabulary; "
                                      f"fix {CONFIG_FILE} or pass a token that exists")
-        self._hash: str | None = None
         self.chat_template: str | None = None  # Jinja template of tokenizer_config.json, kept through save/load
-
-    # -- encoding ------------------------------------------------------------------------------------
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         return self.encode_batch([text], allow_special)[0]
@@ -85,8 +80,6 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-
-    # -- vocabulary ----------------------------------------------------------------------------------
 
     @property
     def vocab_size(self) -> int:
@@ -108,20 +101,16 @@ class Tokenizer:
     def pad_id(self) -> int | None:
         return None if self.pad_token is None else self.backend.token_to_id(self.pad_token)
 
-    @property
+    @cached_property
     def hash(self) -> str:
         """sha256 of the serialised tokenizer and its special-token roles: a cache key for token files."""
-        if self._hash is None:
-            h = hashlib.sha256(self.backend.to_str().encode())
-            h.update(json.dumps([self.bos_token, self.eos_token, self.pad_token]).encode())
-            self._hash = h.hexdigest()
-        return self._hash
+        h = hashlib.sha256(self.backend.to_str().encode())
+        h.update(json.dumps([self.bos_token, self.eos_token, self.pad_token]).encode())
+        return h.hexdigest()
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
                 f"pad={self.pad_token!r})")
-
-    # -- files ---------------------------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> Path:
         """Write ``tokenizer.json`` (HF format) and ``tokenizer_config.json`` naming bos/eos/pad."""
@@ -152,15 +141,11 @@ class Tokenizer:
             raise TokenizerError(f"no tokenizer file at {path}; pass a tokenizer.json / tokenizer.model "
                                  "file or its directory, or train one with `calm tokenizer train`")
         config = _read_config(path.parent)
-        if path.suffix == ".json":
-            backend = _load_hf_json(path)
-        else:
-            backend = _load_tiktoken(path, config)
-        vocab = backend.get_vocab(with_added_tokens=True)
+        backend = _load_hf_json(path) if path.suffix == ".json" else _load_tiktoken(path, config)
         roles = [_token_name(config.get(key)) for key in ("bos_token", "eos_token", "pad_token")]
-        for i, guesses in enumerate((_BOS_GUESSES, _EOS_GUESSES, _PAD_GUESSES)):
-            if roles[i] is None and not config:  # no config file at all: recognise the usual names
-                roles[i] = next((g for g in guesses if g in vocab), None)
+        if not config:  # no config file at all: recognise the usual names
+            vocab = backend.get_vocab(with_added_tokens=True)
+            roles = [next((g for g in guesses if g in vocab), None) for guesses in _ROLE_GUESSES]
         tok = cls(backend, *roles)
         template = config.get("chat_template")
         tok.chat_template = template if isinstance(template, str) else None
@@ -188,9 +173,8 @@ def _read_config(directory: Path) -> dict[str, Any]:
 
 
 def _load_hf_json(path: Path) -> Any:
-    tk = _import_tokenizers()
     try:
-        return tk.Tokenizer.from_file(str(path))
+        return tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
         raise TokenizerError(f"{path} is not a valid Hugging Face tokenizer.json ({e}); the file is corrupt "
                              "or of another format, re-download or re-train it") from None
@@ -198,15 +182,9 @@ def _load_hf_json(path: Path) -> Any:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = keep[:]
-    n = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(keep, (chr(c) for c in chars)))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]  # mapped, in order, to the characters from 256 on
+    return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
 
 
 def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
@@ -231,7 +209,6 @@ def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
 
 
 def _load_tiktoken(path: Path, config: dict[str, Any]) -> Any:
-    tk = _import_tokenizers()
     ranks = read_tiktoken_ranks(path)
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise TokenizerError(f"{path}: ranks are not the ids 0..{len(ranks) - 1} exactly once each; "
@@ -242,18 +219,16 @@ def _load_tiktoken(path: Path, config: dict[str, Any]) -> Any:
         return "".join(byte_map[x] for x in b)
 
     vocab = {to_str(token): rank for token, rank in ranks.items()}
-    merges: list[tuple[int, int, int, bytes, bytes]] = []
+    merges: list[tuple[int, int, str, str]] = []
     for token, rank in ranks.items():
         for i in range(1, len(token)):
-            left_rank, right_rank = ranks.get(token[:i]), ranks.get(token[i:])
-            if left_rank is not None and right_rank is not None:
-                merges.append((rank, left_rank, right_rank, token[:i], token[i:]))
-    merges.sort()  # by merged rank, then by the parts' ranks: the order tiktoken applies merges in
-    model = tk.models.BPE(vocab=vocab, merges=[(to_str(m[3]), to_str(m[4])) for m in merges],
-                          ignore_merges=True)
-    backend = tk.Tokenizer(model)
+            left, right = token[:i], token[i:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], to_str(left), to_str(right)))
+    merges.sort()  # by merged rank, then by the left part's rank: the order tiktoken applies merges in
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[(left, right) for _, _, left, right in merges],
+                                              ignore_merges=True))
     _byte_level_llama3(backend)
-
     specials = config.get("added_tokens_decoder", {})
     try:
         specials = sorted((int(i), entry["content"]) for i, entry in specials.items())
@@ -261,22 +236,22 @@ def _load_tiktoken(path: Path, config: dict[str, Any]) -> Any:
         raise TokenizerError(f"{path.parent / CONFIG_FILE}: added_tokens_decoder must map ids to "
                              "{'content': token}; the file is corrupt") from None
     for token_id, content in specials:
-        if token_id != backend.get_vocab_size(with_added_tokens=True):
+        next_id = backend.get_vocab_size(with_added_tokens=True)
+        if token_id != next_id:
             raise TokenizerError(f"{path.parent / CONFIG_FILE}: special token {content!r} has id {token_id}, "
-                                 f"but the next free id is {backend.get_vocab_size(with_added_tokens=True)}; "
-                                 "special ids must follow the rank file without gaps")
-        backend.add_special_tokens([tk.AddedToken(content, special=True, normalized=False)])
+                                 f"but the next free id is {next_id}; special ids must follow the rank file "
+                                 "without gaps")
+        backend.add_special_tokens([AddedToken(content, special=True, normalized=False)])
     return backend
 
 
 def _byte_level_llama3(backend: Any) -> None:
     """Llama 3 pre-tokenisation (its regex, then bytes as characters) and the byte-level decoder."""
-    tk = _import_tokenizers()
-    backend.pre_tokenizer = tk.pre_tokenizers.Sequence([
-        tk.pre_tokenizers.Split(tk.Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
-        tk.pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
     ])
-    backend.decoder = tk.decoders.ByteLevel()
+    backend.decoder = decoders.ByteLevel()
 
 
 def _looks_like_hub_name(name: str) -> bool:
@@ -294,10 +269,8 @@ def _hub_download(repo_id: str) -> Path:
                              f"Hugging Face Hub failed ({type(e).__name__}); check the path, or log in / go "
                              "online for a Hub repository") from None
     for extra in ("tokenizer_config.json", "special_tokens_map.json"):
-        try:
+        with suppress(Exception):  # optional: bos/eos names are then guessed
             hf_hub_download(repo_id, extra)
-        except Exception:
-            pass  # optional: bos/eos names are then guessed
     return file
 
 
@@ -308,27 +281,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency:
     Deterministic for the same texts in the same order. Every byte is in the vocabulary, so any text
     encodes; the result may be smaller than ``vocab_size`` on a tiny corpus.
     """
-    tk = _import_tokenizers()
     if vocab_size < len(TRAINED_SPECIALS) + 256:
         raise TokenizerError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs 256 byte tokens "
                              f"plus {len(TRAINED_SPECIALS)} specials; use at least {256 + len(TRAINED_SPECIALS)}")
-    backend = tk.Tokenizer(tk.models.BPE(ignore_merges=True))
+    backend = tokenizers.Tokenizer(models.BPE(ignore_merges=True))
     _byte_level_llama3(backend)
-    trainer = tk.trainers.BpeTrainer(
+    trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(TRAINED_SPECIALS),
-        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
-    seen = False
-
-    def nonempty() -> Iterable[str]:
-        nonlocal seen
-        for text in texts:
-            if text:
-                seen = True
-                yield text
-
-    backend.train_from_iterator(nonempty(), trainer=trainer)
-    if not seen:
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
+    nonempty = (text for text in texts if text)
+    first = next(nonempty, None)
+    if first is None:
         raise TokenizerError("cannot train a tokenizer on an empty corpus; pass --data with some text")
+    backend.train_from_iterator(itertools.chain([first], nonempty), trainer=trainer)
     return Tokenizer(backend, *TRAINED_SPECIALS[1:], pad_token=TRAINED_SPECIALS[0])
 
 
