@@ -35,19 +35,17 @@ def evaluate_autoencoder(model: Autoencoder, blocks: Blocks, sigmas: Sequence[fl
     tokens = chunks = 0
     kl_sum = torch.zeros(model.config.latent_size, device=device, dtype=torch.float64)
     for batch in iter_blocks(token_blocks(blocks)[0], batch_size, max_blocks=max_blocks):
-        ids = batch.to(device)
-        ids = ids[:, : ids.shape[1] // k * k]
+        ids = batch[:, : batch.shape[1] // k * k].to(device)
         mean, log_std = (t.float() for t in model.encode(ids))
         kl_sum += kl_per_dim(mean, log_std).sum((0, 1)).double()
-        target = ids.view(ids.shape[0], -1, k)
+        target = ids.view(ids.shape[0], -1, k)  # (B, chunks, K)
         for s in sigmas:
             z = mean + s * torch.randn(mean.shape, device=device, generator=gen) if s else mean
-            pred = model.decode(z.to(model.decoder.expand_layer.weight.dtype)).argmax(-1).view_as(target)
-            hit = pred == target
+            hit = model.decode(z.to(model.decoder.expand_layer.weight.dtype)).argmax(-1).view_as(target) == target
             correct[s] += int(hit.sum())
             chunk_correct[s] += int(hit.all(-1).sum())
         tokens += target.numel()
-        chunks += target.shape[0] * target.shape[1]
+        chunks += target.numel() // k
     model.train(was_training)
     if tokens == 0:
         raise ValueError("no evaluation data: the validation set has no complete block")
@@ -67,7 +65,8 @@ def evaluate_autoencoder(model: Autoencoder, blocks: Blocks, sigmas: Sequence[fl
 def format_autoencoder_report(r: dict[str, Any]) -> str:
     lines = [f"{'sigma':>6}  {'token acc':>10}  {'chunk acc':>10}"]
     for s in r["sigmas"]:
-        lines.append(f"{s:>6.2f}  {100 * r['token_accuracy'][str(s)]:>9.3f}%  {100 * r['chunk_accuracy'][str(s)]:>9.3f}%")
+        token, chunk = 100 * r["token_accuracy"][str(s)], 100 * r["chunk_accuracy"][str(s)]
+        lines.append(f"{s:>6.2f}  {token:>9.3f}%  {chunk:>9.3f}%")
     lines.append(f"active latent dims: {r['active_dims']}/{r['latent_size']} (KL above the floor); "
                  f"evaluated {r['num_tokens']} tokens")
     return "\n".join(lines)

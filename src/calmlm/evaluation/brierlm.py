@@ -28,13 +28,16 @@ measured about 30 % between short and long blocks), so every report states ``blo
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..data.corpus import iter_blocks, token_blocks
 from ..errors import ConfigError, DataError
@@ -97,8 +100,8 @@ class Continuations:
             raise ValueError(f"continuation input {tuple(chunks.shape)} does not match the cached block")
         state.steps += 1
         device = chunks.device
-        own = torch.eye(n, dtype=torch.bool, device=device)
-        mask = torch.cat([torch.ones(n, n, dtype=torch.bool, device=device).tril()] + [own] * state.steps, 1)
+        own = [torch.eye(n, dtype=torch.bool, device=device)] * state.steps  # each entry sees its own earlier ones
+        mask = torch.cat([torch.ones(n, n, dtype=torch.bool, device=device).tril(), *own], 1)
         positions = torch.arange(n, device=device) + state.steps
         hidden = self.model.backbone(self._embed(chunks.reshape(s * b, n * k)), state.cache, positions, mask)
         return hidden.view(s, b, n, -1)
@@ -142,19 +145,6 @@ def _empty_sums() -> dict[str, list[float]]:
             "chunk": [0.0, 0.0, 0.0]}  # chunk accuracy sum, chunk collision sum, chunk count
 
 
-def _windows(ids: torch.Tensor, start: int, step: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows ids[:, start + j*step : ... + width] for j = 0..N-1, -1-padded past the end: (B, N, width),
-    plus the number of valid tokens in each window (N,)."""
-    b, length = ids.shape
-    n = length // step
-    end = start + (n - 1) * step + width
-    padded = torch.full((b, max(end, length)), -1, dtype=ids.dtype, device=ids.device)
-    padded[:, :length] = ids
-    win = padded[:, start:end].unfold(1, width, step)
-    valid = (length - (start + torch.arange(n, device=ids.device) * step)).clamp(0, width)
-    return win, valid
-
-
 @torch.no_grad()
 def calm_brier_sums(sampler: Continuable, ids: torch.Tensor, generator: torch.Generator | None = None,
                     max_n: int = MAX_N) -> dict[str, list[float]]:
@@ -173,20 +163,19 @@ def calm_brier_sums(sampler: Continuable, ids: torch.Tensor, generator: torch.Ge
         drawn.append(x)
     seq = torch.cat(drawn, -1).to(ids.device)  # (2, B, N, steps*K)
     width = max(max_n, k)
-    target, valid = _windows(ids, k, k, width)  # (B, N, width): the true tokens after chunk j
-    sums = _empty_sums()
-    for n in range(1, max_n + 1):
-        ok = (valid >= n).expand(ids.shape[0], -1)  # (B, N)
+    target = F.pad(ids, (0, width), value=-1)[:, k:].unfold(1, width, k)  # (B, N, width): true tokens after chunk j
+    room = ids.shape[1] - k * torch.arange(1, target.shape[1] + 1, device=ids.device)  # (N,): tokens after chunk j
+
+    def terms(n: int) -> list[float]:
+        ok = (room >= n).expand(ids.shape[0], -1)  # (B, N): the n-gram ends inside the block
         hit = (seq[..., :n] == target[..., :n]).all(-1).float()  # (2, B, N)
         same = (seq[0, ..., :n] == seq[1, ..., :n]).all(-1).float()
-        sums["acc"][n - 1] += float((hit.mean(0) * ok).sum())
-        sums["coll"][n - 1] += float((same * ok).sum())
-        sums["count"][n - 1] += float(ok.sum())
-    ok = (valid >= k).expand(ids.shape[0], -1)
-    hit = (seq[..., :k] == target[..., :k]).all(-1).float()
-    sums["chunk"][0] += float((hit.mean(0) * ok).sum())
-    sums["chunk"][1] += float(((seq[0, ..., :k] == seq[1, ..., :k]).all(-1).float() * ok).sum())
-    sums["chunk"][2] += float(ok.sum())
+        return [float((hit.mean(0) * ok).sum()), float((same * ok).sum()), float(ok.sum())]
+
+    sums = _empty_sums()
+    for n in range(1, max_n + 1):
+        sums["acc"][n - 1], sums["coll"][n - 1], sums["count"][n - 1] = terms(n)
+    sums["chunk"] = terms(k)
     return sums
 
 
@@ -197,21 +186,20 @@ def _head_stats(scorer: Continuable, hidden: torch.Tensor, num_draws: int, gener
     Rows go through the head in slices so the (rows, V) logits stay small."""
     lead = hidden.shape[:-1]
     flat = hidden.reshape(-1, hidden.shape[-1])
-    tflat = targets.reshape(-1) if targets is not None else None
     sq, draws, pt = [], [], []
     s, rows = 0, 1  # the first slice is one row; its width (the vocabulary) sizes the others
     while s < flat.shape[0]:
         probs = scorer.head(flat[s:s + rows]).float().softmax(-1)
         sq.append(probs.square().sum(-1))
-        gen_probs = probs.to(generator.device) if generator is not None else probs
-        draws.append(torch.multinomial(gen_probs, num_draws, replacement=True, generator=generator).to(probs.device))
-        if tflat is not None:
-            t = tflat[s:s + probs.shape[0]].to(probs.device)
+        on_gen = probs.to(generator.device) if generator is not None else probs
+        draws.append(torch.multinomial(on_gen, num_draws, replacement=True, generator=generator).to(probs.device))
+        if targets is not None:
+            t = targets.reshape(-1)[s:s + len(probs)].to(probs.device)
             pt.append(probs.gather(-1, t.clamp_min(0)[:, None]).squeeze(-1))
-        s += probs.shape[0]
+        s += len(probs)
         rows = max(1, _HEAD_ELEMENTS // probs.shape[-1])
-    return (torch.cat(sq).view(lead), torch.cat(draws).view(*lead, num_draws),
-            torch.cat(pt).view(lead) if tflat is not None else None)
+    p_target = torch.cat(pt).view(lead) if targets is not None else None
+    return torch.cat(sq).view(lead), torch.cat(draws).view(*lead, num_draws), p_target
 
 
 @torch.no_grad()
@@ -222,21 +210,20 @@ def baseline_brier_sums(scorer: Continuable, ids: torch.Tensor, generator: torch
     ``acc`` sums the exact P(y_{t+1..t+n}); ``coll`` sums 1{x1_{<n} = x2_{<n}} · Σ_v p(v | prefix, x1_{<n})²."""
     b, length = ids.shape
     hidden, state = scorer.start(ids)  # (B, T, d)
-    nxt = torch.full_like(ids, -1)
-    nxt[:, :-1] = ids[:, 1:]
+    nxt = F.pad(ids[:, 1:], (0, 1), value=-1)  # (B, T): the next token, -1 past the block
     sumsq0, x, p_true = _head_stats(scorer, hidden, 2, generator, nxt)  # (B,T), (B,T,2), (B,T)
     x = x.permute(2, 0, 1)  # (2, B, T): first token of each continuation
     sumsq = [sumsq0]  # sumsq[m]: Σ_v p(v | prefix, x1_{1..m})², (B, T)
     drawn = [x]
     for m in range(1, max_n):
         hidden = scorer.extend(state, x[..., None])  # (2, B, T, d)
-        if m < max_n - 1:
+        if m == max_n - 1:  # the last step only needs sample 1's collision probability
+            sumsq.append(_head_stats(scorer, hidden[0], 1, generator)[0])
+        else:
             sq, x, _ = _head_stats(scorer, hidden, 1, generator)
             x = x.squeeze(-1)
             drawn.append(x)
             sumsq.append(sq[0])
-        else:  # the last step only needs sample 1's collision probability
-            sumsq.append(_head_stats(scorer, hidden[0], 1, generator)[0])
     conts = torch.stack(drawn, -1).to(ids.device)  # (2, B, T, max_n-1)
     log_q = p_true.double().clamp_min(1e-300).log()  # (B, T): log p(y_{t+1} | y_{<=t})
     positions = torch.arange(length, device=ids.device)
@@ -256,14 +243,13 @@ def baseline_brier_sums(scorer: Continuable, ids: torch.Tensor, generator: torch
 
 def _check_model_input(model: Any, kind: str, k: int, length: int) -> None:
     """Shape checks that name the fix (the context check is skipped for stand-ins without a config)."""
-    cfg = getattr(model, "config", None)
     if kind == "calm" and length % k:
         raise ConfigError(f"block size {length} is not a multiple of the chunk size K={k}; use a multiple of {k}")
     if length < k + MAX_N:
         raise ConfigError(f"block size {length} is too short: Brier-{MAX_N} needs at least "
                           f"{k + MAX_N} tokens per block ({'one chunk' if kind == 'calm' else 'one token'} "
                           f"of context + {MAX_N}); use a larger block size")
-    max_pos = getattr(cfg, "max_position_embeddings", None)
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if max_pos is not None and length // k > max_pos:
         raise ConfigError(f"block size {length} is longer than the model's context of {max_pos * k} tokens; "
                           f"use --block-size {max_pos * k} or less")
@@ -271,39 +257,46 @@ def _check_model_input(model: Any, kind: str, k: int, length: int) -> None:
 
 def brierlm_from_sums(sums: dict[str, list[float]]) -> dict[str, Any]:
     """Turn summed estimator terms into Brier-n (means over positions) and BrierLM."""
+
+    def mean(total: float, count: float) -> float:
+        return total / count if count else float("nan")
+
     out: dict[str, Any] = {}
-    briers = []
     for n in range(1, MAX_N + 1):
         count = sums["count"][n - 1]
-        acc = sums["acc"][n - 1] / count if count else float("nan")
-        coll = sums["coll"][n - 1] / count if count else float("nan")
-        out[f"accuracy_{n}"], out[f"collision_{n}"] = acc, coll
-        out[f"brier_{n}"] = 2 * acc - coll
-        out[f"count_{n}"] = int(count)
-        briers.append(out[f"brier_{n}"])
+        acc, coll = mean(sums["acc"][n - 1], count), mean(sums["coll"][n - 1], count)
+        out.update({f"accuracy_{n}": acc, f"collision_{n}": coll, f"brier_{n}": 2 * acc - coll,
+                    f"count_{n}": int(count)})
+    briers = [out[f"brier_{n}"] for n in range(1, MAX_N + 1)]
     if all(b > 0 for b in briers):  # nan compares False, so nan also gives 0
         out["brierlm"] = 100.0 * math.exp(sum(math.log(b) for b in briers) / MAX_N)
     else:
         out["brierlm"] = 0.0
         out["brierlm_note"] = "some Brier-n is <= 0 (or undefined): the geometric mean is reported as 0"
-    c = sums["chunk"]
-    out["chunk_accuracy"] = c[0] / c[2] if c[2] else float("nan")
-    out["chunk_collision"] = c[1] / c[2] if c[2] else float("nan")
+    acc, coll, count = sums["chunk"]
+    out["chunk_accuracy"], out["chunk_collision"] = mean(acc, count), mean(coll, count)
     out["sums"] = {key: list(v) for key, v in sums.items()}
     return out
 
 
-def _dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _device_of(model: Any) -> torch.device:
     try:
-        return next(_unwrap(model).parameters()).device
+        return next(model.parameters()).device
     except (AttributeError, StopIteration, TypeError):
         return torch.device("cpu")
+
+
+@contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """Evaluation mode while scoring, the training mode restored after (stand-ins may have neither)."""
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
 
 
 @torch.no_grad()
@@ -313,10 +306,10 @@ def evaluate_brierlm(model: Any, data: Any, block_size: int | None = None, batch
     """BrierLM of a CALM or baseline model (or a :class:`Continuable`) on ``data``.
 
     ``data``: a dataset of (L,) token blocks such as :class:`calmlm.data.corpus.TokenDataset` or a token tensor
-    (blocks, L), read by :func:`calmlm.data.corpus.token_blocks` (re-cut to ``block_size`` when that differs). ``max_tokens`` keeps the first ``max_tokens // L`` blocks. Under
-    ``torch.distributed`` each rank takes blocks rank, rank+world, ... and the sums are all-reduced, so
-    every rank returns the same result. ``seed`` (or ``generator``) makes the draws reproducible; rank r
-    uses seed + r.
+    (blocks, L), read by :func:`calmlm.data.corpus.token_blocks` (re-cut to ``block_size`` when that differs).
+    ``max_tokens`` keeps the first ``max_tokens // L`` blocks. Under ``torch.distributed`` each rank takes
+    blocks rank, rank+world, ... and the sums are all-reduced, so every rank returns the same result. ``seed``
+    (or ``generator``) makes the draws reproducible; rank r uses seed + r.
 
     Returns brier_1..4, brierlm, accuracy_n/collision_n (the two terms, Brier-n = 2·acc - coll),
     chunk_accuracy/chunk_collision (CALM: whole next chunk; baseline: next token), count_n (positions),
@@ -338,45 +331,30 @@ def evaluate_brierlm(model: Any, data: Any, block_size: int | None = None, batch
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     _check_model_input(base, kind, view.chunk_size, length)
     vocab = getattr(getattr(base, "config", None), "vocab_size", None)
-
-    rank, world = _dist_info()
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     device = _device_of(base)
     if generator is None:
         generator = torch.Generator(device=device).manual_seed(seed + rank)
-    was_training = getattr(base, "training", False)
-    if hasattr(base, "eval"):
-        base.eval()
-    mine = range(rank, num_blocks, world)
+    estimator = calm_brier_sums if kind == "calm" else baseline_brier_sums
+    blocks_done = len(range(rank, num_blocks, world))
     totals = _empty_sums()
-    try:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(mine), unit="block", desc=f"BrierLM ({kind}, L={length})",
-                   disable=not progress or rank != 0)
+    with _eval_mode(base), tqdm(total=blocks_done, unit="block", desc=f"BrierLM ({kind}, L={length})",
+                                disable=not progress or rank != 0) as bar:
         for ids in iter_blocks(blocks, batch_size, rank, world, num_blocks):
             ids = ids.to(device)
             if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
                 raise DataError(f"token ids in [{int(ids.min())}, {int(ids.max())}] fall outside the model's "
                                 f"vocabulary of {vocab}; tokenise the data with the model's own tokenizer")
-            part = (calm_brier_sums(view, ids, generator) if kind == "calm"
-                    else baseline_brier_sums(view, ids, generator))
-            for key in totals:
-                totals[key] = [a + b for a, b in zip(totals[key], part[key])]
+            part = estimator(view, ids, generator)
+            totals = {key: [a + b for a, b in zip(totals[key], part[key])] for key in totals}
             bar.update(ids.shape[0])
-        bar.close()
-    finally:
-        if was_training and hasattr(base, "train"):
-            base.train()
-    blocks_done = len(mine)
     if world > 1:  # one all_reduce of every sum and the block count
-        flat = torch.tensor([v for key in totals for v in totals[key]] + [blocks_done], dtype=torch.float64,
-                            device=device)
+        flat = torch.tensor([*itertools.chain(*totals.values()), blocks_done], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(flat)
-        values = flat.tolist()
-        i = 0
-        for key in totals:
-            totals[key] = values[i:i + len(totals[key])]
-            i += len(totals[key])
-        blocks_done = int(values[-1])
+        values = iter(flat.tolist())
+        totals = {key: [next(values) for _ in sums] for key, sums in totals.items()}
+        blocks_done = int(next(values))
     out = brierlm_from_sums(totals)
     out.update(kind=kind, block_size=length, chunk_size=view.chunk_size, num_blocks=blocks_done,
                num_tokens=blocks_done * length, num_positions=out["count_1"], seed=seed,
@@ -412,8 +390,8 @@ def accuracy_diversity(model: Any, data: Any, temperatures: Sequence[float], poo
 
     Baseline: next token under softmax(logits / T), computed exactly (E 1{x=y} = p_T(y),
     E 1{x1=x2} = Σ p_T²); ``pool_sizes`` is ignored. CALM: the next chunk, drawn at T = 1 directly and at
-    T < 1 with :func:`calmlm.sampling.temperature.batch_temperature_sample` from a pool of N head draws per position,
-    for every N in ``pool_sizes``; two independent pools give the two samples. Returns one point per
+    T < 1 with :func:`calmlm.sampling.temperature.batch_temperature_sample` from a pool of N head draws per
+    position, for every N in ``pool_sizes``; two independent pools give the two samples. Returns one point per
     (T, N): temperature, pool_size (None for plain sampling), accuracy, collision, positions."""
     base = _unwrap(model)
     view, kind = continuable(base)
@@ -439,11 +417,7 @@ def accuracy_diversity(model: Any, data: Any, temperatures: Sequence[float], poo
     device = _device_of(base)
     gen = torch.Generator(device=device).manual_seed(seed)
     sums = {s: [0.0, 0.0, 0.0] for s in settings}
-    was_training = getattr(base, "training", False)
-    if hasattr(base, "eval"):
-        base.eval()
-    from tqdm.auto import tqdm
-    try:
+    with _eval_mode(base):
         for ids in tqdm(iter_blocks(blocks, batch_size, max_blocks=num_blocks), unit="batch",
                         total=-(-num_blocks // batch_size), desc="accuracy/diversity", disable=not progress):
             ids = ids.to(device)
@@ -451,9 +425,6 @@ def accuracy_diversity(model: Any, data: Any, temperatures: Sequence[float], poo
                 _calm_points(view, ids, settings, sums, gen)
             else:
                 _baseline_points(view, ids, settings, sums)
-    finally:
-        if was_training and hasattr(base, "train"):
-            base.train()
     return [{"temperature": t, "pool_size": p, "accuracy": v[0] / v[2], "collision": v[1] / v[2],
              "positions": int(v[2]), "kind": kind, "block_size": length} for (t, p), v in sums.items()]
 
@@ -462,18 +433,22 @@ def _calm_points(sampler: Continuable, ids: torch.Tensor, settings: list[tuple[f
                  sums: dict[Any, list[float]], gen: torch.Generator) -> None:
     from ..sampling.temperature import batch_temperature_sample
 
+    def tempered(rows: torch.Tensor, t: float, pool: int) -> torch.Tensor:
+        """One chunk per row at temperature t, from its own pool of head draws: (rows, K)."""
+        draws = sampler.sample_chunks(rows, num_samples=pool, generator=gen)  # (pool, rows, K)
+        return batch_temperature_sample(draws.transpose(0, 1), t, gen)
+
     k = sampler.chunk_size
     hidden, _ = sampler.start(ids)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (P, d): positions with a next chunk in the block
-    target = ids[:, k:].reshape(ids.shape[0], -1, k).reshape(-1, k)  # (P, K)
+    target = ids[:, k:].reshape(-1, k)  # (P, K)
     for t, pool in settings:
         if pool is None:
             x = sampler.sample_chunks(hidden, num_samples=2, generator=gen)  # (2, P, K)
-        else:  # positions in slices, so pool x positions head/decoder rows stay bounded
+        else:  # positions in slices, so pool x positions head/decoder rows stay bounded; two independent pools
             step = max(1, _HEAD_ROWS * 4 // pool)
-            x = torch.cat([torch.stack([batch_temperature_sample(
-                sampler.sample_chunks(hidden[s:s + step], num_samples=pool, generator=gen).transpose(0, 1), t, gen)
-                for _ in range(2)]) for s in range(0, hidden.shape[0], step)], 1)  # (2, P, K)
+            x = torch.cat([torch.stack([tempered(hidden[s:s + step], t, pool) for _ in range(2)])
+                           for s in range(0, hidden.shape[0], step)], 1)  # (2, P, K)
         x = x.to(ids.device)
         hit = (x == target).all(-1).float().mean(0)
         same = (x[0] == x[1]).all(-1).float()
@@ -486,10 +461,9 @@ def _baseline_points(scorer: Continuable, ids: torch.Tensor, settings: list[tupl
     hidden, _ = scorer.start(ids)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     target = ids[:, 1:].reshape(-1)
-    rows = _HEAD_ROWS
-    for s in range(0, hidden.shape[0], rows):
-        logits = scorer.head(hidden[s:s + rows]).float()
-        y = target[s:s + rows].to(logits.device)
+    for s in range(0, hidden.shape[0], _HEAD_ROWS):
+        logits = scorer.head(hidden[s:s + _HEAD_ROWS]).float()
+        y = target[s:s + _HEAD_ROWS].to(logits.device)
         for t, pool in settings:
             probs = (logits / t).softmax(-1)
             v = sums[(t, pool)]

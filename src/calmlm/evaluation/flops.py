@@ -25,9 +25,9 @@ AnyConfig = Union[AutoencoderConfig, BaselineConfig, CALMConfig]
 # FLOPs for one multiply-accumulate in a forward pass, and the forward+backward multiple for trained parts.
 MAC = 2
 TRAIN_MULTIPLIER = 3
+TIME_FREQUENCIES = 256  # sinusoidal frequencies of the flow/diffusion time embedding
 
 
-# ---------------------------------------------------------------------------------------------------
 # Weight-matrix sizes (multiply-accumulates per row = parameters of the matrix, without biases).
 
 def _backbone_layer_macs(cfg: BackboneConfig) -> int:
@@ -47,9 +47,6 @@ def _attention_macs(cfg: BackboneConfig, positions: int) -> int:
 def _compression_macs(cfg: CALMConfig) -> int:
     d, k = cfg.hidden_size, cfg.chunk_size
     return k * d * 2 * d + 2 * d * d
-
-
-TIME_FREQUENCIES = 256  # sinusoidal frequencies of the flow/diffusion time embedding
 
 
 def head_network_calls(cfg: CALMConfig) -> int:
@@ -108,9 +105,6 @@ def _decoder_macs(ae: AutoencoderConfig) -> int:
             + k * a * ae.vocab_size)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Parameters
-
 def _backbone_params(cfg: BackboneConfig) -> dict[str, int]:
     d = cfg.hidden_size
     per_layer = _backbone_layer_macs(cfg) + 2 * d  # + two RMSNorm weights
@@ -134,28 +128,23 @@ def count_parameters(config: AnyConfig) -> dict[str, int]:
     other entries (all but those three) sum to ``total``."""
     if isinstance(config, AutoencoderConfig):
         out = _autoencoder_params(config)
-        out["total"] = sum(out.values())
-        return out
-    if isinstance(config, CALMConfig):
+    elif isinstance(config, CALMConfig):
         d = config.hidden_size
         out = _backbone_params(config)
         out["input_compression"] = (config.chunk_size * d * 2 * d + 2 * d) + (2 * d * d + d) + 2 * d
         out["generative_head"] = _head_params(config)
-        out["total"] = sum(out.values())
-        out["autoencoder"] = sum(_autoencoder_params(config.autoencoder).values())
-        out["total_with_autoencoder"] = out["total"] + out["autoencoder"]
-        return out
-    if isinstance(config, BaselineConfig):
+    elif isinstance(config, BaselineConfig):
         out = _backbone_params(config)
         out["lm_head"] = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
-        out["total"] = sum(out.values())
-        return out
-    raise ConfigError(f"cannot count parameters of {type(config).__name__}; expected a CALM, baseline "
-                      "or autoencoder config")
+    else:
+        raise ConfigError(f"cannot count parameters of {type(config).__name__}; expected a CALM, baseline "
+                          "or autoencoder config")
+    out["total"] = sum(out.values())
+    if isinstance(config, CALMConfig):
+        out["autoencoder"] = sum(_autoencoder_params(config.autoencoder).values())
+        out["total_with_autoencoder"] = out["total"] + out["autoencoder"]
+    return out
 
-
-# ---------------------------------------------------------------------------------------------------
-# FLOPs
 
 @dataclass(frozen=True)
 class FlopsReport:
@@ -185,23 +174,30 @@ class FlopsReport:
                 **({"notes": dict(self.notes)} if self.notes else {})}
 
 
-def _model_config(config: AnyConfig) -> BaselineConfig | CALMConfig:
-    if isinstance(config, (CALMConfig, BaselineConfig)):
-        return config
+def _lm_window(config: AnyConfig, context_length: int | None) -> tuple[BaselineConfig | CALMConfig, int, int, int]:
+    """(config, K, context in tokens, context in backbone positions); the default is the full trained window."""
     if isinstance(config, AutoencoderConfig):
         raise ConfigError("FLOPs per token are defined for language models (a 'calm' or 'baseline' config); "
                           "an autoencoder config only has a parameter count")
-    raise ConfigError(f"expected a CALM or baseline config, got {type(config).__name__}")
-
-
-def _window(cfg: BaselineConfig | CALMConfig, context_length: int | None) -> tuple[int, int, int]:
-    """(K, context in tokens, context in backbone positions); the default is the full trained window."""
-    k = cfg.chunk_size if isinstance(cfg, CALMConfig) else 1
+    if not isinstance(config, (CALMConfig, BaselineConfig)):
+        raise ConfigError(f"expected a CALM or baseline config, got {type(config).__name__}")
+    k = config.chunk_size if isinstance(config, CALMConfig) else 1
     if context_length is None:
-        context_length = cfg.max_position_embeddings * k
+        context_length = config.max_position_embeddings * k
     if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length <= 0:
         raise ConfigError(f"context_length must be a positive number of tokens, got {context_length!r}")
-    return k, context_length, math.ceil(context_length / k)
+    return config, k, context_length, math.ceil(context_length / k)
+
+
+def _step_flops(cfg: BaselineConfig | CALMConfig, positions: int, flops_per_mac: int) -> dict[str, float]:
+    """The components of one step that both modes share (all but CALM's head and autoencoder)."""
+    step = {"backbone": flops_per_mac * cfg.num_layers * _backbone_layer_macs(cfg),
+            "attention": flops_per_mac * _attention_macs(cfg, positions)}
+    if isinstance(cfg, CALMConfig):
+        step["input_compression"] = flops_per_mac * _compression_macs(cfg)
+    else:
+        step["lm_head"] = flops_per_mac * cfg.hidden_size * cfg.vocab_size
+    return step
 
 
 def inference_flops_per_token(config: AnyConfig, context_length: int | None = None,
@@ -213,26 +209,17 @@ def inference_flops_per_token(config: AnyConfig, context_length: int | None = No
     sampling; more for likelihood-free temperature sampling), each costing ``head_network_calls`` network
     evaluations (energy 1, flow 20, diffusion 100 by default); each step also decodes its chunk with the
     autoencoder decoder (K tokens of logits) so the tokens can be fed back."""
-    cfg = _model_config(config)
-    k, ctx, pos = _window(cfg, context_length)
+    cfg, k, ctx, pos = _lm_window(config, context_length)
     if isinstance(head_draws, bool) or not isinstance(head_draws, int) or head_draws < 1:
         raise ConfigError(f"head_draws must be a positive integer, got {head_draws!r}")
-    step = {  # forward FLOPs of one step
-        "backbone": MAC * cfg.num_layers * _backbone_layer_macs(cfg),
-        "attention": MAC * _attention_macs(cfg, pos),
-    }
+    step = _step_flops(cfg, pos, MAC)
     notes: dict[str, Any] = {}
     if isinstance(cfg, CALMConfig):
         once, per_call = _head_macs(cfg)
         calls = head_network_calls(cfg)
-        step["input_compression"] = MAC * _compression_macs(cfg)
         step["generative_head"] = MAC * (once + head_draws * calls * per_call)
         step["autoencoder_decoder"] = MAC * _decoder_macs(cfg.autoencoder)
-        notes["head_draws"] = head_draws
-        notes["head"] = cfg.head
-        notes["head_network_calls"] = calls
-    else:
-        step["lm_head"] = MAC * cfg.hidden_size * cfg.vocab_size
+        notes = {"head_draws": head_draws, "head": cfg.head, "head_network_calls": calls}
     return FlopsReport("inference", cfg.kind, k, ctx, pos, {n: v / k for n, v in step.items()}, notes)
 
 
@@ -241,22 +228,15 @@ def training_flops_per_token(config: AnyConfig, context_length: int | None = Non
 
     Trained parts cost 3 × forward. For CALM the generative head runs num_samples times per position
     (its hidden_embd once) and the frozen autoencoder encoder runs forward only on every target chunk."""
-    cfg = _model_config(config)
-    k, ctx, pos = _window(cfg, context_length)
+    cfg, k, ctx, pos = _lm_window(config, context_length)
     t = TRAIN_MULTIPLIER * MAC
-    step = {
-        "backbone": t * cfg.num_layers * _backbone_layer_macs(cfg),
-        "attention": t * _attention_macs(cfg, pos),
-    }
+    step = _step_flops(cfg, pos, t)
     notes: dict[str, Any] = {}
     if isinstance(cfg, CALMConfig):
         once, per_call = _head_macs(cfg)  # one call per model draw (energy) or per posterior target (flow/diffusion)
-        step["input_compression"] = t * _compression_macs(cfg)
         step["generative_head"] = t * (once + cfg.num_samples * per_call)
         step["autoencoder_encoder"] = MAC * _encoder_macs(cfg.autoencoder)  # frozen: forward only
         notes["num_samples"] = cfg.num_samples
-    else:
-        step["lm_head"] = t * cfg.hidden_size * cfg.vocab_size
     return FlopsReport("training", cfg.kind, k, ctx, pos, {n: v / k for n, v in step.items()}, notes)
 
 

@@ -56,12 +56,11 @@ class CalmLMEval(LM):
         self.is_calm = self.model.config.kind == "calm"
         if self.model.config.eos_token_id is None:
             self.model.config.eos_token_id = self.tok.eos_id
-        size = 16 if str(batch_size).startswith("auto") else int(batch_size)
-        self.engine = Engine(self.model, max_batch_size=size)
+        self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
+        self.engine = Engine(self.model, max_batch_size=self.batch_size)
         self.max_gen_toks, self.seed = int(max_gen_toks), int(seed)
         self.sampler, self.pool_size = calm_sampler, int(calm_pool_size)
         self.greedy_temperature = float(greedy_temperature)
-        self.batch_size = size
 
     # -- generation ----------------------------------------------------------------------------------
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
@@ -76,11 +75,11 @@ class CalmLMEval(LM):
         return out
 
     def _sampling(self, kwargs: dict[str, Any]) -> float:
-        temperature = float(kwargs.get("temperature", 0.0 if not kwargs.get("do_sample", False) else 1.0))
-        greedy = temperature == 0 or kwargs.get("do_sample") is False
-        if self.is_calm:
-            return self.greedy_temperature if greedy else temperature
-        return 0.0 if greedy else temperature
+        """A request's engine temperature; a greedy one gets 0 (baseline) or ``greedy_temperature`` (CALM)."""
+        temperature = float(kwargs.get("temperature", 1.0 if kwargs.get("do_sample", False) else 0.0))
+        if temperature == 0 or kwargs.get("do_sample") is False:
+            return self.greedy_temperature if self.is_calm else 0.0
+        return temperature
 
     # -- likelihoods ---------------------------------------------------------------------------------
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -112,15 +111,14 @@ class CalmLMEval(LM):
             # Disjoint windows of `window` targets, each predicted from the `window` tokens before it (the
             # harness's rolling windows with context_len=1).
             pieces = [(ids[max(0, s - 1):s + window], min(window, len(ids) - s)) for s in range(1, len(ids), window)]
-            total = sum(lp for lp, _ in self._score(pieces))
-            out.append(total)
-            self.cache_hook.add_partial("loglikelihood_rolling", r.args, total)
+            out.append(sum(lp for lp, _ in self._score(pieces)))
+            self.cache_hook.add_partial("loglikelihood_rolling", r.args, out[-1])
         return out
 
     def _start(self) -> int:
         """The token a text with no context is predicted from: BOS, else EOS (the document separator)."""
         cfg = self.model.config
-        start = cfg.bos_token_id if cfg.bos_token_id is not None else cfg.eos_token_id
+        start = cfg.eos_token_id if cfg.bos_token_id is None else cfg.bos_token_id
         if start is None:
             raise CalmError("scoring a text without context needs a BOS or EOS token id in the model config")
         return start
@@ -128,11 +126,10 @@ class CalmLMEval(LM):
     @torch.no_grad()
     def _score(self, items: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
         """(ids, n): the log-probability of the last n ids given the rest, and whether each was the argmax."""
-        limit = self.model.config.max_position_embeddings
-        device = next(self.model.parameters()).device
+        limit, device = self.model.config.max_position_embeddings, self._device
         out: list[tuple[float, bool]] = []
         for b in range(0, len(items), self.batch_size):
-            chunk = [(ids[-(limit + 1):], min(n, len(ids[-(limit + 1):]) - 1)) for ids, n in items[b:b + self.batch_size]]
+            chunk = [(ids[-(limit + 1):], min(n, len(ids) - 1, limit)) for ids, n in items[b:b + self.batch_size]]
             width = max(len(ids) for ids, _ in chunk) - 1
             # Right padding: causal attention keeps it out of every real position.
             x = torch.tensor([ids[:-1] + [0] * (width - len(ids) + 1) for ids, _ in chunk], device=device)
@@ -157,12 +154,11 @@ class _Job:
         self.finished = threading.Event()
         self.error: Exception | None = None
         max_tokens = int(kwargs.get("max_gen_toks", lm.max_gen_toks))
-        prompt = lm.tok.encode(context)
         room = lm.engine.context - max_tokens
         if room < 1:
             raise CalmError(f"max_gen_toks={max_tokens} leaves no room for a prompt in the model's context of "
                             f"{lm.engine.context} tokens; lower it")
-        prompt = prompt[-room:]  # keep the end of a context that is too long, as the harness's HF model does
+        prompt = lm.tok.encode(context)[-room:]  # keep the end of a context that is too long, as HF models do
         max_tokens = min(max_tokens, lm.engine.room(len(prompt)))
         self.request = Request(prompt, max_tokens, self._emit, temperature=lm._sampling(kwargs), n=1,
                                seed=lm.seed + index, top_k=None if lm.is_calm else kwargs.get("top_k"),

@@ -25,22 +25,18 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise CalmError(f"the figure file {path} should end in .png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    return path
-
-
 def _finish(plt: Any, fig: Any, ax: Any, title: str, path: str | Path) -> Path:
     """Title, grid and legend shared by every figure; save it and free it even if saving fails."""
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     try:
-        return _save(fig, path)
+        path = Path(path)
+        if path.suffix.lower() != ".png":
+            raise CalmError(f"the figure file {path} should end in .png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+        return path
     finally:
         plt.close(fig)
 
@@ -66,13 +62,10 @@ def plot_accuracy_diversity(series: Mapping[str, Points] | Points, path: str | P
         for p in points:
             groups.setdefault(p.get("pool_size"), []).append(p)
         plain = groups.pop(None, [])
-        for pool, pts in sorted(groups.items()):
-            pts = sorted(pts + plain, key=lambda p: -p["temperature"])  # T=1 starts every pool's line
-            ax.plot([p["collision"] for p in pts], [p["accuracy"] for p in pts], marker="o",
-                    label=f"{label} (N={pool})")
-        if not groups:
-            pts = sorted(plain, key=lambda p: -p["temperature"])
-            ax.plot([p["collision"] for p in pts], [p["accuracy"] for p in pts], marker="o", label=label)
+        lines = {f"{label} (N={pool})": pts + plain for pool, pts in sorted(groups.items())} or {label: plain}
+        for name, pts in lines.items():
+            pts = sorted(pts, key=lambda p: -p["temperature"])  # T=1 starts every pool's line
+            ax.plot([p["collision"] for p in pts], [p["accuracy"] for p in pts], marker="o", label=name)
         for p in points:
             ax.annotate(_temperature_label(p["temperature"]), (p["collision"], p["accuracy"]),
                         textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -98,8 +91,7 @@ def plot_accuracy_vs_noise(results: Mapping[str, Any], path: str | Path, title: 
             values = r[key]
             ys = [100 * (values[str(s)] if isinstance(values, Mapping) else values[i])
                   for i, s in enumerate(r["sigmas"])]
-            name = key.replace("_", " ")
-            ax.plot(sigmas, ys, style, label=f"{label} {name}".strip())
+            ax.plot(sigmas, ys, style, label=f"{label} {key.replace('_', ' ')}".strip())
     ax.set_xlabel("latent noise std sigma")
     ax.set_ylabel("reconstruction accuracy (%)")
     ax.set_ylim(0, 100.5)

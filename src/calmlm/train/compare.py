@@ -24,6 +24,7 @@ from typing import Any
 
 from . import workflows as wf
 from ..errors import ConfigError
+from ..evaluation.flops import autoencoder_training_flops_per_token, training_flops_per_token
 from .trainer import Control, TrainConfig
 
 RESULT_FILE = "compare.json"
@@ -92,7 +93,6 @@ def budget_control(unit: str, budget: float, flops_per_step: float, points: int,
     """The trainer control of one run: evaluate at the log-spaced points, stop at the budget. Returns the
     control and the step cap. ``unit`` "flops": points and stop are steps (budget / FLOPs per step); "seconds":
     training seconds (the steps that fit are not known in advance)."""
-    fractions = eval_fractions(points)
     if unit == "flops":
         total = int(budget // flops_per_step)
         if total < points:
@@ -107,7 +107,7 @@ def budget_control(unit: str, budget: float, flops_per_step: float, points: int,
             return hit, step >= total
         return control, total
 
-    marks = [budget * f for f in fractions]
+    marks = [budget * f for f in eval_fractions(points)]
 
     def timed(step: int, seconds: float) -> tuple[bool, bool]:
         due = [m for m in marks if m <= seconds]
@@ -119,23 +119,23 @@ def budget_control(unit: str, budget: float, flops_per_step: float, points: int,
     return timed, 10**9
 
 
-def _read_points(run_dir: Path, flops_per_token: float, offset_flops: float, offset_seconds: float) -> list[dict]:
-    points = []
+def _records(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return points
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _read_points(run_dir: Path, flops_per_token: float, offset_flops: float, offset_seconds: float) -> list[dict]:
+    points = {}  # on resume a point can be logged twice (once before the interruption): keep the last of each step
+    for rec in _records(run_dir):
         if rec.get("type") != "eval" or "brierlm" not in rec and "val_loss" not in rec:
             continue
         tokens = rec.get("tokens", 0)
-        points.append({"step": rec["step"], "tokens": tokens,
-                       "train_flops": offset_flops + flops_per_token * tokens,
-                       "train_seconds": offset_seconds + rec.get("train_seconds", 0.0),
-                       **{k: rec[k] for k in ("brierlm", "brier_1", "brier_2", "brier_3", "brier_4",
-                                              "val_loss", "token_acc_sigma0", "token_acc_sigma0.3") if k in rec}})
-    # on resume a point can be logged twice (once before the interruption): keep the last of each step
-    return list({p["step"]: p for p in points}.values())
+        points[rec["step"]] = {"step": rec["step"], "tokens": tokens,
+                               "train_flops": offset_flops + flops_per_token * tokens,
+                               "train_seconds": offset_seconds + rec.get("train_seconds", 0.0),
+                               **{k: rec[k] for k in ("brierlm", "brier_1", "brier_2", "brier_3", "brier_4", "val_loss",
+                                                      "token_acc_sigma0", "token_acc_sigma0.3") if k in rec}}
+    return list(points.values())
 
 
 def cost_to_reach(points: list[dict], target: float) -> dict[str, Any]:
@@ -189,28 +189,26 @@ class Comparison:
             done = self.done_units + base_units + units
             elapsed = time.perf_counter() - self.started
             eta = max(0.0, elapsed * (self.total_units - done) / max(done, 1e-9))
-            self._say(f"{run}: evaluating at {units:.3g} {self.cfg.unit}; comparison {100 * done / self.total_units:.0f}% "
-                      f"done, {elapsed / 60:.1f} min elapsed, about {eta / 60:.1f} min left")
+            self._say(f"{run}: evaluating at {units:.3g} {self.cfg.unit}; comparison "
+                      f"{100 * done / self.total_units:.0f}% done, {elapsed / 60:.1f} min elapsed, "
+                      f"about {eta / 60:.1f} min left")
         return report
 
     def _train_config(self, kind: str, name: str) -> TrainConfig:
         from .recipes import recipe
 
         c = self.cfg
-        over = {k: v for k, v in (("lr", c.lr), ("warmup_steps", c.warmup_steps),
-                                  ("batch_size", c.batch_size)) if v is not None}
-        if kind == "autoencoder":  # the autoencoder keeps its own recipe
-            over = {k: v for k, v in over.items() if k == "batch_size"}
-        size = c.ae_preset if kind == "autoencoder" else c.preset
-        base = recipe(kind, size)
+        is_ae = kind == "autoencoder"
+        names = ("batch_size",) if is_ae else ("lr", "warmup_steps", "batch_size")  # the autoencoder keeps its recipe
+        over: dict[str, Any] = {n: getattr(c, n) for n in names if getattr(c, n) is not None}
         if c.unit == "seconds":  # the number of steps is unknown in advance: no schedule can decay towards it
             over["schedule"] = "constant"
-        return base.replace(**over, eval_every=0, save_every=0, seed=c.seed, precision=c.precision,
-                            block_size=self.data.block_size, out_dir=str(self.out / name), progress=self.progress)
+        return recipe(kind, c.ae_preset if is_ae else c.preset).replace(
+            **over, eval_every=0, save_every=0, seed=c.seed, precision=c.precision, block_size=self.data.block_size,
+            out_dir=str(self.out / name), progress=self.progress)
 
     # -- the runs --------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from ..evaluation.flops import autoencoder_training_flops_per_token, training_flops_per_token
         from .distributed import setup_distributed
 
         c = self.cfg
@@ -240,10 +238,10 @@ class Comparison:
             spent = offset["train_flops"] if c.unit == "flops" else offset["train_seconds"]
             own = c.budget - spent
             if own <= 0:
-                raise ConfigError(f"the K={info['chunk_size']} autoencoder already cost {spent:.3g} {c.unit}, the whole "
-                                  "budget; raise the budget or give a cheaper --autoencoder / lower --ae-share")
+                raise ConfigError(f"the K={info['chunk_size']} autoencoder already cost {spent:.3g} {c.unit}, the "
+                                  "whole budget; raise the budget or give a cheaper --autoencoder / lower --ae-share")
             info["budget"] = own
-            self._train(name, info, own)
+            self._train(name, info)
             info["points"] = _read_points(self.out / name, info["flops_per_token"], offset["train_flops"],
                                           offset["train_seconds"])
             result["runs"][name] = info
@@ -280,8 +278,6 @@ class Comparison:
 
     def _autoencoder(self, k: int, tok: Any) -> tuple[str, dict[str, float]]:
         """Path of the K autoencoder and its training cost {"train_flops", "train_seconds"}."""
-        from ..evaluation.flops import autoencoder_training_flops_per_token
-
         given = [p for p in self.cfg.autoencoder if self._load_autoencoder(p).config.chunk_size == k]
         if given:
             path = given[0]
@@ -306,25 +302,24 @@ class Comparison:
             _mark_finished(run_dir)
         return str(run_dir), autoencoder_cost(str(run_dir), ae_cfg)
 
-    def _train(self, name: str, info: dict[str, Any], budget: float) -> None:
-        run_dir = self.out / name
+    def _train(self, name: str, info: dict[str, Any]) -> None:
+        """Train one CALM or baseline run on its own share of the budget, ``info["budget"]``."""
+        run_dir, budget = self.out / name, info["budget"]
         if _finished(run_dir):
             self._say(f"{name}: finished earlier, kept")
             return
         tcfg = self._train_config(info["kind"], name)
         per_step = info["flops_per_token"] * tcfg.batch_size * self.data.block_size
-        spent = self.cfg.budget - budget
-        report = self._point_reporter(name, spent)
+        report = self._point_reporter(name, self.cfg.budget - budget)
         control, cap = budget_control(self.cfg.unit, budget, per_step, self.cfg.points, on_point=report)
         tcfg = tcfg.replace(max_steps=cap)
         self._say(f"{name}: training on {budget:.3g} {self.cfg.unit}")
-        resume = self._resumable(run_dir)
+        common = dict(resume=self._resumable(run_dir), device=self.device, brier_tokens=self.cfg.brier_tokens,
+                      control=control)
         if info["kind"] == "calm":
-            wf.train_calm(self.data, tcfg, info["autoencoder"], self.cfg.preset, resume=resume, device=self.device,
-                          brier_tokens=self.cfg.brier_tokens, control=control)
+            wf.train_calm(self.data, tcfg, info["autoencoder"], self.cfg.preset, **common)
         else:
-            wf.train_baseline(self.data, tcfg, tokenizer=str(self._tokenizer_dir()), preset=self.cfg.preset,
-                              resume=resume, device=self.device, brier_tokens=self.cfg.brier_tokens, control=control)
+            wf.train_baseline(self.data, tcfg, tokenizer=str(self._tokenizer_dir()), preset=self.cfg.preset, **common)
         _mark_finished(run_dir)
 
     def _tokenizer_dir(self) -> Path:
@@ -361,17 +356,8 @@ class Comparison:
 def autoencoder_cost(path: str, config: Any) -> dict[str, float]:
     """Training FLOPs and seconds of the autoencoder (of ``config``) trained in the run folder ``path``, from
     its last training record."""
-    from ..evaluation.flops import autoencoder_training_flops_per_token
-
-    p = Path(path)
-    run = p.parent if p.name == "checkpoint" else p
-    last: dict[str, Any] = {}
-    metrics = run / "metrics.jsonl"
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("type") == "train":
-                last = rec
+    run = Path(path).parent if Path(path).name == "checkpoint" else Path(path)
+    last = next((rec for rec in reversed(_records(run)) if rec.get("type") == "train"), None)
     if not last:
         raise ConfigError(f"{path} has no metrics.jsonl training record, so its training cost is unknown; "
                           "pass the run folder written by `calm train-ae`")
@@ -414,6 +400,6 @@ def format_summary(result: dict[str, Any]) -> str:
             note = "not reached within the budget"
         lines.append(f"{name:<10} {last['brierlm']:>13.2f} {last['train_flops']:>12.3g} "
                      f"{last['train_seconds'] / 60:>9.1f}  {note}")
-    lines.append(f"(BrierLM on {result['config']['brier_tokens']} validation tokens in blocks of {result['block_size']}; "
-                 "CALM's FLOPs and minutes include its autoencoder's training)")
+    lines.append(f"(BrierLM on {result['config']['brier_tokens']} validation tokens in blocks of "
+                 f"{result['block_size']}; CALM's FLOPs and minutes include its autoencoder's training)")
     return "\n".join(lines)
