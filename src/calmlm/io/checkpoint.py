@@ -41,6 +41,8 @@ TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng_state.pt"
 REFERENCE_WEIGHTS = "pytorch_model.bin"
+# Looked for in this order: safetensors are preferred when a folder has both (no pickle, same tensors).
+WEIGHT_FILES = (INDEX_FILE, WEIGHTS_FILE, "pytorch_model.bin.index.json", REFERENCE_WEIGHTS)
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
 KIND_NAMES = {"autoencoder": "an autoencoder", "calm": "a CALM", "baseline": "a baseline"}
 
@@ -58,19 +60,12 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
-
-
 def _stale_siblings(directory: Path) -> list[Path]:
-    parent = directory.parent
-    if not parent.is_dir():
+    """Temporary and renamed-aside copies of ``directory`` left by an interrupted save."""
+    if not directory.parent.is_dir():
         return []
     prefixes = (f".{directory.name}.tmp-", f".{directory.name}.old-")
-    return [p for p in parent.iterdir() if p.name.startswith(prefixes)]
+    return [p for p in directory.parent.iterdir() if p.name.startswith(prefixes)]
 
 
 @contextlib.contextmanager
@@ -88,7 +83,7 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
     if not os.access(parent, os.W_OK):
         raise CheckpointError(f"{parent} is not writable, so no checkpoint can be saved there; "
                               "choose a writable output directory")
-    for stale in _stale_siblings(directory):  # leftovers of an earlier crash
+    for stale in _stale_siblings(directory):
         if stale.name.startswith(f".{directory.name}.old-") and not directory.exists():
             stale.rename(directory)  # the crash hit between the two renames: the old one is the latest
         else:
@@ -98,7 +93,10 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_tree(tmp)
+        for dirpath, _, filenames in os.walk(tmp):
+            for name in filenames:
+                _fsync_path(Path(dirpath) / name)
+            _fsync_path(Path(dirpath))
         old = parent / f".{directory.name}.old-{tag}"
         if directory.exists():
             directory.rename(old)
@@ -122,15 +120,15 @@ def _unique_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     Identical aliases (tied weights) keep their first name; the model built from the config re-ties them on
     load. Other overlapping views are copied, so the file never depends on memory sharing."""
     out: dict[str, torch.Tensor] = {}
-    seen: dict[tuple[Any, ...], str] = {}
+    seen: set[tuple[Any, ...]] = set()
     storages: set[int] = set()
     for name, t in state.items():
         t = t.detach()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        ptr = t.untyped_storage().data_ptr()
+        key = (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
         if t.numel() and key in seen:
             continue
-        seen[key] = name
-        ptr = t.untyped_storage().data_ptr()
+        seen.add(key)
         if t.numel() and (ptr in storages or not t.is_contiguous()):
             t = t.contiguous().clone()
         storages.add(ptr)
@@ -153,10 +151,9 @@ def write_weights(weights: dict[str, torch.Tensor], directory: Path,
 def save_model(model: nn.Module, directory: str | Path, tokenizer: Any = None,
                metadata: dict[str, Any] | None = None, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
                training_state: dict[str, Any] | None = None) -> Path:
-    """Save ``model`` (its config, weights, optionally a tokenizer) as a checkpoint directory, atomically;
-    see :func:`save_checkpoint`."""
+    """Save ``model`` (its config, weights, optionally a tokenizer) atomically; see :func:`save_checkpoint`."""
     config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
+    if not hasattr(config, "to_dict"):
         raise CheckpointError(f"{type(model).__name__} has no calmlm config (.config.to_dict()); only calmlm "
                               "models (autoencoder, CALM, baseline) can be saved as checkpoints")
     return save_checkpoint(directory, config, model.state_dict(), tokenizer, metadata, max_shard_size=max_shard_size,
@@ -170,7 +167,6 @@ def save_checkpoint(directory: str | Path, config: Any, weights: dict[str, torch
 
     ``metadata`` is merged into ``config.json`` (model config keys win). ``training_state`` holds the keyword
     arguments of :func:`save_training_state`, written in the same atomic step."""
-    directory = Path(directory)
     with atomic_directory(directory) as tmp:
         _write_json(tmp / CONFIG_FILE, {**(metadata or {}), **config.to_dict()})
         write_weights(weights, tmp, max_shard_size)
@@ -178,23 +174,23 @@ def save_checkpoint(directory: str | Path, config: Any, weights: dict[str, torch
             tokenizer.save(tmp)
         if training_state is not None:
             save_training_state(tmp, **training_state)
-    return directory
+    return Path(directory)
 
 
 # -- loading ---------------------------------------------------------------------------------------------
 
 def _did_you_mean(directory: Path) -> str:
-    """A hint for a directory that is not a checkpoint: a checkpoint inside it, or an interrupted save."""
-    candidates = []
-    if directory.is_dir():
-        candidates = [p for p in sorted(directory.iterdir()) if p.is_dir() and (p / CONFIG_FILE).is_file()]
+    """A hint for a directory that is not a checkpoint: an interrupted save, or a checkpoint inside it."""
     for stale in _stale_siblings(directory):
         if stale.name.startswith(f".{directory.name}.old-") and (stale / CONFIG_FILE).is_file():
             return f"; a save was interrupted and the previous checkpoint is at {stale} (rename it to {directory.name})"
-    if candidates:  # a run folder: its latest checkpoint lives in ./checkpoint
-        best = next((c for c in candidates if c.name == "checkpoint"), candidates[0])
-        return f"; did you mean {best}?"
-    return ""
+    if not directory.is_dir():
+        return ""
+    candidates = [p for p in sorted(directory.iterdir()) if p.is_dir() and (p / CONFIG_FILE).is_file()]
+    if not candidates:
+        return ""
+    best = next((c for c in candidates if c.name == "checkpoint"), candidates[0])  # a run folder's latest
+    return f"; did you mean {best}?"
 
 
 def is_checkpoint(directory: str | Path) -> bool:
@@ -224,9 +220,6 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     return data
 
 
-WEIGHT_FILES = (INDEX_FILE, WEIGHTS_FILE, "pytorch_model.bin.index.json", REFERENCE_WEIGHTS)
-
-
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``, with a clear error for a missing, corrupt or non-object file."""
     try:
@@ -240,6 +233,11 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _corrupt(path: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); restore, re-save "
+                           "or re-download it")
+
+
 @dataclass
 class WeightFiles:
     """The weights of a folder (either format): one file or several shards named by an index file."""
@@ -247,11 +245,11 @@ class WeightFiles:
     directory: Path
     shards: list[str]
     safetensors: bool
-    _shapes: dict[str, tuple[int, ...]] | None = None
+    _shapes: dict[str, tuple[int, ...]] | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def find(cls, directory: Path) -> WeightFiles | None:
-        """Safetensors are preferred when a folder has both (no pickle, same tensors)."""
+        """The first of ``WEIGHT_FILES`` present in ``directory``, or None."""
         for name in WEIGHT_FILES:
             path = directory / name
             if not path.is_file():
@@ -287,8 +285,7 @@ class WeightFiles:
                 # Files from torch < 1.6 (legacy format) cannot be mapped; this shard is then read in full.
                 return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # safetensors and pickle raise their own error types for truncated/garbage files
-            raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); restore, re-save "
-                                  "or re-download it") from None
+            raise _corrupt(path, e) from None
 
     def iter_shards(self) -> Iterator[dict[str, torch.Tensor]]:
         for name in self.shards:
@@ -296,34 +293,33 @@ class WeightFiles:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every key's shape, read from headers (safetensors) or from the mapped state dicts (torch)."""
-        if self._shapes is None:
-            shapes: dict[str, tuple[int, ...]] = {}
-            for name in self.shards:
-                if self.safetensors:
-                    from safetensors import safe_open
+        if self._shapes is not None:
+            return self._shapes
+        from safetensors import safe_open
 
-                    try:
-                        with safe_open(self.directory / name, framework="pt") as f:
-                            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-                    except Exception as e:
-                        raise CheckpointError(f"{self.directory / name} is corrupt or truncated "
-                                              f"({type(e).__name__}: {e}); restore, re-save or re-download it") from None
-                else:
-                    shapes.update({k: tuple(v.shape) for k, v in self.load_shard(name).items()})
-            self._shapes = shapes
+        self._shapes = {}
+        for name in self.shards:
+            if not self.safetensors:
+                self._shapes.update({k: tuple(v.shape) for k, v in self.load_shard(name).items()})
+                continue
+            try:
+                with safe_open(self.directory / name, framework="pt") as f:
+                    self._shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            except Exception as e:
+                raise _corrupt(self.directory / name, e) from None
         return self._shapes
 
 
 def native_weights(directory: Path) -> WeightFiles:
     """The safetensors weights of a native checkpoint (config.json already read)."""
     files = WeightFiles.find(directory)
-    if files is not None and files.safetensors:
-        return files
-    if files is not None:
+    if files is None:
+        raise CheckpointError(f"{directory} is not a calmlm checkpoint: it has {CONFIG_FILE} but no weights "
+                              f"({WEIGHTS_FILE} or {INDEX_FILE}); the save was incomplete or the files were moved")
+    if not files.safetensors:
         raise CheckpointError(f"{directory} holds {REFERENCE_WEIGHTS} (the reference format) but no {WEIGHTS_FILE}; "
                               "load it with calmlm.load, which detects the format")
-    raise CheckpointError(f"{directory} is not a calmlm checkpoint: it has {CONFIG_FILE} but no weights "
-                          f"({WEIGHTS_FILE} or {INDEX_FILE}); the save was incomplete or the files were moved")
+    return files
 
 
 def read_weights(directory: str | Path, device: str | torch.device = "cpu",
@@ -344,13 +340,13 @@ def model_config(directory: str | Path, expect: str | None = None) -> Any:
     if expect is not None and expect not in KIND_NAMES:
         raise CheckpointError(f"unknown model kind {expect!r}; expected one of {sorted(KIND_NAMES)}")
     data = read_config(directory)
-    kind = data.get("kind")
+    kind = data["kind"]
     if expect is not None and kind != expect:
         raise CheckpointError(f"{directory} is {KIND_NAMES.get(kind, repr(kind))} checkpoint, expected "
                               f"{KIND_NAMES[expect]} one; pass the right checkpoint directory")
-    cls_fields = _config_fields(kind)
+    fields = _config_fields(kind)
     try:
-        return config_from_dict({k: v for k, v in data.items() if k in cls_fields or k == "kind"})
+        return config_from_dict({k: v for k, v in data.items() if k in fields or k == "kind"})
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{directory / CONFIG_FILE} is not a valid {kind} config: {e}") from None
 
@@ -368,7 +364,7 @@ def _config_fields(kind: Any) -> set[str]:
 def read_metadata(directory: str | Path) -> dict[str, Any]:
     """The keys of ``config.json`` that are not model-config fields (what ``save_model(metadata=...)`` added)."""
     data = read_config(directory)
-    fields = _config_fields(data.get("kind"))
+    fields = _config_fields(data["kind"])
     return {k: v for k, v in data.items() if k not in fields and k != "kind"}
 
 
@@ -376,37 +372,29 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
 
 def rng_state() -> dict[str, Any]:
     """Every random generator training touches: torch CPU, CUDA (if available), numpy, Python ``random``."""
-    np_state = np.random.get_state()
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         # numpy/python states as plain lists/ints so torch.load(weights_only=True) can read them
-        "numpy": [np_state[0], torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])],
-        "python": _py_state_to_lists(random.getstate()),
+        "numpy": [np_name, torch.from_numpy(np.asarray(np_keys, dtype=np.int64)), int(np_pos), int(np_has_gauss),
+                  float(np_cached)],
+        "python": [py_version, list(py_internal), py_gauss],
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _py_state_to_lists(state: tuple[Any, ...]) -> list[Any]:
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the generators from a state of :func:`rng_state`."""
     torch.set_rng_state(state["torch"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        cuda = state["cuda"]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-        else:  # another GPU count: restore what matches
-            for i, s in enumerate(cuda[:torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(s, i)
+    if "cuda" in state and torch.cuda.is_available():  # with another GPU count, restore what matches
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 def save_training_state(directory: str | Path, optimizer: dict[str, Any] | None = None,
@@ -416,8 +404,7 @@ def save_training_state(directory: str | Path, optimizer: dict[str, Any] | None 
     scheduler state dicts) and ``rng_state.pt`` into ``directory``. ``rng`` is a state from :func:`rng_state` or
     a list of them (one per rank). Pass it through ``save_model(training_state=...)`` for an atomic write."""
     directory = Path(directory)
-    _write_json(directory / TRAINER_STATE_FILE,
-                {"step": int(step), "data_state": data_state, "extra": extra or {}})
+    _write_json(directory / TRAINER_STATE_FILE, {"step": int(step), "data_state": data_state, "extra": extra or {}})
     torch.save({"optimizer": optimizer, "scheduler": scheduler}, directory / OPTIMIZER_FILE)
     if rng is not None:
         torch.save({"rng": rng}, directory / RNG_FILE)

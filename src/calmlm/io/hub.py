@@ -11,9 +11,12 @@ last evaluation in the run's ``metrics.jsonl`` (the training data's validation s
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import is_checkpoint, native_weights, read_config, read_metadata
+from .loading import detect_format, looks_like_repo_id
 from ..errors import CheckpointError
 
 CARD_FILE = "README.md"
@@ -24,9 +27,6 @@ PUSH_PATTERNS = ("config.json", "model.safetensors", "model-*.safetensors", "mod
 
 def checkpoint_dir(path: str | Path) -> Path:
     """The native checkpoint folder of ``path`` (a checkpoint or a training run folder)."""
-    from .checkpoint import is_checkpoint
-    from .loading import detect_format
-
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: the folder does not exist")
@@ -40,36 +40,14 @@ def checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
-def files_to_push(directory: Path) -> list[Path]:
-    out: list[Path] = []
-    for pattern in PUSH_PATTERNS:
-        out += sorted(directory.glob(pattern))
-    return out
-
-
 def _parameters(directory: Path) -> dict[str, int]:
     """Parameter counts from the safetensors headers (no weights are read)."""
-    from safetensors import safe_open
-
-    counts = {"total": 0, "autoencoder": 0}
-    for f in sorted(directory.glob("model*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
-                n = 1
-                for dim in st.get_slice(key).get_shape():
-                    n *= dim
-                counts["total"] += n
-                if key.startswith("autoencoder."):
-                    counts["autoencoder"] += n
-    return counts
+    shapes = native_weights(directory).shapes()
+    return {"total": sum(math.prod(s) for s in shapes.values()),
+            "autoencoder": sum(math.prod(s) for k, s in shapes.items() if k.startswith("autoencoder."))}
 
 
-def _last_brierlm(directory: Path) -> dict[str, Any] | None:
-    """The last evaluation with BrierLM in the run folder's metrics.jsonl (beside or above the checkpoint)."""
-    return _last_eval(directory, "brierlm")
-
-
-def _last_eval(directory: Path, key: str = "val_loss") -> dict[str, Any] | None:
+def _last_eval(directory: Path, key: str) -> dict[str, Any] | None:
     """The last evaluation record holding ``key`` in the run's metrics.jsonl (beside or above the checkpoint)."""
     for metrics in (directory / "metrics.jsonl", directory.parent / "metrics.jsonl"):
         if metrics.is_file():
@@ -102,8 +80,6 @@ def _data_line(record: Any) -> str:
 def model_card(path: str | Path, repo_id: str, evaluation: dict[str, Any] | None = None) -> str:
     """A Markdown model card (with Hub metadata) for the checkpoint at ``path``. ``evaluation``: a
     ``calm eval --json`` report to quote; otherwise the run's last training-time BrierLM, if any."""
-    from .checkpoint import read_config, read_metadata
-
     directory = checkpoint_dir(path)
     config, meta = read_config(directory), read_metadata(directory)
     kind = config["kind"]
@@ -115,7 +91,8 @@ def model_card(path: str | Path, repo_id: str, evaluation: dict[str, Any] | None
     if kind == "calm":
         lines.append("- continuous-autoregressive-language-model")
     ft = meta.get("finetune")
-    if isinstance(ft, dict) and ft.get("base_model_on_hub"):  # fine-tuned from a Hub repository, not a folder
+    finetuned = isinstance(ft, dict)
+    if finetuned and ft.get("base_model_on_hub"):  # fine-tuned from a Hub repository, not a folder
         lines.append(f"base_model: {ft['base_model']}")
     lines += ["---", "", f"# {repo_id.split('/')[-1]}", "",
               f"A {title} checkpoint in calmlm's format (Shao et al. 2025, "
@@ -141,18 +118,17 @@ def model_card(path: str | Path, repo_id: str, evaluation: dict[str, Any] | None
                   f"{config['hidden_size']}, vocabulary {config['vocab_size']:,}",
                   f"- parameters: {_millions(params['total'])}"]
     lines += ["", "## Training data", ""]
-    if "data" in meta:
-        if isinstance(ft, dict):
-            lines.append(f"- base model trained on {_data_line(meta['data'])}")
-        else:
-            lines.append(f"- trained on {_data_line(meta['data'])}" + (f", {meta['step']:,} steps" if "step" in meta
-                                                                        else ""))
-    if isinstance(ft, dict):
+    if "data" in meta and finetuned:
+        lines.append(f"- base model trained on {_data_line(meta['data'])}")
+    elif "data" in meta:
+        steps = f", {meta['step']:,} steps" if "step" in meta else ""
+        lines.append(f"- trained on {_data_line(meta['data'])}{steps}")
+    if finetuned:
         val = f"validation `{ft['val_data']}`" if ft.get("val_data") else \
             f"{ft.get('val_fraction') or 0:.0%} held out, seed {ft.get('seed', 0)}"
         lines.append(f"- fine-tuned from `{ft.get('base_model')}` on `{ft.get('data')}` ({ft.get('train_examples')} "
                      f"prompt/completion examples, {val}), {meta.get('step', '?')} steps, with `calm finetune`")
-    if "data" not in meta and not isinstance(ft, dict):
+    elif "data" not in meta:
         lines.append("- not recorded in the checkpoint")
     lines += ["", "## Evaluation", ""]
     if evaluation is not None and "brierlm" in evaluation:
@@ -161,16 +137,16 @@ def model_card(path: str | Path, repo_id: str, evaluation: dict[str, Any] | None
             f"{e[f'brier_{n}']:.4f}" for n in range(1, 5) if f"brier_{n}" in e) + ") on "
             f"{e.get('data', 'the evaluation data')}, blocks of {e.get('block_size', '?')} tokens, "
             f"{e.get('num_tokens', 0):,} tokens, seed {e.get('seed', 0)} (`calm eval`).")
-    elif (last := _last_brierlm(directory)) is not None:
+    elif (last := _last_eval(directory, "brierlm")) is not None:
         lines.append(f"BrierLM {last['brierlm']:.3f} at training step {last.get('step')} on the training data's "
                      f"validation split, blocks of {last.get('brier_block_size', '?')} tokens, "
                      f"{int(last.get('brier_tokens', 0)):,} tokens (the training-time estimate; `calm eval` "
                      "gives the full protocol).")
     else:
         lines.append("No BrierLM recorded yet (`calm eval --model " + repo_id + " --data ...`).")
-        if (last := _last_eval(directory)) is not None and "val_loss" in last:
+        if (last := _last_eval(directory, "val_loss")) is not None:
             extra = f", exact match {last['exact_match']:.3f} of generated completions" if "exact_match" in last else ""
-            what = " over the completions of the fine-tuning validation set" if isinstance(ft, dict) else ""
+            what = " over the completions of the fine-tuning validation set" if finetuned else ""
             lines.append(f"Validation loss{what} {last['val_loss']:.4f} at step {last.get('step')}{extra}.")
     lines.append("BrierLM depends on the block size and the data: compare only scores measured the same way.")
     lines += ["", "## Use", "", "```bash", "pip install calmlm", ""]
@@ -189,32 +165,23 @@ def push(path: str | Path, repo_id: str, private: bool = False, token: str | Non
          commit_message: str | None = None, evaluation: dict[str, Any] | None = None) -> str:
     """Create (or reuse) the model repository ``repo_id`` and upload the checkpoint with its card in one
     commit. Returns the commit URL."""
-    from .loading import looks_like_repo_id
-
     if not looks_like_repo_id(repo_id):
         raise CheckpointError(f"{repo_id!r} is not a Hub repository id; use NAMESPACE/NAME, e.g. your-name/calm-sft")
     directory = checkpoint_dir(path)
     card = model_card(directory, repo_id, evaluation)
+    message = commit_message or f"Upload calmlm {read_config(directory)['kind']} checkpoint"
+    files = [f for pattern in PUSH_PATTERNS for f in sorted(directory.glob(pattern))]
     try:
         from huggingface_hub import CommitOperationAdd, HfApi
 
         api = HfApi(token=token)
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        ops = [CommitOperationAdd(path_in_repo=f.name, path_or_fileobj=str(f)) for f in files_to_push(directory)]
+        ops = [CommitOperationAdd(path_in_repo=f.name, path_or_fileobj=str(f)) for f in files]
         ops.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card.encode("utf-8")))
-        info = api.create_commit(repo_id, operations=ops, repo_type="model",
-                                 commit_message=commit_message or f"Upload calmlm {read_kind(directory)} checkpoint")
-    except CheckpointError:
-        raise
+        info = api.create_commit(repo_id, operations=ops, repo_type="model", commit_message=message)
     except Exception as e:  # not logged in, no permission, offline...
         first = str(e).splitlines()[0] if str(e) else ""
         raise CheckpointError(f"uploading {directory} to the Hub as {repo_id} failed ({type(e).__name__}: {first}); "
                               "log in with `huggingface-cli login` (or set HF_TOKEN / pass --token), check that you "
                               "may write to that namespace, and that you are online") from None
     return str(getattr(info, "commit_url", info))
-
-
-def read_kind(directory: Path) -> str:
-    from .checkpoint import read_config
-
-    return str(read_config(directory)["kind"])

@@ -1,19 +1,15 @@
 """``calmlm.load``: one entry point for every checkpoint calmlm can read.
 
-* a local folder in calmlm's native format (``config.json`` with ``"kind"`` + safetensors), via
-  :func:`load_model`;
+* a local folder in calmlm's native format (``config.json`` with ``"kind"`` + safetensors);
 * a local folder in the CALM reference format (``config.json`` with ``"architectures"`` + ``pytorch_model.bin``
-  or safetensors, possibly sharded), translated by :mod:`calmlm.io.reference`, via :func:`load_reference`;
+  or safetensors, possibly sharded), translated by :mod:`calmlm.io.reference`;
 * a Hugging Face repository id (``cccczshao/CALM-M``), downloaded with ``huggingface_hub.snapshot_download``
   (only the config, weight and tokenizer files) and then read as above.
 
-Both formats go through :func:`build`: the model is built on the meta device (no allocation), the RoPE
-buffers are recomputed, every key and shape is checked before a tensor is read, shards are read one at a
-time and their tensors assigned (``load_state_dict(assign=True)``; files are memory-mapped, so with
-``dtype=None`` on CPU the parameters *are* the file pages), and tied weights are re-tied.
-
-The returned model (eval mode) carries its tokenizer as ``model.tokenizer``: a
-:class:`calmlm.data.tokenizer.Tokenizer` when the folder has ``tokenizer.json`` or ``tokenizer.model``, else None.
+Both formats go through :func:`build`: the model is built on the meta device, every key and shape is checked
+before a tensor is read, shards are read one at a time and their memory-mapped tensors assigned (with
+``dtype=None`` on CPU the parameters *are* the file pages), tied weights are re-tied and RoPE buffers recomputed.
+The returned model (eval mode) carries its tokenizer (or None) as ``model.tokenizer``.
 """
 
 from __future__ import annotations
@@ -27,7 +23,8 @@ import torch
 from torch import nn
 
 from .checkpoint import WeightFiles, model_config, native_weights, read_json
-from ..errors import CheckpointError
+from .reference import translate
+from ..errors import CheckpointError, ConfigError, TokenizerError
 
 KINDS = ("autoencoder", "calm", "baseline")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -53,15 +50,13 @@ def load(path_or_repo_id: str | Path, device: str | torch.device = "cpu", dtype:
     if kind is not None and kind not in KINDS:
         raise CheckpointError(f"unknown model kind {kind!r}; expected one of {list(KINDS)}")
     directory = resolve(path_or_repo_id, revision)
-    fmt = detect_format(directory)
-    if fmt == "native":
+    if detect_format(directory) == "native":
         model = load_model(directory, device=device, dtype=dtype, expect=kind)
     else:
         model = load_reference(directory, device=device, dtype=dtype, autoencoder=autoencoder)
-        got = model.config.kind
-        if kind is not None and got != kind:
-            raise CheckpointError(f"{path_or_repo_id} holds a {got} model (reference format), expected a {kind}; "
-                                  "pass the right checkpoint")
+        if kind is not None and model.config.kind != kind:
+            raise CheckpointError(f"{path_or_repo_id} holds a {model.config.kind} model (reference format), expected "
+                                  f"a {kind}; pass the right checkpoint")
     model.tokenizer = load_tokenizer_from(directory, model) if load_tokenizer else None
     return model
 
@@ -72,7 +67,6 @@ def load_with_tokenizer(path: str | Path, device: str | torch.device = "cpu", dt
     """(model in eval mode, tokenizer): :func:`load`, with the tokenizer of ``tokenizer`` (a file or folder,
     checked against the model's vocabulary) or else the one saved with the model. ``purpose`` (e.g.
     "generation"): refuse an autoencoder, naming what needs a language model; ``kind``: refuse another kind."""
-    from ..errors import ConfigError, TokenizerError
     from ..data.tokenizer import Tokenizer, check_vocab
 
     model = load(path, device=device, dtype=dtype, kind=kind, autoencoder=autoencoder)
@@ -181,11 +175,9 @@ def load_reference(directory: str | Path, device: str | torch.device = "cpu", dt
                    autoencoder: str | Path | Any = None) -> nn.Module:
     """A reference-format folder -> Autoencoder, CALM or BaselineLM (eval mode); see :func:`calmlm.io.reference.
     translate` for ``autoencoder``."""
-    from .reference import translate
-
     t = translate(directory, autoencoder)
     ae = None
-    if t.autoencoder_dir is not None:
+    if t.autoencoder_dir is not None:  # a CALM folder without ae_model.* weights
         ae = load(t.autoencoder_dir, device=device, dtype=dtype, kind="autoencoder", load_tokenizer=False)
     return build(t.config, t.files, t.rename, str(directory), device, dtype, autoencoder=ae)
 
@@ -217,16 +209,20 @@ def check_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]], where: str,
     expected, aliases = unique_tensors(model)
     if skip is not None:
         expected = {k: v for k, v in expected.items() if not k.startswith(skip)}
-    target = {k: aliases.get(n, n) for k, n in ((k, (rename or {}).get(k, k)) for k in shapes)}
-
-    def shown(k: str) -> str:
-        return k if target[k] == k else f"{k} (-> {target[k]})"
-    missing = sorted(set(expected) - set(target.values()))
-    unexpected = sorted(shown(k) for k in shapes if target[k] not in expected)
-    mismatched = [f"{shown(k)}: checkpoint {tuple(s)} vs model {tuple(expected[target[k]].shape)}"
-                  for k, s in shapes.items() if target[k] in expected and tuple(s) != tuple(expected[target[k]].shape)]
+    found: set[str] = set()
+    unexpected, mismatched = [], []
+    for key, shape in shapes.items():
+        name = (rename or {}).get(key, key)
+        name = aliases.get(name, name)
+        found.add(name)
+        shown = key if name == key else f"{key} (-> {name})"
+        if name not in expected:
+            unexpected.append(shown)
+        elif tuple(shape) != tuple(expected[name].shape):
+            mismatched.append(f"{shown}: checkpoint {tuple(shape)} vs model {tuple(expected[name].shape)}")
     problems = [f"{what} {_summarise(keys, limit)}" for what, keys, limit in (
-        ("missing keys", missing, 5), ("unexpected keys", unexpected, 5), ("shape mismatches", mismatched, 3)) if keys]
+        ("missing keys", sorted(set(expected) - found), 5), ("unexpected keys", sorted(unexpected), 5),
+        ("shape mismatches", mismatched, 3)) if keys]
     if problems:
         raise CheckpointError(f"the weights in {where} do not match the {type(model).__name__} model of its config: "
                               + "; ".join(problems) + ". config.json does not describe these weights (another model "

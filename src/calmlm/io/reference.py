@@ -11,14 +11,15 @@ safetensors equivalents). Three architectures are understood, named by ``config.
   (the reference does not save ``model_type``; the head is told from ``architectures`` and the weights)
 * ``LlamaForCausalLM``   -> :class:`calmlm.models.baseline.BaselineLM`
 
-Nothing here imports or subclasses reference code, and nothing builds a model: this module is a translation
-(like torchtitan's state-dict adapters), the explicit table ``KEY_MAP`` (state dict keys) and the field tables
-below (``config.json``). :func:`translate` turns a folder into a calmlm config plus renamed weight keys;
-:func:`calmlm.io.loading.build` then builds, fills, ties and checks as for a native checkpoint.
+Nothing here imports reference code or builds a model: this module is a translation (like torchtitan's
+state-dict adapters) by explicit tables, ``KEY_MAP`` (state dict keys) and the field tables (``config.json``).
+:func:`translate` turns a folder into a calmlm config plus renamed weight keys; :func:`calmlm.io.loading.build`
+then builds, fills, ties and checks as for a native checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from collections.abc import Iterable
@@ -116,9 +117,8 @@ AUTOENCODER_FIELDS: dict[str, tuple[str, ...]] = {
     "initializer_range": ("initializer_range",),
 }
 
-# ---------------------------------------------------------------------------------------------------
-# Keys
 
+# -- keys --------------------------------------------------------------------------------------------
 
 def key_rules(kind: str, tie_word_embeddings: bool = False) -> tuple[tuple[str, str], ...]:
     rules = KEY_MAP[kind]
@@ -151,13 +151,11 @@ def map_keys(keys: Iterable[str], rules: Iterable[tuple[str, str]]) -> tuple[dic
     return mapped, unknown
 
 
-# ---------------------------------------------------------------------------------------------------
-# Config translation
-
+# -- config translation ------------------------------------------------------------------------------
 
 def reference_kind(cfg: dict[str, Any], where: str = "config.json") -> str:
     """'autoencoder' | 'calm' | 'baseline' from the ``architectures`` field; unsupported variants rejected."""
-    archs = cfg.get("architectures") or ([] if cfg.get("model_type") != "llama" else ["LlamaForCausalLM"])
+    archs = cfg.get("architectures") or (["LlamaForCausalLM"] if cfg.get("model_type") == "llama" else [])
     for arch in archs:
         if arch in ARCHITECTURES:
             return ARCHITECTURES[arch]
@@ -186,12 +184,12 @@ def _translate(cfg: dict[str, Any], table: dict[str, tuple[str, ...]]) -> dict[s
     out: dict[str, Any] = {}
     for ref, ours in table.items():
         value = cfg.get(ref)
-        if value is None:
-            continue
         if ref == "eos_token_id" and isinstance(value, list):  # Llama 3.1 style: several stop ids
             value = value[0] if value else None
-        for name in ours:
-            out[name] = value
+        if value is not None:
+            out.update(dict.fromkeys(ours, value))
+    if "num_heads" in out:  # transformers' Llama default: one KV head per query head
+        out.setdefault("num_kv_heads", out["num_heads"])
     return out
 
 
@@ -274,11 +272,13 @@ def _calm_fields_from_weights(shapes: dict[str, tuple[int, ...]]) -> dict[str, A
     return out
 
 
-def _vocab_from_weights(values: dict[str, Any], rows: int | None, where: str) -> None:
+def _vocab_from_weights(values: dict[str, Any], shapes: dict[str, tuple[int, ...]] | None, embedding: str,
+                        where: str) -> None:
     """The embedding's row count wins over config.json's vocab_size (the reference sets vocab_size =
     len(tokenizer) after adding [PAD], so 128256 and 128257 both occur); say so when they differ."""
-    if rows is None:
+    if not shapes or embedding not in shapes:
         return
+    rows = shapes[embedding][0]
     if values.get("vocab_size") not in (None, rows):
         warnings.warn(f"{where}: config.json says vocab_size {values['vocab_size']} but the embedding has {rows} "
                       f"rows; using {rows}", stacklevel=3)
@@ -290,14 +290,10 @@ def autoencoder_config(cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]] |
     """A reference ``Autoencoder`` config.json (+ the weight shapes, for fields it lacks) -> AutoencoderConfig."""
     _reject_unsupported(cfg, where)
     inferred: dict[str, Any] = {}
-    if shapes:
-        try:
-            inferred = autoencoder_fields_from_weights(shapes)
-        except CheckpointError:
-            pass  # config.json has the fields; the key check will name the missing weight
+    with contextlib.suppress(CheckpointError):  # config.json has the fields; the key check names a missing weight
+        inferred = autoencoder_fields_from_weights(shapes or {})
     values = {**inferred, **_translate(cfg, AUTOENCODER_FIELDS)}
-    if shapes:
-        _vocab_from_weights(values, shapes.get("encoder.embed_tokens.weight", (None,))[0], where)
+    _vocab_from_weights(values, shapes, "encoder.embed_tokens.weight", where)
     return _build(AutoencoderConfig, values, where)
 
 
@@ -308,14 +304,12 @@ def calm_config(cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]],
     Its ``ae_path`` names the training cluster's folder, so the autoencoder's config comes from ``autoencoder``
     when given, else from the shapes of the ``ae_model.*`` weights plus the reference defaults."""
     _reject_unsupported(cfg, where)
-    values = _calm_fields_from_weights(shapes)
-    values.update(_translate(cfg, CALM_FIELDS))
+    values = {**_calm_fields_from_weights(shapes), **_translate(cfg, CALM_FIELDS)}
     values["head"] = reference_head(cfg, shapes, where)  # the reference hard-codes the head's other options
-    values.setdefault("num_kv_heads", values.get("num_heads", CALMConfig.num_kv_heads))
-    _vocab_from_weights(values, shapes.get("transformer.embed_tokens.weight", (None,))[0], where)
+    _vocab_from_weights(values, shapes, "transformer.embed_tokens.weight", where)
     if autoencoder is None:
-        ae_values = autoencoder_fields_from_weights(shapes, prefix="ae_model.")
-        autoencoder = _build(AutoencoderConfig, ae_values, f"{where} (autoencoder inferred from ae_model.* weights)")
+        autoencoder = _build(AutoencoderConfig, autoencoder_fields_from_weights(shapes, prefix="ae_model."),
+                             f"{where} (autoencoder inferred from ae_model.* weights)")
     return _build(CALMConfig, {**values, "autoencoder": autoencoder}, where)
 
 
@@ -324,9 +318,7 @@ def baseline_config(cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]] | No
     """A transformers ``LlamaForCausalLM`` config.json -> BaselineConfig."""
     _reject_unsupported(cfg, where)
     values = _translate(cfg, BASELINE_FIELDS)
-    values.setdefault("num_kv_heads", values.get("num_heads", BaselineConfig.num_kv_heads))
-    if shapes and "model.embed_tokens.weight" in shapes:
-        _vocab_from_weights(values, shapes["model.embed_tokens.weight"][0], where)
+    _vocab_from_weights(values, shapes, "model.embed_tokens.weight", where)
     return _build(BaselineConfig, values, where)
 
 
@@ -340,9 +332,7 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"{where}: invalid value ({e}); fix config.json") from None
 
 
-# ---------------------------------------------------------------------------------------------------
-# The whole folder
-
+# -- the whole folder --------------------------------------------------------------------------------
 
 @dataclass
 class Translation:
@@ -392,10 +382,12 @@ def _autoencoder_config_from(source: str | Path | AutoencoderConfig) -> tuple[Au
     if isinstance(source, AutoencoderConfig):
         return source, None
     directory = Path(source).expanduser()
+    where = str(directory / "config.json")
     cfg = read_json(directory / "config.json")
     if "kind" in cfg:
         return model_config(directory, expect="autoencoder"), directory
-    if reference_kind(cfg, str(directory / "config.json")) != "autoencoder":
-        raise CheckpointError(f"{directory} is not an autoencoder checkpoint (architectures {cfg.get('architectures')})")
+    if reference_kind(cfg, where) != "autoencoder":
+        raise CheckpointError(f"{directory} is not an autoencoder checkpoint "
+                              f"(architectures {cfg.get('architectures')})")
     files = WeightFiles.find(directory)
-    return autoencoder_config(cfg, files.shapes() if files else None, str(directory / "config.json")), directory
+    return autoencoder_config(cfg, files.shapes() if files else None, where), directory
