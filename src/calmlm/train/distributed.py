@@ -1,19 +1,14 @@
 """Data-parallel training under ``torchrun``: the process group, DDP or FSDP2 wrapping, and full states.
 
-The trainer is written for one process; a :class:`Parallel` is applied to it from outside and is the only
-code that talks to ``torch.distributed``. A single process (``WORLD_SIZE`` unset or 1) gets a Parallel whose
-every method is a no-op or the identity, so training code never branches on the world size.
-
-FSDP checkpoints have the same single-file format as the others: :meth:`Parallel.full_state` gathers plain
-state dicts (weights by name, the optimizer in its usual numbered format) onto rank 0's CPU, so a run can be
-resumed with either wrapping, or with none.
+:class:`Parallel` is the only code the trainer uses to talk to ``torch.distributed``; in a single process
+(``WORLD_SIZE`` unset or 1) its every method is a no-op or the identity, so training code never branches on
+the world size. FSDP checkpoints have the same single-file format as the others (:meth:`Parallel.full_state`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,14 +18,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-MODES = ("ddp", "fsdp")
-
 
 @dataclass
 class DistInfo:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
 
     @property
@@ -51,7 +43,7 @@ def setup_distributed() -> DistInfo:
         dist.init_process_group("nccl" if cuda else "gloo")
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-    return DistInfo(rank, world, local, device)
+    return DistInfo(rank, world, device)
 
 
 def cleanup_distributed() -> None:
@@ -78,16 +70,6 @@ def all_reduce(vec: torch.Tensor, mean: bool = False) -> torch.Tensor:
 
 # -- FSDP2 -------------------------------------------------------------------------------------------------
 
-def _broadcast_from_rank0(model: nn.Module, device: torch.device) -> None:
-    """Give every rank rank 0's initial weights, as DDP does, one tensor at a time through ``device`` (so the
-    whole model never has to sit there unsharded)."""
-    with torch.no_grad():
-        for t in itertools.chain(model.parameters(), model.buffers()):
-            buf = t.to(device)
-            dist.broadcast(buf, 0)
-            t.copy_(buf)
-
-
 def shard_model(model: nn.Module, device: torch.device, world_size: int, bf16: bool = False) -> nn.Module:
     """Apply FSDP2 in place: each transformer block (backbone ``DecoderLayer``, autoencoder ``ResidualMLP``) is
     one unit, all-gathered just before it runs and freed after; the root unit holds the rest (embeddings,
@@ -101,14 +83,19 @@ def shard_model(model: nn.Module, device: torch.device, world_size: int, bf16: b
     from ..models.transformer import DecoderLayer
     from ..models.layers import ResidualMLP
 
-    _broadcast_from_rank0(model, device)
+    with torch.no_grad():
+        # every rank starts from rank 0's weights, as under DDP; one tensor at a time through ``device``, so the
+        # whole model never has to sit there unsharded
+        for t in [*model.parameters(), *model.buffers()]:
+            buf = t.to(device)
+            dist.broadcast(buf, 0)
+            t.copy_(buf)
+        frozen = {p for p in model.parameters() if not p.requires_grad}
+        for p in frozen:
+            p.data = p.data.to(device)  # fully_shard does not move ignored parameters
     mesh = init_device_mesh(device.type, (world_size,))
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
           else MixedPrecisionPolicy())
-    frozen = {p for p in model.parameters() if not p.requires_grad}
-    with torch.no_grad():
-        for p in frozen:
-            p.data = p.data.to(device)  # fully_shard does not move ignored parameters
     for block in [m for m in model.modules() if isinstance(m, (DecoderLayer, ResidualMLP))]:
         if not any(p in frozen for p in block.parameters()):
             fully_shard(block, mesh=mesh, mp_policy=mp)
@@ -129,8 +116,8 @@ class Parallel:
     one process. Joins the process group (``setup_distributed``) unless ``info`` is given."""
 
     def __init__(self, mode: str = "ddp", info: DistInfo | None = None) -> None:
-        if mode not in MODES:
-            raise ValueError(f"unknown distributed mode {mode!r}; expected one of {MODES}")
+        if mode not in ("ddp", "fsdp"):
+            raise ValueError(f"unknown distributed mode {mode!r}; use 'ddp' or 'fsdp'")
         self.info = info if info is not None else setup_distributed()
         self.fsdp = mode == "fsdp" and self.info.world_size > 1
         self.ddp: Any = None
@@ -220,12 +207,11 @@ class Parallel:
 
     def load_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         """Load full (unsharded) weights; under FSDP every rank keeps its own shard."""
-        if not self.fsdp:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+        else:
             model.load_state_dict(weights)
-            return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
 
     def load_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer, optim: dict[str, Any] | None) -> None:
         """Load a full optimizer state in the usual numbered format (the inverse of :meth:`full_state`)."""
@@ -235,7 +221,6 @@ class Parallel:
             optimizer.load_state_dict(optim)
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         names = _param_names(model, optimizer)
         groups = [{**g, "params": [names[i] for i in g["params"]]} for g in optim["param_groups"]]
         by_name = {"state": {names[i]: s for i, s in optim["state"].items()}, "param_groups": groups}

@@ -54,9 +54,8 @@ class TokenizedExample:
 # -- reading ---------------------------------------------------------------------------------------------
 
 def chat_prompt(messages: Sequence[dict[str, Any]], template: str | None = None, tokenizer: Any = None) -> str:
-    """The prompt of a chat before the assistant's reply. With the tokenizer's Jinja ``template`` (its
-    ``chat_template``): rendered with ``add_generation_prompt=True``. Without (base models): ``Role: content``
-    lines, then ``Assistant:``; the reply follows after a space. ``calm serve`` builds prompts the same way."""
+    """The prompt of a chat before the assistant's reply (module docstring), rendered by the tokenizer's Jinja
+    ``template`` with ``add_generation_prompt=True`` when given. ``calm serve`` builds prompts the same way."""
     if template is not None:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -213,6 +212,7 @@ def exact_match(model: Any, examples: Sequence[TokenizedExample], temperature: f
     if not examples:
         return float("nan")
     model = getattr(model, "module", model)
+    kw = dict(sampler=sampler, pool_size=pool_size) if model.config.kind == "calm" else {}
     groups: dict[int, list[TokenizedExample]] = {}
     for e in examples:
         groups.setdefault(len(e.prompt), []).append(e)
@@ -220,10 +220,8 @@ def exact_match(model: Any, examples: Sequence[TokenizedExample], temperature: f
     for length, group in sorted(groups.items()):
         for s in range(0, len(group), batch_size):
             part = group[s:s + batch_size]
-            new = max(len(e.completion) for e in part)
-            kw = dict(sampler=sampler, pool_size=pool_size) if model.config.kind == "calm" else {}
-            out = generate(model, [e.prompt for e in part], max_new_tokens=new, temperature=temperature,
-                           seed=seed + s + 7919 * length, **kw)
+            out = generate(model, [e.prompt for e in part], max_new_tokens=max(len(e.completion) for e in part),
+                           temperature=temperature, seed=seed + s + 7919 * length, **kw)
             for row, e in zip(out[:, length:].tolist(), part):
                 hits += row[:len(e.completion)] == e.completion
     return hits / len(examples)
@@ -232,10 +230,8 @@ def exact_match(model: Any, examples: Sequence[TokenizedExample], temperature: f
 def make_exact_match_eval_fn(num_examples: int, **kwargs: Any) -> Any:
     """An ``evaluate_fn`` for the engine: exact match of generated completions on the first ``num_examples``
     validation examples."""
-
     def evaluate_fn(model: Any, val_data: SFTDataset) -> dict[str, float]:
         return {"exact_match": exact_match(model, val_data.examples[:num_examples], **kwargs)}
-
     return evaluate_fn
 
 
@@ -286,7 +282,6 @@ def finetune(model_path: str, data: str, cfg: Any, val_data: str | None = None, 
                         "train_examples": len(train_set), "val_examples": len(val_ex), "block_size": block,
                         "base_step": base_meta.get("step")}
     eval_fn = make_exact_match_eval_fn(eval_examples, temperature=eval_temperature) if eval_examples else None
-    trainer = Trainer(model, train_set, val_set, cfg, tokenizer=tok, evaluate_fn=eval_fn, resume=resume,
-                      device=device, metadata=meta)
-    return trainer.fit()
+    return Trainer(model, train_set, val_set, cfg, tokenizer=tok, evaluate_fn=eval_fn, resume=resume,
+                   device=device, metadata=meta).fit()
 

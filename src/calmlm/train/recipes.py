@@ -29,5 +29,4 @@ def recipe(kind: str, size: str, **overrides: Any) -> TrainConfig:
     """The TrainConfig a ``kind`` model of preset ``size`` starts from, with ``overrides`` applied."""
     if kind not in KINDS:
         raise ConfigError(f"unknown model kind {kind!r}; expected one of {KINDS}")
-    values = dict(RECIPES.get((kind, size.lower()), RECIPES[(kind, "default")]))
-    return TrainConfig(**{**values, **overrides})
+    return TrainConfig(**{**RECIPES.get((kind, size.lower()), RECIPES[(kind, "default")]), **overrides})

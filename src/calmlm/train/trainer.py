@@ -2,16 +2,13 @@
 
 Every model's ``forward(input_ids)`` returns ``ModelOutput(loss, metrics)``; the engine only needs that. A
 dataset whose blocks are dicts (fine-tuning: input ids + loss mask) has them passed as keyword arguments.
-AdamW (fused on CUDA) with warm-up then constant or cosine LR, gradient accumulation, clipping, bf16
-autocast on CUDA, optional ``torch.compile``, DDP or FSDP2 (``TrainConfig.distributed``) under ``torchrun``,
-periodic evaluation, JSON-lines metrics, atomic checkpoints and exact (bit-identical on CPU) resume.
-FSDP checkpoints have the same single-file format as the others (gathered on rank 0), so a run can be
-resumed with either wrapping, or with none.
+AdamW with warm-up then constant or cosine LR, gradient accumulation, clipping, bf16 autocast, optional
+``torch.compile``, DDP or FSDP2 under ``torchrun``, periodic evaluation, JSON-lines metrics, atomic
+checkpoints (one format whatever the wrapping) and exact (bit-identical on CPU) resume.
 
-Randomness: ``fit`` seeds torch/numpy/random with ``seed + rank`` at the start of a fresh run, so under DDP
-each rank draws its own dropout masks / noise (different data per rank, independent randomness); resume
-restores every rank's generator state. Evaluation runs under a forked, fixed-seed generator so it neither
-perturbs training randomness nor varies between evaluations.
+Randomness: ``fit`` seeds torch/numpy/random with ``seed + rank`` at the start of a fresh run, so each DDP
+rank draws its own dropout masks / noise; resume restores every rank's generator state. Evaluation runs under
+a forked, fixed-seed generator so it neither perturbs training randomness nor varies between evaluations.
 """
 
 from __future__ import annotations
@@ -32,11 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io import checkpoint as ckpt
-from ..data.corpus import stack_blocks
+from ..data.corpus import BlockSampler, iter_blocks, stack_blocks
 from ..errors import CheckpointError, ConfigError, DataError
-from .distributed import Parallel, all_reduce, rank_and_world
+from ..io import checkpoint as ckpt
 from ..io.loading import full_state_dict, unique_tensors
+from .distributed import Parallel, all_reduce, rank_and_world
 
 EvaluateFn = Callable[[nn.Module, Any], dict[str, float]]
 # control(step, training seconds) -> (evaluate now, stop now): extra evaluation points and stopping rules
@@ -87,33 +84,25 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]  # JSON gives a list
-        for name in ("batch_size", "grad_accum", "max_steps", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "batch_size", "grad_accum", "max_steps", "log_every", "block_size", "time_budget_s"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"TrainConfig.{name} must be positive, got {value}")
         for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"TrainConfig.lr must be positive, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.schedule not in ("constant", "cosine"):
-            raise ConfigError(f"unknown LR schedule {self.schedule!r}; use 'constant' or 'cosine'")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"unknown precision {self.precision!r}; use 'auto', 'fp32' or 'bf16'")
-        if self.distributed not in ("ddp", "fsdp"):
-            raise ConfigError(f"unknown distributed mode {self.distributed!r}; use 'ddp' or 'fsdp'")
+        for f in fields(self):  # the fields with a fixed set of values
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                allowed = ", ".join(map(repr, choices[:-1])) + f" or {choices[-1]!r}"
+                raise ConfigError(f"unknown TrainConfig.{f.name} {getattr(self, f.name)!r}; use {allowed}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if self.block_size is not None and self.block_size <= 0:
-            raise ConfigError(f"block_size must be positive, got {self.block_size}")
-        if self.time_budget_s is not None and self.time_budget_s <= 0:
-            raise ConfigError(f"time_budget_s must be positive, got {self.time_budget_s}")
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["betas"] = list(self.betas)
-        return out
+        return {**dataclasses.asdict(self), "betas": list(self.betas)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -135,8 +124,7 @@ def lr_multiplier(step: int, config: TrainConfig, train_seconds: float = 0.0) ->
         return (step + 1) / config.warmup_steps
     if config.schedule == "constant":
         return 1.0
-    span = max(1, config.max_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
     if config.time_budget_s:
         progress = max(progress, min(1.0, train_seconds / config.time_budget_s))
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -145,15 +133,10 @@ def lr_multiplier(step: int, config: TrainConfig, train_seconds: float = 0.0) ->
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AMX tiles, Sapphire Rapids and later): there
     bf16 autocast trains 2-3x faster than fp32 (BENCHMARKS.md); without AMX it is emulated and slower."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if probe is not None:
-        try:
-            return bool(probe())
-        except RuntimeError:
-            return False
     try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
+        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return bool(probe()) if probe is not None else "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except (RuntimeError, OSError):
         return False
 
 
@@ -168,22 +151,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay on trainable tensors with >= 2 dims (linear weights and embeddings, as in Llama /
     GPT training); no decay on 1-D ones (norm gains, biases). Frozen parameters (CALM's autoencoder) and tied
-    duplicates are excluded."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():  # named_parameters already drops tied duplicates
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    duplicates (which ``parameters()`` already drops) are excluded."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 
-# -- data ------------------------------------------------------------------------------------------------
-
 def _block_size_of(data: Any) -> int:
-    if hasattr(data, "block_size"):
-        return int(data.block_size)
-    return int(data[0].shape[-1])
+    return int(data.block_size) if hasattr(data, "block_size") else int(data[0].shape[-1])
 
 
 def _forward(model: nn.Module, batch: torch.Tensor | dict[str, torch.Tensor], device: torch.device) -> Any:
@@ -193,15 +169,18 @@ def _forward(model: nn.Module, batch: torch.Tensor | dict[str, torch.Tensor], de
     return model(batch.to(device, non_blocking=True))
 
 
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 @contextlib.contextmanager
 def _fixed_rng(seed: int, device: torch.device) -> Iterator[None]:
     """Run a block with freshly seeded generators and restore the previous states afterwards."""
     np_state, py_state = np.random.get_state(), random.getstate()
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        _seed_all(seed)
         try:
             yield
         finally:
@@ -209,30 +188,34 @@ def _fixed_rng(seed: int, device: torch.device) -> Iterator[None]:
             random.setstate(py_state)
 
 
+@contextlib.contextmanager
+def _inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode without gradients; the previous mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def evaluate_loss(model: nn.Module, data: Any, batch_size: int, num_batches: int, device: torch.device,
                   autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
     """Mean loss and model metrics over the first ``num_batches * batch_size`` validation blocks, in eval
     mode without gradients; under DDP each rank takes every world_size-th block and results are averaged."""
-    rank, world = rank_and_world()
-    n = min(len(data), num_batches * batch_size)
-    mine = list(range(rank, n, world))
-    was_training = model.training
-    model.eval()
     sums: dict[str, torch.Tensor] = {}
     count = torch.zeros((), device=device, dtype=torch.float64)
-    try:
-        with torch.no_grad():
-            for s in range(0, len(mine), batch_size):
-                idx = mine[s:s + batch_size]
-                with autocast():
-                    out = _forward(model, stack_blocks(data, idx), device)
-                for k, v in {"loss": out.loss, **out.metrics}.items():
-                    sums[k] = sums.get(k, 0) + v.detach().double() * len(idx)
-                count += len(idx)
-    finally:
-        model.train(was_training)
+    with _inference(model):
+        for batch in iter_blocks(data, batch_size, *rank_and_world(), max_blocks=num_batches * batch_size):
+            n = len(batch["input_ids"] if isinstance(batch, dict) else batch)
+            with autocast():
+                out = _forward(model, batch, device)
+            for k, v in {"loss": out.loss, **out.metrics}.items():
+                sums[k] = sums.get(k, 0) + v.detach().double() * n
+            count += n
     keys = sorted(sums)
-    vec = all_reduce(torch.stack([sums[k] for k in keys] + [count]) if keys else count.view(1))
+    vec = all_reduce(torch.stack([sums[k] for k in keys] + [count]))
     total = vec[-1].item()
     return {k: vec[i].item() / max(total, 1.0) for i, k in enumerate(keys)}
 
@@ -244,7 +227,7 @@ class _ProgressBar:
     def __init__(self, cfg: TrainConfig, step: int, end: int, precision: str) -> None:
         from tqdm.auto import tqdm
         self.budget_min = cfg.time_budget_s / 60 if cfg.time_budget_s else None
-        self.step, self.info, self.shown = step, {"precision": precision}, 0.0
+        self.info, self.shown = {"precision": precision}, 0.0
         if self.budget_min is not None:
             self.bar = tqdm(total=round(self.budget_min, 2), desc="train", dynamic_ncols=True,
                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} min {postfix}")
@@ -256,16 +239,13 @@ class _ProgressBar:
 
     def update(self, step: int, elapsed_s: float) -> None:
         if self.budget_min is None:
-            self.bar.update(step - self.step)
+            self.bar.update(step - self.bar.n)
         else:
             self.bar.n = round(min(elapsed_s / 60, self.budget_min), 2)
-            left = max(0.0, self.budget_min - elapsed_s / 60)
-            self.info["step"] = step
-            self.info["left"] = f"{left:.1f} min"
-        self.step = step
+            self.info.update(step=step, left=f"{max(0.0, self.budget_min - elapsed_s / 60):.1f} min")
         self.bar.set_postfix(self.info, refresh=False)
         now = time.monotonic()
-        if self.budget_min is not None and now - self.shown >= 0.5:  # a time bar moves on its own: redraw it twice a second
+        if self.budget_min is not None and now - self.shown >= 0.5:  # a time bar moves on its own: redraw at 2 Hz
             self.bar.refresh()
             self.shown = now
 
@@ -280,11 +260,12 @@ def code_version() -> dict[str, Any]:
 
     from .. import __version__
 
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *args], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+
     out: dict[str, Any] = {"calmlm": __version__, "torch": torch.__version__}
-    here = Path(__file__).resolve().parent
     try:
-        git = lambda *a: subprocess.run(["git", "-C", str(here), *a], capture_output=True, text=True,  # noqa: E731
-                                        timeout=10, check=True).stdout.strip()
         out.update(git_commit=git("rev-parse", "HEAD"), dirty=bool(git("status", "--porcelain", "--", ".")))
     except (OSError, subprocess.SubprocessError):
         pass  # an installed package: the version is all there is
@@ -306,10 +287,10 @@ class Trainer:
         self.dist = self.parallel.info
         self.device = torch.device(device) if device is not None else self.dist.device
         self.out_dir = Path(config.out_dir).expanduser()
+        self.checkpoint_dir = self.out_dir / CHECKPOINT_DIR
         self.block_size = self._check_data(model)
         self.precision = resolve_precision(config.precision, self.device)
-        self.use_bf16 = self.precision == "bf16"
-        self.fsdp_bf16 = self.parallel.fsdp and self.use_bf16 and self.device.type == "cuda"  # CPU: plain fp32
+        self.fsdp_bf16 = self.parallel.fsdp and self.precision == "bf16" and self.device.type == "cuda"  # CPU: fp32
         self.model, self.engine = self.parallel.wrap(model, self.device, bf16=self.fsdp_bf16)
         self._check_out_dir()
         self.step = 0
@@ -319,7 +300,6 @@ class Trainer:
             **({"fused": True} if self.device.type == "cuda" else {}))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lambda s: lr_multiplier(s, config, self.train_seconds))
-        from ..data.corpus import BlockSampler
         self.sampler = BlockSampler(len(train_data), config.batch_size, seed=config.seed,
                                     rank=self.dist.rank, world_size=self.dist.world_size)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -327,15 +307,14 @@ class Trainer:
             self.engine = torch.compile(self.engine)  # type: ignore[assignment]
         self.last_metrics: dict[str, Any] = {}
 
-    # -- validation ------------------------------------------------------------------------------------
     def _check_data(self, model: nn.Module) -> int:
         cfg = self.config
         if self.train_data is None or len(self.train_data) == 0:
             raise DataError("the training data is empty (no full block); use more data or a smaller block size")
         block = _block_size_of(self.train_data)
         if cfg.block_size is not None and cfg.block_size != block:
-            raise ConfigError(f"TrainConfig.block_size={cfg.block_size} but the training data has blocks of "
-                              f"{block} tokens; rebuild the dataset with block_size={cfg.block_size} or drop the setting")
+            raise ConfigError(f"TrainConfig.block_size={cfg.block_size} but the training data has blocks of {block} "
+                              f"tokens; rebuild the dataset with block_size={cfg.block_size} or drop the setting")
         if self.val_data is not None and len(self.val_data) and _block_size_of(self.val_data) != block:
             raise ConfigError(f"validation blocks have {_block_size_of(self.val_data)} tokens but training blocks "
                               f"{block}; build both with the same block_size")
@@ -345,11 +324,10 @@ class Trainer:
             raise ConfigError(f"block_size {block} is not a multiple of the chunk size K={k}; use a block size "
                               f"divisible by {k} (e.g. {block - block % k or k})")
         max_pos = getattr(mcfg, "max_position_embeddings", None)
-        if max_pos:
-            positions = block // k if (k and getattr(mcfg, "kind", "") == "calm") else block - 1
-            if positions > max_pos:
-                raise ConfigError(f"block_size {block} needs {positions} positions but the model has "
-                                  f"max_position_embeddings={max_pos}; use a smaller block size or a larger model context")
+        positions = block // k if (k and getattr(mcfg, "kind", "") == "calm") else block - 1
+        if max_pos and positions > max_pos:
+            raise ConfigError(f"block_size {block} needs {positions} positions but the model has "
+                              f"max_position_embeddings={max_pos}; use a smaller block size or a larger model context")
         if self.dist.world_size * cfg.batch_size > len(self.train_data):
             raise DataError(f"{len(self.train_data)} training blocks cannot fill one global batch of "
                             f"{self.dist.world_size * cfg.batch_size}; use more data or a smaller batch size")
@@ -367,15 +345,8 @@ class Trainer:
             raise ConfigError(f"the output directory {self.out_dir} is not writable ({e.strerror}); "
                               "pass a writable out_dir") from None
 
-    # -- helpers ---------------------------------------------------------------------------------------
     def autocast(self) -> Any:
-        if not self.use_bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.out_dir / CHECKPOINT_DIR
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.dist.is_main:
@@ -391,11 +362,11 @@ class Trainer:
         for line in path.read_text().splitlines():
             try:
                 if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
+                    keep.append(line + "\n")
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.write_text("".join(keep))
         os.replace(tmp, path)
 
     # -- checkpoints -------------------------------------------------------------------------------------
@@ -453,41 +424,31 @@ class Trainer:
         if self.val_data is None or len(self.val_data) == 0:
             return {}
         cfg = self.config
-        # FSDP's bf16 policy gathers bf16 parameters: evaluate_fn needs autocast to mix them with fp32 tensors
-        fn_autocast = self.autocast if self.fsdp_bf16 else contextlib.nullcontext
         with _fixed_rng(cfg.seed + 10_007 + self.dist.rank, self.device), self.parallel.unsharded(self.model):
             out = evaluate_loss(self.model, self.val_data, cfg.batch_size, max(1, cfg.eval_batches), self.device,
                                 self.autocast)
             result = {f"val_{k}": v for k, v in out.items()}
             if self.evaluate_fn is not None:
-                was = self.model.training
-                self.model.eval()
-                try:
-                    with torch.no_grad(), fn_autocast():
-                        extra = self.evaluate_fn(self.model, self.val_data) or {}
-                finally:
-                    self.model.train(was)
+                # FSDP's bf16 policy gathers bf16 parameters: evaluate_fn needs autocast to mix them with fp32 tensors
+                with _inference(self.model), (self.autocast() if self.fsdp_bf16 else contextlib.nullcontext()):
+                    extra = self.evaluate_fn(self.model, self.val_data) or {}
                 result.update({k: float(v) for k, v in extra.items()})
         return result
 
-    def train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    def train_step(self) -> dict[str, torch.Tensor]:
         """One optimizer step of :meth:`fit` (micro-batches, autocast, backward, clipping, AdamW, LR schedule)
-        without its logging, evaluation and checkpointing; returns (loss, metrics, grad norm) as tensors.
-        Benchmarks time this."""
+        without its logging, evaluation and checkpointing; returns the loss, model metrics and ``grad_norm`` as
+        tensors. Benchmarks time this."""
         cfg = self.config
-        loss_sum = torch.zeros((), device=self.device)
-        metric_sums: dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum):
-            idx = next(self.sampler)
-            batch = stack_blocks(self.train_data, idx)
-            last = micro == cfg.grad_accum - 1
-            with self.parallel.sync_gradients(self.model, last):  # gradients are synced on the last micro-step
+            batch = stack_blocks(self.train_data, next(self.sampler))
+            with self.parallel.sync_gradients(self.model, micro == cfg.grad_accum - 1):  # sync on the last one
                 with self.autocast():
                     out = _forward(self.engine, batch, self.device)
                 (out.loss / cfg.grad_accum).backward()
-            loss_sum += out.loss.detach().float() / cfg.grad_accum
-            for k, v in out.metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0) + v.detach().float() / cfg.grad_accum
+            for k, v in {"loss": out.loss, **out.metrics}.items():
+                sums[k] = sums.get(k, 0) + v.detach().float() / cfg.grad_accum
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip) if cfg.grad_clip > 0
                      else torch.zeros((), device=self.device))
         if hasattr(grad_norm, "full_tensor"):  # FSDP: the total norm comes back as a replicated DTensor
@@ -495,7 +456,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, metric_sums, grad_norm
+        return {**sums, "grad_norm": grad_norm.float()}
 
     def fit(self, resume_from: str | Path | None = None, stop_at: int | None = None,
             control: Control | None = None) -> dict[str, Any]:
@@ -507,16 +468,13 @@ class Trainer:
             self.load(resume_from if resume_from is not None else self.checkpoint_dir)
             self._truncate_metrics(self.step)
         else:
-            seed = cfg.seed + self.dist.rank
-            torch.manual_seed(seed)
-            np.random.seed(seed % 2**32)
-            random.seed(seed)
+            _seed_all(cfg.seed + self.dist.rank)
         if self.dist.is_main:
             (self.out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-            model_config = getattr(getattr(self.model, "config", None), "to_dict", dict)()
             run = {"code": code_version(), "train_config": cfg.to_dict(), "world_size": self.dist.world_size,
                    "precision": self.precision,
-                   "model_config": model_config, **(self.metadata or {})}
+                   "model_config": getattr(getattr(self.model, "config", None), "to_dict", dict)(),
+                   **(self.metadata or {})}
             (self.out_dir / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
         end = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size * self.block_size
@@ -524,45 +482,37 @@ class Trainer:
         bar = _ProgressBar(cfg, self.step, end, self.precision) if cfg.progress and self.dist.is_main else None
         start = time.perf_counter()
         window_t, window_steps = start, 0
-        acc_loss = torch.zeros((), device=self.device)
-        acc_metrics: dict[str, torch.Tensor] = {}
-        acc_norm = torch.zeros((), device=self.device)
+        window: dict[str, torch.Tensor] = {}  # sums of train_step's tensors since the last log
         first_step, final_eval = self.step, {}
         try:
             while self.step < end:
                 lr = self.scheduler.get_last_lr()[0]
                 t_step = time.perf_counter()
-                loss, metrics, norm = self.train_step()
+                for k, v in self.train_step().items():
+                    window[k] = window.get(k, 0) + v
                 self.step += 1
                 window_steps += 1
-                acc_loss += loss
-                acc_norm += norm.float()
-                for k, v in metrics.items():
-                    acc_metrics[k] = acc_metrics.get(k, 0) + v
                 self.train_seconds += time.perf_counter() - t_step
                 want_eval, want_stop = control(self.step, self.train_seconds) if control else (False, False)
                 stop = self._out_of_time(start, first_step) or want_stop
                 last = self.step == end or stop
                 if self.step % cfg.log_every == 0 or last:
-                    keys = sorted(acc_metrics)
-                    vec = all_reduce(torch.stack([acc_loss, acc_norm] + [acc_metrics[k] for k in keys]) / window_steps,
-                                     mean=True)
+                    keys = sorted(window)
+                    vec = all_reduce(torch.stack([window[k] for k in keys]) / window_steps, mean=True)
+                    means = dict(zip(keys, vec.tolist()))  # the only host sync of the loop
                     now = time.perf_counter()
-                    vals = vec.tolist()  # the only host sync of the loop
-                    if not math.isfinite(vals[0]):
-                        raise FloatingPointError(f"the training loss became {vals[0]} by step {self.step}; lower "
-                                                 "the learning rate or raise warmup_steps")
-                    record = {"type": "train", "step": self.step, "loss": vals[0],
-                              **{k: vals[2 + i] for i, k in enumerate(keys)}, "grad_norm": vals[1], "lr": lr,
+                    if not math.isfinite(means["loss"]):
+                        raise FloatingPointError(f"the training loss became {means['loss']} by step {self.step}; "
+                                                 "lower the learning rate or raise warmup_steps")
+                    record = {"type": "train", "step": self.step, **means, "lr": lr,
                               "tokens_per_s": tokens_per_step * window_steps / max(now - window_t, 1e-9),
                               "tokens": tokens_per_step * self.step, "elapsed_s": now - start,
                               "train_seconds": self.train_seconds}
                     self._log(record)
                     self.last_metrics = record
                     if bar is not None:
-                        bar.postfix(vals[0], lr, record["tokens_per_s"])
-                    window_t, window_steps = now, 0
-                    acc_loss, acc_norm, acc_metrics = torch.zeros_like(acc_loss), torch.zeros_like(acc_norm), {}
+                        bar.postfix(means["loss"], lr, record["tokens_per_s"])
+                    window_t, window_steps, window = now, 0, {}
                 if bar is not None:
                     bar.update(self.step, time.perf_counter() - start)
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or want_eval or last:

@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from .trainer import Control, TrainConfig, Trainer
 
 DEFAULT_CACHE = "~/.cache/calmlm/tokens"
+_PRESET_FNS = {"autoencoder": autoencoder_preset, "calm": calm_preset, "baseline": baseline_preset}
 
 
 @dataclass
@@ -67,19 +68,16 @@ def _model_config(kind: str, preset: str, config_file: str | None, **overrides: 
         if cfg.kind != kind:
             raise ConfigError(f"{config_file} is a {cfg.kind} config, expected {kind}")
         return cfg.replace(**overrides)
-    if kind == "autoencoder":
-        return autoencoder_preset(preset, **overrides)
-    if kind == "baseline":
-        return baseline_preset(preset, **overrides)
-    return calm_preset(preset, **overrides)
+    return _PRESET_FNS[kind](preset, **overrides)
 
 
-def _fit(model: Any, train: Any, val: Any, cfg: TrainConfig, tok: Any, opts: DataOptions, info: dict[str, Any],
-         evaluate_fn: Any, resume: bool, device: str | None, control: Control | None = None) -> dict[str, Any]:
+def _fit(model: Any, tok: Any, opts: DataOptions, cfg: TrainConfig, evaluate_fn: Any, resume: bool,
+         device: str | None, control: Control | None) -> dict[str, Any]:
+    """Train ``model`` on the data of ``opts`` and record that data in the run folder."""
+    train, val, info = prepare_data(opts, tok)
     meta = {"data": opts.record(), "data_info": {k: v for k, v in info.items() if k != "cache"}}
-    trainer = Trainer(model, train, val, cfg, tokenizer=tok, evaluate_fn=evaluate_fn, resume=resume, device=device,
-                      metadata=meta)
-    final = trainer.fit(control=control)
+    final = Trainer(model, train, val, cfg, tokenizer=tok, evaluate_fn=evaluate_fn, resume=resume, device=device,
+                    metadata=meta).fit(control=control)
     Path(cfg.out_dir, "data_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return final
 
@@ -113,9 +111,8 @@ def train_autoencoder(opts: DataOptions, cfg: TrainConfig, preset: str = "defaul
     from ..models.autoencoder import Autoencoder
 
     tok = get_tokenizer(tokenizer, opts, vocab_size, cfg.out_dir)
-    ae_cfg = autoencoder_config(tok, preset, config_file, **overrides)
-    train, val, info = prepare_data(opts, tok)
-    return _fit(Autoencoder(ae_cfg), train, val, cfg, tok, opts, info, autoencoder_eval_fn(), resume, device, control)
+    model = Autoencoder(autoencoder_config(tok, preset, config_file, **overrides))
+    return _fit(model, tok, opts, cfg, autoencoder_eval_fn(), resume, device, control)
 
 
 def brier_eval_fn(block_size: int, max_tokens: int = 8192) -> Any:
@@ -137,18 +134,16 @@ def calm_config(ae_config: AutoencoderConfig, tok: Any, block_size: int, preset:
                 config_file: str | None = None, **overrides: Any) -> CALMConfig:
     """The CALM config a run trains: the preset (or file) matched to its autoencoder, tokenizer and block size;
     ``overrides`` are CALMConfig fields (head options...)."""
-    a = ae_config
-    if block_size % a.chunk_size:
-        raise ConfigError(f"--block-size {block_size} is not a multiple of the autoencoder's K={a.chunk_size}")
-    over: dict[str, Any] = dict(autoencoder=a, vocab_size=a.vocab_size, chunk_size=a.chunk_size,
-                                latent_size=a.latent_size, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
-    over.update(overrides)
+    k = ae_config.chunk_size
+    if block_size % k:
+        raise ConfigError(f"--block-size {block_size} is not a multiple of the autoencoder's K={k}")
+    over = {"autoencoder": ae_config, "vocab_size": ae_config.vocab_size, "chunk_size": k,
+            "latent_size": ae_config.latent_size, "eos_token_id": tok.eos_id, "bos_token_id": tok.bos_id, **overrides}
     if config_file:  # a CALM config file names its own autoencoder; it must match the one given
         over.pop("autoencoder")
     model_cfg: CALMConfig = _model_config("calm", preset, config_file, **over)
-    positions = block_size // a.chunk_size
-    if model_cfg.max_position_embeddings < positions:
-        model_cfg = model_cfg.replace(max_position_embeddings=positions)
+    if model_cfg.max_position_embeddings < block_size // k:
+        model_cfg = model_cfg.replace(max_position_embeddings=block_size // k)
     return model_cfg
 
 
@@ -160,9 +155,7 @@ def train_calm(opts: DataOptions, cfg: TrainConfig, autoencoder: str, preset: st
 
     ae = load_autoencoder(autoencoder)
     model_cfg = calm_config(ae.config, ae.tokenizer, opts.block_size, preset, config_file, **(head_options or {}))
-    model = CALM(model_cfg, autoencoder=ae)
-    train, val, info = prepare_data(opts, ae.tokenizer)
-    return _fit(model, train, val, cfg, ae.tokenizer, opts, info, brier_eval_fn(opts.block_size, brier_tokens),
+    return _fit(CALM(model_cfg, autoencoder=ae), ae.tokenizer, opts, cfg, brier_eval_fn(opts.block_size, brier_tokens),
                 resume, device, control)
 
 
@@ -182,18 +175,14 @@ def train_baseline(opts: DataOptions, cfg: TrainConfig, tokenizer: str | None = 
     from ..models.baseline import BaselineLM
 
     tok = get_tokenizer(_tokenizer_path(tokenizer), opts, vocab_size, cfg.out_dir)
-    model_cfg = baseline_config(tok, opts.block_size, preset, config_file)
-    train, val, info = prepare_data(opts, tok)
-    return _fit(BaselineLM(model_cfg), train, val, cfg, tok, opts, info, brier_eval_fn(opts.block_size, brier_tokens),
-                resume, device, control)
+    model = BaselineLM(baseline_config(tok, opts.block_size, preset, config_file))
+    return _fit(model, tok, opts, cfg, brier_eval_fn(opts.block_size, brier_tokens), resume, device, control)
 
 
 def _tokenizer_path(path: str | None) -> str | None:
     """Accept a checkpoint or run folder as --tokenizer (to share an autoencoder's tokenizer)."""
-    if path is None:
-        return None
-    p = Path(path)
-    for cand in (p / "checkpoint", p):
-        if (cand / "tokenizer.json").exists():
-            return str(cand)
+    if path is not None:
+        for folder in (Path(path) / "checkpoint", Path(path)):
+            if (folder / "tokenizer.json").exists():
+                return str(folder)
     return path
