@@ -14,16 +14,14 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
 from ..errors import CalmError
 from .engine import Engine, Request
 from .schemas import ChatMessage, ChatRequest, CompletionRequest
-
-LIKELIHOOD_FREE = ("CALM is likelihood-free: it samples the next chunk without computing token probabilities, so "
-                   "there are no logprobs to return. Measure CALM with BrierLM instead (`calm eval`).")
-
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -37,18 +35,13 @@ class APIError(Exception):
 
 def simple_chat_prompt(messages: list[ChatMessage]) -> str:
     """``Role: content`` lines (System / User / Assistant), then ``Assistant:`` for the model to continue."""
-    lines = [f"{m.role.capitalize()}: {m.text()}\n" for m in messages]
-    return "".join(lines) + "Assistant:"
+    return "".join(f"{m.role.capitalize()}: {m.text()}\n" for m in messages) + "Assistant:"
 
 
-def read_chat_template(directory: str | Path | None) -> str | None:
+def read_chat_template(directory: str | Path) -> str | None:
     """The Jinja ``chat_template`` of ``tokenizer_config.json`` beside the weights, if any."""
-    if directory is None:
-        return None
     path = Path(directory) / "tokenizer_config.json"
-    if not path.is_file():
-        return None
-    template = json.loads(path.read_text()).get("chat_template")
+    template = json.loads(path.read_text()).get("chat_template") if path.is_file() else None
     return template if isinstance(template, str) else None
 
 
@@ -63,9 +56,9 @@ class Server:
                  chat_template: str | None = None, batch_wait: float = 0.002) -> None:
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.is_calm = model.config.kind == "calm"
-        self.eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_id
-        if model.config.eos_token_id is None and self.eos is not None:
-            model.config.eos_token_id = self.eos  # the engine stops on the tokenizer's EOS, as `calm generate`
+        if model.config.eos_token_id is None:  # the engine stops on the tokenizer's EOS, as `calm generate`
+            model.config.eos_token_id = tokenizer.eos_id
+        self.eos = model.config.eos_token_id
         self.engine = Engine(model, max_batch_size, batch_wait)
         self.created = int(time.time())
         self.chat_template = None
@@ -76,11 +69,17 @@ class Server:
             env.globals["raise_exception"] = _raise  # as in Hugging Face chat templates
             self.chat_template = env.from_string(chat_template)
 
-    # -- validation shared by both endpoints -----------------------------------------------------------
-    def _check_common(self, req: CompletionRequest | ChatRequest) -> None:
-        if req.model != self.model_name:
-            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.model_name!r} "
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r} "
                                 "(see GET /v1/models)", "model", "model_not_found")
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "calmlm"}
+
+    def _check_common(self, req: CompletionRequest | ChatRequest, max_tokens: int | None) -> None:
+        """The checks both endpoints share."""
+        self.check_model(req.model)
         t = req.temperature
         if not math.isfinite(t) or t <= 0:
             raise APIError(400, f"temperature must be a finite number > 0, got {t}", "temperature")
@@ -93,66 +92,56 @@ class Server:
         if self.is_calm and req.top_k is not None:
             raise APIError(400, "top_k applies to the baseline only; CALM has no token distribution to truncate",
                            "top_k")
-
-    def _requests(self, prompts: list[list[int]], req: CompletionRequest | ChatRequest,
-                  max_tokens: int | None, emit_for: Any, logprobs: int | None = None) -> list[Request]:
-        out = []
-        for i, ids in enumerate(prompts):
-            mt = max_tokens if max_tokens is not None else self.engine.room(len(ids))
-            r = Request(ids, mt, emit_for(i), temperature=req.temperature, n=req.n, seed=req.seed,
-                        top_k=req.top_k, sampler=req.calm_sampler, pool_size=req.calm_pool_size, logprobs=logprobs)
-            try:
-                self.engine.check(r)
-            except CalmError as e:
-                raise APIError(400, str(e)) from None
-            out.append(r)
-        return out
-
-    def _stops(self, stop: str | list[str] | None) -> list[str]:
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise APIError(400, "stop must be up to 4 non-empty strings", "stop")
-        return stops
-
-    def _prompt_ids(self, prompt: str | list[str] | list[int]) -> tuple[list[list[int]], list[str]]:
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        if prompt and all(isinstance(p, int) for p in prompt):
-            return [list(prompt)], [self.tokenizer.decode(prompt)]  # type: ignore[arg-type]
-        if not prompt:
-            raise APIError(400, "prompt must not be an empty list", "prompt")
-        return self.tokenizer.encode_batch(prompt), list(prompt)  # type: ignore[arg-type]
-
-    # -- endpoints -----------------------------------------------------------------------------------
-    def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [self.model_card()]}
-
-    def model_card(self) -> dict[str, Any]:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "calmlm"}
-
-    def completion(self, req: CompletionRequest) -> tuple[list[Request], _Decode]:
-        self._check_common(req)
-        if req.logprobs is not None:
-            self._check_logprobs(req, req.logprobs, 5)
-            if req.echo:
-                raise APIError(400, "echo with logprobs (the prompt's log-probabilities) is not implemented by calm "
-                                    "serve; score prompts with lm-evaluation-harness (`--model calmlm`)", "echo")
-        if req.max_tokens is not None and req.max_tokens < 1:
-            raise APIError(400, f"max_tokens must be >= 1, got {req.max_tokens}", "max_tokens")
-        prompts, texts = self._prompt_ids(req.prompt)
-        decode = _Decode(self, len(prompts), req.n, self._stops(req.stop), prefixes=texts if req.echo else None)
-        return self._requests(prompts, req, req.max_tokens, decode.emit_for, req.logprobs), decode
+        if max_tokens is not None and max_tokens < 1:
+            raise APIError(400, f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
 
     def _check_logprobs(self, req: CompletionRequest | ChatRequest, top: int, most: int) -> None:
         if self.is_calm:
-            raise APIError(400, LIKELIHOOD_FREE, "logprobs")
+            raise APIError(400, "CALM is likelihood-free: it samples the next chunk without computing token "
+                                "probabilities, so there are no logprobs to return. Measure CALM with BrierLM "
+                                "instead (`calm eval`).", "logprobs")
         if not 0 <= top <= most:
             raise APIError(400, f"the number of top logprobs must be between 0 and {most}, got {top}", "logprobs")
         if req.stream:
             raise APIError(400, "logprobs are not supported with stream: true; ask without streaming", "logprobs")
 
-    def chat(self, req: ChatRequest) -> tuple[list[Request], _Decode]:
-        self._check_common(req)
+    def _decode(self, req: CompletionRequest | ChatRequest, prompts: list[list[int]], max_tokens: int | None,
+                logprobs: int | None, prefixes: list[str] | None = None) -> _Decode:
+        """A _Decode for ``prompts`` with its engine requests, checked but not yet submitted."""
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise APIError(400, "stop must be up to 4 non-empty strings", "stop")
+        decode = _Decode(self, len(prompts), req.n, stops, prefixes)
+        for i, ids in enumerate(prompts):
+            r = Request(ids, max_tokens if max_tokens is not None else self.engine.room(len(ids)), decode.emit_for(i),
+                        temperature=req.temperature, n=req.n, seed=req.seed, top_k=req.top_k,
+                        sampler=req.calm_sampler, pool_size=req.calm_pool_size, logprobs=logprobs)
+            try:
+                self.engine.check(r)
+            except CalmError as e:
+                raise APIError(400, str(e)) from None
+            decode.requests.append(r)
+        return decode
+
+    def completion(self, req: CompletionRequest) -> _Decode:
+        self._check_common(req, req.max_tokens)
+        if req.logprobs is not None:
+            self._check_logprobs(req, req.logprobs, 5)
+            if req.echo:
+                raise APIError(400, "echo with logprobs (the prompt's log-probabilities) is not implemented by calm "
+                                    "serve; score prompts with lm-evaluation-harness (`--model calmlm`)", "echo")
+        prompt = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not prompt:
+            raise APIError(400, "prompt must not be an empty list", "prompt")
+        if all(isinstance(p, int) for p in prompt):  # one prompt of token ids
+            prompts, texts = [list(prompt)], [self.tokenizer.decode(prompt)]
+        else:
+            prompts, texts = self.tokenizer.encode_batch(prompt), list(prompt)
+        return self._decode(req, prompts, req.max_tokens, req.logprobs, texts if req.echo else None)
+
+    def chat(self, req: ChatRequest) -> _Decode:
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        self._check_common(req, max_tokens)
         top = None
         if req.logprobs or req.top_logprobs:
             if not req.logprobs:
@@ -161,13 +150,7 @@ class Server:
             self._check_logprobs(req, top, 20)
         if not req.messages:
             raise APIError(400, "messages must not be empty", "messages")
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if max_tokens is not None and max_tokens < 1:
-            raise APIError(400, f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
-        prompt = self.chat_prompt(req.messages)
-        ids = self.tokenizer.encode(prompt)
-        decode = _Decode(self, 1, req.n, self._stops(req.stop))
-        return self._requests([ids], req, max_tokens, decode.emit_for, top), decode
+        return self._decode(req, [self.tokenizer.encode(self.chat_prompt(req.messages))], max_tokens, top)
 
     def chat_prompt(self, messages: list[ChatMessage]) -> str:
         if self.chat_template is None:
@@ -180,16 +163,16 @@ class Server:
             raise APIError(400, f"the model's chat template refused these messages: {e}", "messages") from None
 
 
+@dataclass
 class _Choice:
     """One choice's tokens and text; applies EOS, max_tokens and stop strings."""
 
-    def __init__(self, prefix: str = "") -> None:
-        self.ids: list[int] = []
-        self.text = ""
-        self.prefix = prefix
-        self.finish: str | None = None
-        self.sent = 0  # characters of prefix + text already streamed
-        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # per token in ids, when asked for
+    prefix: str = ""
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish: str | None = None
+    sent: int = 0  # characters of prefix + text already streamed
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # per token in ids, if asked
 
 
 class _Decode:
@@ -207,9 +190,8 @@ class _Decode:
         self.pending = prompts
 
     def emit_for(self, index: int) -> Any:
-        def emit(item: Any) -> None:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, item))
-        return emit
+        """The engine's ``emit`` for prompt ``index``: called from the worker thread, so hand over to the loop."""
+        return lambda item: self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, item))
 
     def cancel(self) -> None:
         for r in self.requests:
@@ -238,9 +220,8 @@ class _Decode:
     def _add(self, c: _Choice, tokens: list[int], max_tokens: int, logprobs: list[Any] | None = None) -> None:
         if c.finish:
             return
-        eos = self.server.eos
         for i, t in enumerate(tokens):
-            if t == eos:
+            if t == self.server.eos:
                 c.finish = "stop"
                 break
             c.ids.append(t)
@@ -259,9 +240,8 @@ class _Decode:
         an incomplete UTF-8 character."""
         full = c.prefix + c.text
         safe = full if c.finish else full[:len(full) - self.hold].rstrip("\ufffd")
-        if len(safe) <= c.sent:
-            return ""
-        out, c.sent = safe[c.sent:], len(safe)
+        out = safe[c.sent:]
+        c.sent = max(c.sent, len(safe))
         return out
 
     def logprobs(self, c: _Choice, chat: bool) -> dict[str, Any] | None:
@@ -272,15 +252,14 @@ class _Decode:
         name = self.server.tokenizer.decode
         pieces = [(name([t]), lp, [(name([i]), v) for i, v in top]) for t, (lp, top) in zip(c.ids, c.logprobs)]
         if chat:
-            return {"content": [{"token": tok, "logprob": lp, "bytes": list(tok.encode()),
-                                 "top_logprobs": [{"token": a, "logprob": v, "bytes": list(a.encode())} for a, v in top]}
+            def entry(tok: str, lp: float) -> dict[str, Any]:
+                return {"token": tok, "logprob": lp, "bytes": list(tok.encode())}
+            return {"content": [{**entry(tok, lp), "top_logprobs": [entry(a, v) for a, v in top]}
                                 for tok, lp, top in pieces]}
-        offsets, at = [], len(c.prefix)
-        for tok, _, _ in pieces:
-            offsets.append(at)
-            at += len(tok)
-        return {"tokens": [tok for tok, _, _ in pieces], "token_logprobs": [lp for _, lp, _ in pieces],
-                "top_logprobs": [dict(top) for _, _, top in pieces], "text_offset": offsets}
+        tokens = [tok for tok, _, _ in pieces]
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in pieces],
+                "top_logprobs": [dict(top) for _, _, top in pieces],
+                "text_offset": list(accumulate(map(len, tokens[:-1]), initial=len(c.prefix)))}
 
     def usage(self, prompt_tokens: int) -> dict[str, int]:
         completion = sum(len(c.ids) for c in self.choices)
@@ -303,25 +282,23 @@ def create_app(server: Server) -> Any:
         return JSONResponse(e.body(), status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: HTTPRequest, e: RequestValidationError) -> JSONResponse:
+    async def invalid(request: HTTPRequest, e: RequestValidationError) -> JSONResponse:
         problems = []
         for err in e.errors():
-            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-            if err.get("type") == "json_invalid":
-                problems.append("the request body is not valid JSON")
-            else:
-                problems.append(f"{where or 'body'}: {err.get('msg')}")
+            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+            problems.append("the request body is not valid JSON" if err.get("type") == "json_invalid"
+                            else f"{where}: {err.get('msg')}")
         param = next((str(err["loc"][-1]) for err in e.errors() if err.get("loc")), None)
-        return JSONResponse(APIError(400, "invalid request: " + "; ".join(problems), param).body(), status_code=400)
+        return await api_error(request, APIError(400, "invalid request: " + "; ".join(problems), param))
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: HTTPRequest, e: HTTPException) -> JSONResponse:
-        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+    async def http_error(request: HTTPRequest, e: HTTPException) -> JSONResponse:
+        return await api_error(request, APIError(e.status_code, str(e.detail)))
 
     @app.exception_handler(Exception)
-    async def crashed(_: HTTPRequest, e: Exception) -> JSONResponse:
-        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").body(),
-                            status_code=500)
+    async def crashed(request: HTTPRequest, e: Exception) -> JSONResponse:
+        message = f"internal error: {type(e).__name__}: {e}"
+        return await api_error(request, APIError(500, message, kind="server_error"))
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -329,31 +306,26 @@ def create_app(server: Server) -> Any:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return server.models()
+        return {"object": "list", "data": [server.model_card()]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str) -> dict[str, Any]:
-        if name != server.model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {server.model_name!r}",
-                           "model", "model_not_found")
+        server.check_model(name)
         return server.model_card()
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> Any:
-        requests, decode = server.completion(req)
-        return await _respond(server, req, requests, decode, chat=False)
+        return await respond(req, server.completion(req), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest) -> Any:
-        requests, decode = server.chat(req)
-        return await _respond(server, req, requests, decode, chat=True)
+        return await respond(req, server.chat(req), chat=True)
 
-    async def _respond(server: Server, req: Any, requests: list[Request], decode: _Decode, chat: bool) -> Any:
-        decode.requests = requests
-        prompt_tokens = sum(len(r.prompt_ids) for r in requests)
+    async def respond(req: CompletionRequest | ChatRequest, decode: _Decode, chat: bool) -> Any:
+        prompt_tokens = sum(len(r.prompt_ids) for r in decode.requests)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        for r in requests:
+        for r in decode.requests:
             server.engine.submit(r)
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
@@ -366,12 +338,8 @@ def create_app(server: Server) -> Any:
             decode.cancel()
         choices = []
         for i, c in enumerate(decode.choices):
-            if chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": c.text},
-                                "logprobs": decode.logprobs(c, chat), "finish_reason": c.finish})
-            else:
-                choices.append({"index": i, "text": c.prefix + c.text, "logprobs": decode.logprobs(c, chat),
-                                "finish_reason": c.finish})
+            content = {"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.prefix + c.text}
+            choices.append({"index": i, **content, "logprobs": decode.logprobs(c, chat), "finish_reason": c.finish})
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": server.model_name, "choices": choices, "usage": decode.usage(prompt_tokens)}
 
@@ -380,20 +348,17 @@ def create_app(server: Server) -> Any:
 
 async def _stream(server: Server, decode: _Decode, rid: str, created: int, chat: bool, include_usage: bool,
                   prompt_tokens: int) -> AsyncIterator[str]:
-    kind = "chat.completion.chunk" if chat else "text_completion"
-
     def event(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-        body: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": server.model_name,
-                                "choices": choices}
+        body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                                "created": created, "model": server.model_name, "choices": choices}
         if include_usage:
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
-    def piece(i: int, text: str | None, finish: str | None) -> dict[str, Any]:
+    def piece(i: int, text: str, finish: str | None) -> dict[str, Any]:
         if chat:
-            delta: dict[str, Any] = {} if text is None else {"content": text}
-            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": i, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish}
+        return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
 
     reported: set[int] = set()
     try:
@@ -409,7 +374,7 @@ async def _stream(server: Server, decode: _Decode, rid: str, created: int, chat:
                 if finish:
                     reported.add(i)
                 if text or finish:
-                    out.append(piece(i, text or None, finish))
+                    out.append(piece(i, text, finish))
             if out:
                 yield event(out)
         if include_usage:

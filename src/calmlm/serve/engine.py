@@ -1,16 +1,14 @@
 """The batching engine behind ``calm serve``: a request queue drained by one worker thread.
 
-Continuous batching: the worker decodes every live request in one KV-cached loop of up to
-``max_batch_size`` sequences (requests x n). A new batch waits ``batch_wait`` seconds after its first
-request for others; later requests join the running batch between two decode steps (prefilled on their own,
-then left-padded to the batch's cache length or the batch to theirs). A request leaves the batch when it is
-finished (EOS in every choice, ``max_tokens``, or cancelled by the server after a stop sequence / a client
-disconnect).
+Continuous batching: the worker decodes every live request in one KV-cached loop of up to ``max_batch_size``
+sequences (requests x n). A new batch waits ``batch_wait`` seconds after its first request for others; later
+requests join the running batch between two decode steps. A request leaves the batch when it is finished (EOS in
+every choice, ``max_tokens``, or cancelled by the server after a stop sequence / a client disconnect).
 
 Batching never changes an answer: the backbone masks each row's padding and numbers its positions from 0
-(``backbone.left_padding``), and every request draws its randomness from its own generator, seeded
-by its ``seed``. The draws are those of :func:`calmlm.sampling.generation.generate` for the same prompt, options and
-seed, so a request answers the same alone, in any batch, and through ``calm generate``.
+(``left_padding``), and every request draws from its own generator seeded by its ``seed``, as
+:func:`calmlm.sampling.generation.generate` does: a request answers the same alone, in any batch and through
+``calm generate``.
 """
 
 from __future__ import annotations
@@ -33,15 +31,17 @@ from ..sampling.generation import _next_chunk, _stop_after_eos, _validate, sampl
 # Called from the worker thread with each step's Step, then once with None when the request is finished, or
 # with an exception when it failed.
 Emit = Callable[[Any], None]
+# A baseline step's log-probabilities: per choice, per token (log p, [(id, log p)] of the top ones).
+Logprobs = list[list[tuple[float, list[tuple[int, float]]]]]
 
 
 @dataclass
 class Step:
     """One decode step of a request: per choice, the new tokens (K for CALM, 1 for the baseline) and, for a
-    baseline request with ``logprobs``, per token (log-probability, [(id, log-probability)] of the top ones)."""
+    baseline request with ``logprobs``, their log-probabilities."""
 
     tokens: list[list[int]]
-    logprobs: list[list[tuple[float, list[tuple[int, float]]]]] | None = None
+    logprobs: Logprobs | None = None
 
 
 @dataclass
@@ -79,14 +79,12 @@ class Engine:
         self.queue: queue.Queue[Request | None] = queue.Queue()
         self._held: Request | None = None  # a request that did not fit in the batch yet
         self._closed = False
-        self.joined = 0  # requests that joined a running batch
-        # For tests, logs and benchmarks: prefills (a fresh batch or requests joining it), the largest batch
-        # (sequences), decode steps and the sequences they decoded.
-        self.batches = self.largest_batch = self.steps = self.rows_stepped = 0
+        # For tests, logs and benchmarks: requests that joined a running batch, prefills (a fresh batch or requests
+        # joining it), the largest batch (sequences), decode steps and the sequences they decoded.
+        self.joined = self.batches = self.largest_batch = self.steps = self.rows_stepped = 0
         self._thread = threading.Thread(target=self._work, name="calm-serve-engine", daemon=True)
         self._thread.start()
 
-    # -- requests ------------------------------------------------------------------------------------
     @property
     def context(self) -> int:
         """The context in tokens (CALM: chunks x K)."""
@@ -98,6 +96,8 @@ class Engine:
 
     def check(self, request: Request) -> None:
         """Raise GenerationError (a clear message) if ``request`` cannot be decoded; call before ``submit``."""
+        cfg = self.model.config
+        length = len(request.prompt_ids)
         if request.max_tokens < 1:
             raise GenerationError(f"max_tokens must be >= 1, got {request.max_tokens}")
         if not 1 <= request.n <= self.max_batch_size:
@@ -108,20 +108,18 @@ class Engine:
             raise GenerationError("logprobs needs the baseline (CALM is likelihood-free) and 0 <= logprobs <= 20")
         if request.top_k is not None and request.top_k < 1:
             raise GenerationError(f"top_k must be >= 1, got {request.top_k}")
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in request.prompt_ids):
-            raise GenerationError(f"prompt token ids must be in [0, {vocab}), the model's vocabulary")
-        length = len(request.prompt_ids)
-        cfg = self.model.config
+        if any(not 0 <= t < cfg.vocab_size for t in request.prompt_ids):
+            raise GenerationError(f"prompt token ids must be in [0, {cfg.vocab_size}), the model's vocabulary")
         if not length and not self.is_calm and cfg.bos_token_id is None and self.eos is None:
             raise GenerationError("an empty prompt needs a BOS or EOS token id to start from; give a prompt")
-        if self._positions(length) > self.model.config.max_position_embeddings:
+        if self._positions(length) > cfg.max_position_embeddings:
             raise GenerationError(f"the prompt has {length} tokens, longer than the model's context of "
                                   f"{self.context} tokens; shorten it")
-        if request.max_tokens > self.room(length):
+        room = self.room(length)
+        if request.max_tokens > room:
             raise GenerationError(f"max_tokens={request.max_tokens} does not fit: the context is {self.context} "
-                                  f"tokens and the prompt takes {length}, so at most {self.room(length)} new "
-                                  "tokens fit; lower max_tokens or shorten the prompt")
+                                  f"tokens and the prompt takes {length}, so at most {room} new tokens fit; "
+                                  "lower max_tokens or shorten the prompt")
 
     def submit(self, request: Request) -> None:
         self.check(request)
@@ -131,7 +129,6 @@ class Engine:
         self.queue.put(None)
         self._thread.join(timeout=10)
 
-    # -- the worker ----------------------------------------------------------------------------------
     def _work(self) -> None:
         while not self._closed:
             first = self._held or self.queue.get()  # block while idle
@@ -170,8 +167,7 @@ class Engine:
         return taken
 
     def _positions(self, prompt_len: int) -> int:
-        """Backbone positions a prompt takes: chunks after left-padding to a multiple of K (an empty prompt is
-        one chunk of padding) for CALM; tokens (an empty prompt becomes BOS or EOS) for the baseline."""
+        """Backbone positions a prompt takes: CALM chunks or baseline tokens; an empty prompt still takes one."""
         return max(1, math.ceil(prompt_len / self.k))
 
     def _prompt_row(self, ids: list[int]) -> list[int]:
@@ -195,10 +191,10 @@ class Engine:
     def _propose(self, active: list[_Live], state: torch.Tensor) -> list[torch.Tensor]:
         """Each live request's next tokens (n, K), drawn with its own generator. CALM requests at T=1 share
         one head + decoder call (their noise is drawn per request, so the draws do not depend on the batch)."""
+        m = self.model
         out: list[torch.Tensor | None] = [None] * len(active)
         plain = [i for i, live in enumerate(active) if self.is_calm and live.request.temperature == 1.0]
         if plain:
-            m = self.model
             hidden = torch.cat([state[active[i].rows] for i in plain])
             noise = torch.cat([m.head.noise((active[i].request.n,), hidden.device, hidden.dtype, active[i].gen)
                                for i in plain])
@@ -211,7 +207,7 @@ class Engine:
             r, s = live.request, state[live.rows]
             try:
                 if self.is_calm:
-                    out[i] = _next_chunk(self.model, s, r.temperature, r.sampler, r.pool_size, live.gen)
+                    out[i] = _next_chunk(m, s, r.temperature, r.sampler, r.pool_size, live.gen)
                 else:
                     out[i] = sample_logits(s, r.temperature, r.top_k, live.gen)[:, None]
                     if r.logprobs is not None:
@@ -238,13 +234,12 @@ class _Batch:
 
     @torch.no_grad()
     def run(self, requests: list[Request]) -> None:
-        e = self.engine
         while True:
             self.admit(requests)
             if not self.live:
                 return
             self.step()
-            requests = e._take(sum(x.request.n for x in self.live))
+            requests = self.engine._take(sum(x.request.n for x in self.live))
 
     def admit(self, requests: list[Request]) -> None:
         e = self.engine
@@ -253,10 +248,10 @@ class _Batch:
             if r.cancelled.is_set():
                 _safe_emit(r, None)
             else:
-                new.append(_Live(r, e.device))
+                new.append(_Live(r, e.device, e.k))
         if not new:
             return
-        remaining = max(x.steps(e.k) - x.step for x in [*self.live, *new])
+        remaining = max(x.total_steps - x.step for x in [*self.live, *new])
         self.live += new  # from here on, a failure is reported to these requests too
         prompts = [e._prompt_row(x.request.prompt_ids) for x in new]
         width = max(len(p) for p in prompts)  # tokens; a multiple of K for CALM
@@ -272,15 +267,15 @@ class _Batch:
         else:  # join: prefill alone, then copy both caches into one, right-aligned at the longer length
             cache = e.model.backbone.new_cache(ids.shape[0], width // e.k)
             state = e._forward(ids, cache, pad)
-            old = self.cache
-            length = max(old.length, cache.length)
+            length = max(self.cache.length, cache.length)
             merged = e.model.backbone.new_cache(len(self.pad) + len(pad), length + remaining)
-            for part, rows_, shift in ((old, slice(0, len(self.pad)), length - old.length),
-                                       (cache, slice(len(self.pad), None), length - cache.length)):
-                merged.k[:, rows_, :, shift:length] = part.k[:, :, :, :part.length]
-                merged.v[:, rows_, :, shift:length] = part.v[:, :, :, :part.length]
+            old_rows = len(self.pad)
+            for part, at in ((self.cache, slice(0, old_rows)), (cache, slice(old_rows, None))):
+                shift = length - part.length
+                merged.k[:, at, :, shift:length] = part.k[:, :, :, :part.length]
+                merged.v[:, at, :, shift:length] = part.v[:, :, :, :part.length]
             merged.length = length
-            self.pad = torch.cat([self.pad + (length - old.length), pad + (length - cache.length)])
+            self.pad = torch.cat([self.pad + (length - self.cache.length), pad + (length - cache.length)])
             self.state, self.cache = torch.cat([self.state, state]), merged
             e.joined += len(new)
         self._reindex()
@@ -306,7 +301,7 @@ class _Batch:
                 _safe_emit(x.request, x.error)
                 continue
             _safe_emit(x.request, Step([r[:-1] for r in rows], x.logprobs))
-            if x.step >= x.steps(e.k) or all(r[-1] for r in rows) or x.request.cancelled.is_set():
+            if x.step >= x.total_steps or all(r[-1] for r in rows) or x.request.cancelled.is_set():
                 _safe_emit(x.request, None)
                 continue
             keep.append(x)
@@ -337,26 +332,24 @@ class _Batch:
 class _Live:
     """A request inside a running batch: its rows, generator and per-choice EOS flags."""
 
-    def __init__(self, request: Request, device: torch.device) -> None:
+    def __init__(self, request: Request, device: torch.device, k: int) -> None:
         self.request = request
+        self.total_steps = math.ceil(request.max_tokens / k)
         self.rows = slice(0, 0)
         seed = request.seed if request.seed is not None else int(torch.randint(0, 2**62, ()).item())
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.done = torch.zeros(request.n, dtype=torch.bool, device=device)
         self.error: Exception | None = None
         self.step = 0  # decode steps done
-        self.logprobs: list[list[tuple[float, list[tuple[int, float]]]]] | None = None  # of the last step
-
-    def steps(self, k: int) -> int:
-        return math.ceil(self.request.max_tokens / k)
+        self.logprobs: Logprobs | None = None  # of the last step
 
 
-def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> list[list[tuple[float, list[tuple[int, float]]]]]:
+def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> Logprobs:
     """(n, V) logits and the (n,) sampled ids -> per row, [(log p(chosen), top ``top`` (id, log p))] under the
     model's distribution (before temperature and top-k, as OpenAI-style servers report it)."""
     lp = torch.log_softmax(logits.float(), dim=-1)
     picked = lp.gather(-1, chosen[:, None])[:, 0].tolist()
-    values, ids = lp.topk(top, dim=-1) if top else (lp[:, :0], chosen[:, None][:, :0])
+    values, ids = lp.topk(top, dim=-1)
     return [[(p, list(zip(i, v)))] for p, i, v in zip(picked, ids.tolist(), values.tolist())]
 
 

@@ -1,17 +1,16 @@
-"""Request bodies of the OpenAI API subset ``calm serve`` implements (validated by pydantic)."""
+"""Request bodies of the OpenAI API subset ``calm serve`` implements (validated by pydantic).
+
+Unknown fields are ignored (pydantic's default), as the OpenAI API does for fields a model does not use."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import BaseModel, ValidationInfo, field_validator
 from pydantic_core import PydanticUndefined
 
 
 class _Sampling(BaseModel):
-    # Unknown fields are ignored, as the OpenAI API does for fields a model does not use.
-    model_config = ConfigDict(extra="ignore")
-
     model: str
     temperature: float = 1.0
     top_p: float | None = None
@@ -43,17 +42,13 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
     role: str
     content: str | list[dict[str, Any]] | None = None
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return "".join(part.get("text", "") for part in self.content or [] if part.get("type") == "text")
 
 
 class ChatRequest(_Sampling):
