@@ -7,7 +7,11 @@ from typing import Any
 
 import torch
 
+from ..config import AUTOENCODER_PRESETS, BASELINE_PRESETS, CALM_PRESETS
+from ..data.corpus import prepare_corpus
 from ..errors import CalmError, DataError, TokenizerError
+from ..io.checkpoint import read_metadata
+from ..io.loading import load_with_tokenizer
 from ..train.workflows import DEFAULT_CACHE, DataOptions
 
 
@@ -16,28 +20,21 @@ def load_model_and_tokenizer(path: str, device: str | None = None, tokenizer: st
                              kind: str | None = None) -> tuple[Any, Any]:
     """:func:`calmlm.io.loading.load_with_tokenizer` with the commands' defaults: ``device`` None = CUDA when
     available; ``dtype_name`` "stored", "auto" (bfloat16 on GPUs, the stored dtype on CPU) or a torch dtype."""
-    from ..io.loading import load_with_tokenizer
-
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype_name == "auto":
-        dtype = torch.bfloat16 if dev.startswith("cuda") else None
-    else:
-        dtype = None if dtype_name == "stored" else getattr(torch, dtype_name)
-    return load_with_tokenizer(path, dev, dtype, tokenizer, purpose=purpose, kind=kind)
+        dtype_name = "bfloat16" if device.startswith("cuda") else "stored"
+    dtype = None if dtype_name == "stored" else getattr(torch, dtype_name)
+    return load_with_tokenizer(path, device, dtype, tokenizer, purpose=purpose, kind=kind)
 
 
 def training_data_record(path: str) -> dict[str, Any] | None:
     """The ``data`` entry a local checkpoint (or run folder) recorded at training (:meth:`DataOptions.record`)."""
-    from ..io.checkpoint import read_metadata
-
     folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file() and (folder / "checkpoint" / "config.json").is_file():
-        folder = folder / "checkpoint"  # a training run folder
     if not (folder / "config.json").is_file():
-        return None
+        folder = folder / "checkpoint"  # a training run folder
     try:
         record = read_metadata(folder).get("data")
-    except CalmError:
+    except CalmError:  # not a local calmlm checkpoint
         return None
     return record if isinstance(record, dict) else None
 
@@ -46,8 +43,6 @@ def evaluation_data(model_path: str, model: Any, tok: Any, block_size: int, data
                     text_field: str = "text", cache_dir: str | None = None) -> tuple[Any, str]:
     """(TokenDataset of ``block_size`` blocks, where it came from): every document of ``data``, or else the
     validation split the model was trained with, rebuilt from its record (or reused from the cache)."""
-    from ..data.corpus import prepare_corpus
-
     if tok.vocab_size > model.config.vocab_size:
         raise TokenizerError(f"the tokenizer has {tok.vocab_size} ids but the model only {model.config.vocab_size}; "
                              "pass the tokenizer the model was trained with (--tokenizer)")
@@ -59,11 +54,10 @@ def evaluation_data(model_path: str, model: Any, tok: Any, block_size: int, data
     if record is None:
         raise DataError(f"{model_path} does not record the data it was trained on, so it has no validation split "
                         "to evaluate; pass --data (the paper's set: --data wikitext103_test_documents.jsonl)")
-    d = DataOptions()
-    _, val, info = prepare_corpus(record.get("spec"), tok, cache_dir or record.get("cache_dir") or d.cache_dir,
-                                  block_size, val_fraction=float(record.get("val_fraction", d.val_fraction)),
-                                  seed=int(record.get("seed", d.seed)), val_data=record.get("val_data"),
-                                  text_field=record.get("text_field", d.text_field))
+    _, val, info = prepare_corpus(record.get("spec"), tok, cache_dir or record.get("cache_dir") or DEFAULT_CACHE,
+                                  block_size, val_fraction=float(record.get("val_fraction", DataOptions.val_fraction)),
+                                  seed=int(record.get("seed", DataOptions.seed)), val_data=record.get("val_data"),
+                                  text_field=record.get("text_field", DataOptions.text_field))
     if val is None:
         raise DataError(f"{model_path} was trained without a validation split; pass --data")
     return val, f"validation split of {info['source']} ({info['split']})"
@@ -71,7 +65,4 @@ def evaluation_data(model_path: str, model: Any, tok: Any, block_size: int, data
 
 def preset_help(kind: str) -> str:
     """'debug, small, ...': the preset names of a model kind, from the preset tables."""
-    from ..config import AUTOENCODER_PRESETS, BASELINE_PRESETS, CALM_PRESETS
-
-    table = {"autoencoder": AUTOENCODER_PRESETS, "calm": CALM_PRESETS, "baseline": BASELINE_PRESETS}[kind]
-    return ", ".join(table)
+    return ", ".join({"autoencoder": AUTOENCODER_PRESETS, "calm": CALM_PRESETS, "baseline": BASELINE_PRESETS}[kind])

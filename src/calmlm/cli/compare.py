@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import argparse
 
+from ..train.compare import CompareConfig, Comparison, __doc__ as compare_doc
 from . import training as tr
-from ..train.compare import CompareConfig
-from ..train.compare import __doc__ as compare_doc
 from .options import add_dataclass_arguments, dataclass_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="performance against training compute: CALM vs the baseline, same budget",
-                       description=compare_doc,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_arguments(p, CompareConfig, group="comparison")
+                       description=compare_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_arguments(p.add_argument_group("comparison"), CompareConfig)
     tr.add_data_args(p)
     g = p.add_argument_group("run")
     g.add_argument("--resume", action="store_true", help="continue an interrupted comparison in --out")
@@ -25,9 +23,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.compare import Comparison
-
-    config = dataclass_from_args(CompareConfig, args)
-    Comparison(config, tr.data_options(args), device=args.device, resume=args.resume,
-               progress=not args.no_progress).run()
+    Comparison(dataclass_from_args(CompareConfig, args), tr.data_options(args), device=args.device,
+               resume=args.resume, progress=not args.no_progress).run()
     return 0

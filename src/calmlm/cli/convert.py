@@ -6,23 +6,25 @@ from __future__ import annotations
 import argparse
 import re
 
+import torch
+
+from ..data.tokenizer import Tokenizer, check_vocab
 from ..errors import CheckpointError
+from ..io.checkpoint import save_model
+from ..io.loading import load
 
 DTYPES = ("keep", "float32", "bfloat16", "float16")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+# a number, then an optional K/M/G/T prefix (binary with "i": KiB = 2^10) and an optional B
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i)?)?B?\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
-    """'2GB' -> 2e9 bytes, '500MiB' -> 500*2^20, '1048576' -> bytes."""
+    """'2GB' -> 2e9 bytes, '500MiB' -> 500*2^20, '2G' = '2GB', '1048576' -> bytes."""
     m = _SIZE.match(text)
-    unit = (m.group(2) or "").upper() if m else ""
-    if unit and not unit.endswith("B"):
-        unit += "B"  # "2G" means 2GB
-    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+    if not m or float(m.group(1)) <= 0:
         raise CheckpointError(f"--max-shard-size {text!r} is not a size; write e.g. 2GB, 500MB or 1GiB")
-    return int(float(m.group(1)) * _UNITS[unit])
+    power = "KMGT".index(m.group(2).upper()) + 1 if m.group(2) else 0
+    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,23 +49,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..io.checkpoint import save_model
-    from ..io.loading import load
-
-    max_shard = parse_size(args.max_shard_size)
+    max_shard = parse_size(args.max_shard_size)  # before the (slow) load
     dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
     model = load(args.src, dtype=dtype, autoencoder=args.autoencoder, revision=args.revision)
     tokenizer = model.tokenizer
     if args.tokenizer:
-        from ..data.tokenizer import Tokenizer, check_vocab
-
         tokenizer = Tokenizer.load(args.tokenizer)
         check_vocab(tokenizer, model.config.vocab_size)
     save_model(model, args.dst, tokenizer=tokenizer, metadata={"converted_from": str(args.src)},
                max_shard_size=max_shard)
-    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    n = sum(p.numel() for p in model.parameters())  # parameters() counts tied weights once
     print(f"wrote {args.dst}: {model.config.kind}, {n:,} parameters, dtype "
           f"{next(model.parameters()).dtype}, tokenizer {'included' if tokenizer is not None else 'none'}")
     return 0

@@ -62,26 +62,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-# -- shared with `calm plot` ------------------------------------------------------------------------------
-
 def default_block_size(model: Any, requested: int | None) -> int:
-    cfg = model.config
-    context = cfg.max_position_embeddings * (cfg.chunk_size if cfg.kind == "calm" else 1)
-    if requested is not None:
-        if requested <= 0:
-            raise CalmError(f"--block-size must be positive, got {requested}")
-        return requested
-    return min(DEFAULT_BLOCK_SIZE, context)
+    """--block-size, checked, or else DEFAULT_BLOCK_SIZE capped at the model's context (also for `calm plot`)."""
+    if requested is None:
+        cfg = model.config
+        return min(DEFAULT_BLOCK_SIZE, cfg.max_position_embeddings * (cfg.chunk_size if cfg.kind == "calm" else 1))
+    if requested <= 0:
+        raise CalmError(f"--block-size must be positive, got {requested}")
+    return requested
 
-
-# -- the command --------------------------------------------------------------------------------------------
 
 def format_report(r: dict[str, Any], model: str, source: str) -> str:
     unit = f"chunks of K={r['chunk_size']}" if r["kind"] == "calm" else "tokens"
     lines = [f"BrierLM of {model} ({r['kind']})",
              f"data: {source}",
-             f"block size {r['block_size']} tokens, {r['num_tokens']:,} tokens evaluated (of {r['available_tokens']:,}) "
-             f"({r['num_blocks']} blocks, {r['num_positions']:,} positions over {unit}), seed {r['seed']}",
+             f"block size {r['block_size']} tokens, {r['num_tokens']:,} tokens evaluated "
+             f"(of {r['available_tokens']:,}) ({r['num_blocks']} blocks, {r['num_positions']:,} positions over "
+             f"{unit}), seed {r['seed']}",
              "",
              f"{'n':>3}  {'Brier-n':>9}  {'accuracy':>9}  {'collision':>9}  {'positions':>10}"]
     for n in range(1, 5):
@@ -104,8 +101,6 @@ def run(args: argparse.Namespace) -> int:
     data, source = evaluation_data(args.model, model, tok, block_size, args.data, args.text_field, args.cache_dir)
     r = evaluate_brierlm(model, data, block_size, args.batch_size, args.max_tokens, seed=args.seed,
                          progress=not args.no_progress and not args.json)
-    if args.json:
-        print(json.dumps({"model": args.model, "data": source, **r}, indent=2))
-    else:
-        print(format_report(r, args.model, source))
+    print(json.dumps({"model": args.model, "data": source, **r}, indent=2) if args.json
+          else format_report(r, args.model, source))
     return 0

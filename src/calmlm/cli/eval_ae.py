@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..errors import CalmError
+from .common import evaluation_data, load_model_and_tokenizer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +27,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluation.autoencoder import evaluate_autoencoder, format_autoencoder_report
-    from .common import evaluation_data, load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(args.model, args.device or "cpu", None, "stored", kind="autoencoder")
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from . import training as tr
 
@@ -42,5 +41,4 @@ def run(args: argparse.Namespace) -> int:
                      val_fraction=args.val_fraction, tokenizer=args.tokenizer, autoencoder=args.autoencoder,
                      epochs=args.epochs, eval_examples=args.eval_examples, eval_temperature=args.eval_temperature,
                      resume=args.resume, device=args.device)
-    print(json.dumps(final, indent=2, default=str))
-    return 0
+    return tr.print_result(final)

@@ -12,8 +12,6 @@ from ..config import (BASELINE_PRESETS, CALM_PRESETS, HEAD_TYPES, AutoencoderCon
 from ..errors import ConfigError
 from ..evaluation.flops import summarize
 
-FAMILIES = ("calm", "baseline")
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -26,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                       "debug (the last three exist in both families; see --family)")
     src.add_argument("--config", type=Path, metavar="FILE", help="a config JSON file (as written by calmlm)")
     src.add_argument("--model", type=Path, metavar="DIR", help="a model/checkpoint directory with config.json")
-    p.add_argument("--family", choices=FAMILIES,
+    p.add_argument("--family", choices=("calm", "baseline"),
                    help="model family of --preset, for names both families have (default: calm)")
     p.add_argument("--context", type=int, metavar="TOKENS",
                    help="attention window in tokens (default: the trained window, max_position_embeddings "

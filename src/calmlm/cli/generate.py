@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from . import training as tr
 from .common import load_model_and_tokenizer
@@ -28,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto = bfloat16 on GPUs, the stored dtype on CPU; bfloat16 is also ~3x faster on "
                         "CPUs with AMX (e.g. Sapphire Rapids) for T<1, where hundreds of latents are decoded per step")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off on long generations)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (pays off on long generations)")
     tr.add_head_args(p, sampling_only=True)
     p.set_defaults(func=run)
 
@@ -38,25 +38,23 @@ def run(args: argparse.Namespace) -> int:
 
     model, tok = load_model_and_tokenizer(args.model, args.device, args.tokenizer, args.dtype, purpose="generation")
     tr.apply_head_options(model, args)
-    prompt = tok.encode(args.prompt)
     stream = args.num_samples == 1  # several samples are printed one after another at the end
     rows: list[list[int]] = [[] for _ in range(args.num_samples)]
     printed = ""
     eos = model.config.eos_token_id if model.config.eos_token_id is not None else tok.eos_id
     if stream:
-        sys.stdout.write(args.prompt)
-    for new in iter_generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                             sampler=args.sampler, pool_size=args.pool_size, num_samples=args.num_samples,
-                             eos_token_id=eos, seed=args.seed, compile=args.compile):
+        print(args.prompt, end="")
+    for new in iter_generate(model, tok.encode(args.prompt), args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, sampler=args.sampler, pool_size=args.pool_size,
+                             num_samples=args.num_samples, eos_token_id=eos, seed=args.seed, compile=args.compile):
         for row, toks in zip(rows, new.tolist()):
             row.extend(toks)
         if stream:
             text = tok.decode(_until_eos(rows[0], eos))
-            sys.stdout.write(text[len(printed):])
-            sys.stdout.flush()
+            print(text[len(printed):], end="", flush=True)
             printed = text
     if stream:
-        sys.stdout.write("\n")
+        print()
     else:
         for i, row in enumerate(rows):
             print(f"--- sample {i + 1} ---")
@@ -65,6 +63,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _until_eos(ids: list[int], eos: int | None) -> list[int]:
-    if eos is not None and eos in ids:
-        return ids[: ids.index(eos)]
-    return ids
+    return ids[: ids.index(eos)] if eos in ids else ids

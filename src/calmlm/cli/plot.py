@@ -8,9 +8,8 @@ import json
 from typing import Any
 
 from ..errors import CalmError
-
-DEFAULT_TEMPERATURES = (1.0, 0.5, 1 / 3)
-DEFAULT_POOL_SIZES = (16, 64, 256)
+from .common import evaluation_data, load_model_and_tokenizer
+from .eval import add_data_arguments, default_block_size
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,11 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "T<1 the batch approximation over a pool of N head draws, for each N in --pool-sizes.")
     a.add_argument("--model", required=True, action="append", metavar="PATH",
                    help="checkpoint folder; repeat to compare models on one figure")
-    from .eval import add_data_arguments
     add_data_arguments(a)
-    a.add_argument("--temperatures", type=float, nargs="+", default=list(DEFAULT_TEMPERATURES), metavar="T",
+    a.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.5, 1 / 3], metavar="T",
                    help="temperatures (default: 1 1/2 1/3); CALM needs 0 < T <= 1")
-    a.add_argument("--pool-sizes", type=int, nargs="+", default=list(DEFAULT_POOL_SIZES), metavar="N",
+    a.add_argument("--pool-sizes", type=int, nargs="+", default=[16, 64, 256], metavar="N",
                    help="CALM pool sizes for T < 1 (default: 16 64 256)")
     a.add_argument("--out", required=True, metavar="FILE.png", help="the PNG file to write")
     a.add_argument("--json", action="store_true", help="also print the points as JSON")
@@ -40,13 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_accuracy_diversity(args: argparse.Namespace) -> int:
     from ..evaluation.brierlm import accuracy_diversity
     from ..evaluation.plotting import _pyplot, plot_accuracy_diversity
-    from .common import evaluation_data, load_model_and_tokenizer
-    from .eval import default_block_size
 
     if not args.out.lower().endswith(".png"):
         raise CalmError(f"--out {args.out} should be a .png file")
     _pyplot()  # fail before the (slow) evaluation when matplotlib is missing
-    series: dict[str, Any] = {}
     report: dict[str, Any] = {}
     for path in args.model:
         model, tok = load_model_and_tokenizer(path, args.device, args.tokenizer, "stored", purpose="BrierLM")
@@ -54,10 +49,9 @@ def run_accuracy_diversity(args: argparse.Namespace) -> int:
         data, source = evaluation_data(path, model, tok, block_size, args.data, args.text_field, args.cache_dir)
         points = accuracy_diversity(model, data, args.temperatures, args.pool_sizes, block_size, args.batch_size,
                                     args.max_tokens, seed=args.seed, progress=not args.no_progress)
-        label = path if path not in series else f"{path} ({len(series)})"
-        series[label] = points
+        label = path if path not in report else f"{path} ({len(report)})"
         report[label] = {"data": source, "block_size": block_size, "points": points}
-    out = plot_accuracy_diversity(series, args.out)
+    out = plot_accuracy_diversity({label: r["points"] for label, r in report.items()}, args.out)
     if args.json:
         print(json.dumps({"figure": str(out), "models": report}, indent=2))
     else:

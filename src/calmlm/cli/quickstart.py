@@ -53,18 +53,17 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..evaluation.autoencoder import evaluate_autoencoder, format_autoencoder_report
-    from ..io.loading import load
     from ..evaluation.plotting import plot_accuracy_vs_noise
+    from ..io.loading import load
     from ..train.trainer import resolve_precision
 
     t0 = time.perf_counter()
     budget = args.minutes * 60
-    deadline = t0 + budget
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     opts = wf.DataOptions(data=args.data, block_size=args.block_size, seed=args.seed,
                           cache_dir=str(out / "token_cache"))
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = resolve_precision(args.precision, device)
     print(f"budget {args.minutes:g} min on {device.type}, precision {precision}"
           + (" (AMX detected: bf16 autocast)" if device.type == "cpu" and precision == "bf16" else ""), flush=True)
@@ -75,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
                       out_dir=str(out / kind), progress=not args.no_progress)
 
     def left() -> float:
-        return deadline - time.perf_counter()
+        return t0 + budget - time.perf_counter()
 
     ae_reserve = min(RESERVE_AE_S, RESERVE_AE_SHARE * budget)
     models_reserve = 2 * min(RESERVE_PER_MODEL_S, RESERVE_PER_MODEL_SHARE * budget)
@@ -85,11 +84,9 @@ def run(args: argparse.Namespace) -> int:
     _, val, _ = wf.prepare_data(opts, tok)  # tokenised once, cached: not charged to the autoencoder's time
     ae_seconds = AE_SHARE * (left() - ae_reserve - models_reserve)
     wf.train_autoencoder(opts, cfg("autoencoder", ae_preset, ae_seconds), preset=ae_preset, device=args.device)
-    ae = load(out / "autoencoder", kind="autoencoder")
-    ae_report = evaluate_autoencoder(ae, val, max_blocks=200)
+    ae_report = evaluate_autoencoder(load(out / "autoencoder", kind="autoencoder"), val, max_blocks=200)
     print(format_autoencoder_report(ae_report))
-    plot = plot_accuracy_vs_noise(ae_report, out / "autoencoder_accuracy.png")
-    print(f"plot: {plot}")
+    print(f"plot: {plot_accuracy_vs_noise(ae_report, out / 'autoencoder_accuracy.png')}")
 
     # CALM and the baseline get the same training time: half of what is left after the final evaluations
     lm_seconds = (left() - models_reserve) / 2
@@ -104,9 +101,8 @@ def run(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = {"minutes_budget": args.minutes, "precision": precision,
                                "corpus": "default (Python standard library)" if args.data is None else args.data,
                                "block_size": args.block_size, "autoencoder": ae_report, "models": {}}
-    models = {}
-    for name in ("calm", "baseline"):
-        models[name] = model = load(out / name)
+    models = {name: load(out / name) for name in ("calm", "baseline")}
+    for name, model in models.items():
         last = _last_eval(out / name / "metrics.jsonl")
         summary["models"][name] = {
             "brierlm": last["brierlm"], **{f"brier_{n}": last[f"brier_{n}"] for n in range(1, 5)},
@@ -117,13 +113,11 @@ def run(args: argparse.Namespace) -> int:
     summary["calm_over_baseline_brierlm"] = calm_b / base_b if base_b > 0 else None
 
     _stage("5/5 samples")
-    samples: dict[str, dict[str, list[str]]] = {}
+    summary["samples"] = {name: {} for name in models}
     for name, model in models.items():
-        samples[name] = {}
         for t in (1.0, 0.5):  # CALM at T < 1: the batch approximation over a pool of 200 draws
             ids = model.generate(tok.encode(PROMPT), max_new_tokens=48, num_samples=2, seed=args.seed, temperature=t)
-            samples[name][f"T={t:g}"] = [tok.decode(row.tolist()) for row in ids]
-    summary["samples"] = samples
+            summary["samples"][name][f"T={t:g}"] = [tok.decode(row.tolist()) for row in ids]
     summary["elapsed_minutes"] = round((time.perf_counter() - t0) / 60, 2)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(format_summary(summary))
@@ -143,21 +137,18 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"{name:<10} {m['parameters']:>10,} {m['train_steps']:>7} {m['train_minutes']:>8.2f} "
                      f"{m['brierlm']:>8.2f}  {briers}")
     ratio = summary["calm_over_baseline_brierlm"]
-    calm = summary["models"]["calm"]
     lines.append(f"CALM / baseline BrierLM: {ratio:.2f} (same training time, data, tokenizer and validation tokens: "
-                 f"{calm['brier_tokens']} tokens in blocks of {summary['block_size']})" if ratio is not None else "")
+                 f"{summary['models']['calm']['brier_tokens']} tokens in blocks of {summary['block_size']})"
+                 if ratio is not None else "")
     for name, by_t in summary["samples"].items():
         for t, texts in by_t.items():
-            lines.append(f"\n--- {name} sample, {t}{' (batch approximation, 200 draws)' if name == 'calm' and t != 'T=1' else ''} ---\n{texts[0]}")
+            note = " (batch approximation, 200 draws)" if name == "calm" and t != "T=1" else ""
+            lines.append(f"\n--- {name} sample, {t}{note} ---\n{texts[0]}")
     lines.append(f"\n{summary['elapsed_minutes']} minutes of a {summary['minutes_budget']:g}-minute budget "
                  f"(precision {summary['precision']})")
     return "\n".join(lines)
 
 
 def _last_eval(path: Path) -> dict[str, Any]:
-    last: dict[str, Any] = {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("type") == "eval":
-            last = rec
-    return last
+    evals = [rec for rec in map(json.loads, path.read_text().splitlines()) if rec.get("type") == "eval"]
+    return evals[-1] if evals else {}

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from ..errors import CalmError
+from ..io.loading import resolve
+from .common import load_model_and_tokenizer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,9 +41,7 @@ def build_server(model_path: str, device: str | None = None, tokenizer: str | No
     except ImportError as e:
         raise CalmError(f"calm serve needs FastAPI and uvicorn ({e.name} is missing); "
                         "install them with: pip install 'calmlm[serve]'") from None
-    from ..io.loading import resolve
     from ..serve.app import Server, read_chat_template
-    from .common import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(model_path, device, tokenizer, dtype, purpose="serving")
     folder = resolve(model_path)
@@ -58,9 +58,8 @@ def run(args: argparse.Namespace) -> int:
 
     server = build_server(args.model, args.device, args.tokenizer, args.dtype, args.max_batch_size,
                           args.served_model_name, args.batch_wait_ms)
-    kind = "CALM" if server.is_calm else "baseline"
-    print(f"serving {kind} model {server.model_name!r} on http://{args.host}:{args.port}/v1 "
-          f"(max batch {args.max_batch_size} sequences)", flush=True)
+    print(f"serving {'CALM' if server.is_calm else 'baseline'} model {server.model_name!r} on "
+          f"http://{args.host}:{args.port}/v1 (max batch {args.max_batch_size} sequences)", flush=True)
     try:
         uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="info")
     finally:

@@ -6,10 +6,9 @@ import argparse
 import time
 from pathlib import Path
 
+from ..data.corpus import open_corpus
+from ..data.tokenizer import Tokenizer, train_tokenizer
 from ..errors import TokenizerError
-
-DATA_HELP = ("corpus: a text/JSONL file, a directory, a glob, a saved `datasets` folder or hf:NAME[:CONFIG][@SPLIT] "
-             "(default: the Python standard library source)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
 
     t = sub.add_parser("train", help="train a byte-level BPE tokenizer and save it to a directory")
-    t.add_argument("--data", metavar="SPEC", help=DATA_HELP)
+    t.add_argument("--data", metavar="SPEC", help="corpus: a text/JSONL file, a directory, a glob, a saved `datasets` "
+                                                  "folder or hf:NAME[:CONFIG][@SPLIT] (default: the Python standard "
+                                                  "library source)")
     t.add_argument("--text-field", default="text", metavar="NAME",
                    help="text field of JSONL/dataset rows (default: text)")
     t.add_argument("--vocab-size", type=int, default=8192, metavar="N",
@@ -40,9 +41,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..data.corpus import open_corpus
-    from ..data.tokenizer import train_tokenizer
-
     corpus = open_corpus(args.data, args.text_field)
     print(f"training a {args.vocab_size}-token BPE on {corpus.description}")
     start = time.perf_counter()
@@ -53,15 +51,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_encode(args: argparse.Namespace) -> int:
-    from ..data.tokenizer import Tokenizer
-
     print(" ".join(map(str, Tokenizer.load(args.tokenizer).encode(args.text))))
     return 0
 
 
 def run_decode(args: argparse.Namespace) -> int:
-    from ..data.tokenizer import Tokenizer
-
     tok = Tokenizer.load(args.tokenizer)
     bad = [i for i in args.ids if not 0 <= i < tok.vocab_size]
     if bad:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..train import workflows as wf
 from . import training as tr
@@ -28,5 +27,4 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     final = wf.train_calm(tr.data_options(args), tr.train_config(args), args.autoencoder, args.preset, args.config,
                           args.resume, args.device, args.brier_tokens, tr.head_options(args))
-    print(json.dumps(final, indent=2, default=str))
-    return 0
+    return tr.print_result(final)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..train import workflows as wf
 from . import training as tr
@@ -27,5 +26,4 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     final = wf.train_autoencoder(tr.data_options(args), tr.train_config(args), args.preset, args.config,
                                  args.tokenizer, args.vocab_size, args.resume, args.device)
-    print(json.dumps(final, indent=2, default=str))
-    return 0
+    return tr.print_result(final)

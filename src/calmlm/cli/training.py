@@ -1,25 +1,28 @@
 """The flags the training commands share (data, generative head, training), and their values as configs.
 
-Training flags are generated from :class:`calmlm.train.trainer.TrainConfig` (its defaults and help text); a flag
-left out is filled at run time from the model preset's recipe (:func:`calmlm.train.recipes.recipe`), so the library,
-the CLI and the quickstart start from the same numbers."""
+Training flags are generated from :class:`calmlm.train.trainer.TrainConfig`; a flag left out is filled at run time
+from the preset's recipe (:func:`calmlm.train.recipes.recipe`), so the library, the CLI and the quickstart start from
+the same numbers."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
+from ..config import FLOW_SOLVERS, HEAD_TYPES
 from ..train.recipes import RECIPES, recipe
 from ..train.trainer import TrainConfig
 from ..train.workflows import DEFAULT_CACHE, DataOptions
-from .options import add_dataclass_arguments
+from .options import add_dataclass_arguments, dataclass_from_args
 
 # TrainConfig fields with a flag of their own (the data's --block-size, --out, --minutes, --no-progress)
 _NOT_FLAGS = ("block_size", "out_dir", "time_budget_s", "progress")
 _FROM_RECIPE = sorted({k for values in RECIPES.values() for k in values})
+_HEAD_OPTIONS = ("head", "flow_steps", "flow_solver", "diffusion_steps", "diffusion_sample_steps")
 
 
-def add_data_args(p: argparse.ArgumentParser, block_size: int = 256) -> None:
+def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="corpus: file, folder, glob, .jsonl, hf:NAME (default: the Python "
                                                 "standard library of this interpreter)")
@@ -27,20 +30,17 @@ def add_data_args(p: argparse.ArgumentParser, block_size: int = 256) -> None:
     g.add_argument("--val-fraction", type=float, default=DataOptions.val_fraction,
                    help=f"share of the corpus held out for validation (default: {DataOptions.val_fraction})")
     g.add_argument("--text-field", default=DataOptions.text_field, help="JSON field holding the text")
-    g.add_argument("--block-size", type=int, default=block_size, help="tokens per training block")
+    g.add_argument("--block-size", type=int, default=DataOptions.block_size, help="tokens per training block")
     g.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where tokenised corpora are cached")
 
 
 def data_options(args: argparse.Namespace) -> DataOptions:
-    seed = args.seed if getattr(args, "seed", None) is not None else DataOptions.seed
-    return DataOptions(args.data, args.val_data, args.val_fraction, args.text_field, args.block_size, seed,
-                       args.cache_dir)
+    """The flags of :func:`add_data_args`, plus --seed when the command has one and it is given."""
+    return dataclass_from_args(DataOptions, args)
 
 
 def add_head_args(p: argparse.ArgumentParser, sampling_only: bool = False) -> None:
     """The generative head's options (CALMConfig fields); None keeps the preset's / checkpoint's value."""
-    from ..config import FLOW_SOLVERS, HEAD_TYPES
-
     g = p.add_argument_group("generative head (CALM)")
     if not sampling_only:
         g.add_argument("--head", choices=HEAD_TYPES, default=None,
@@ -57,8 +57,7 @@ def add_head_args(p: argparse.ArgumentParser, sampling_only: bool = False) -> No
 
 def head_options(args: argparse.Namespace) -> dict[str, Any]:
     """The head options given on the command line, as CALMConfig fields."""
-    names = ("head", "flow_steps", "flow_solver", "diffusion_steps", "diffusion_sample_steps")
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return {n: getattr(args, n) for n in _HEAD_OPTIONS if getattr(args, n, None) is not None}
 
 
 def apply_head_options(model: Any, args: argparse.Namespace) -> None:
@@ -89,6 +88,10 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
              if name not in _NOT_FLAGS and getattr(args, name, None) is not None}
     given.update(block_size=args.block_size, out_dir=args.out, progress=not args.no_progress,
                  time_budget_s=args.minutes * 60 if args.minutes else None)
-    if getattr(args, "kind", None) is None:
-        return TrainConfig(**given)
-    return recipe(args.kind, args.preset, **given)
+    return TrainConfig(**given) if args.kind is None else recipe(args.kind, args.preset, **given)
+
+
+def print_result(final: dict[str, Any]) -> int:
+    """Print a training job's final metrics as JSON; the command's exit status."""
+    print(json.dumps(final, indent=2, default=str))
+    return 0
