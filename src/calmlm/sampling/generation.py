@@ -22,6 +22,28 @@ from ..errors import GenerationError
 from . import temperature as sampling
 
 
+def prompt_padding(length: int, k: int) -> int:
+    """Tokens left-padded before a CALM prompt of ``length`` tokens: to the next multiple of K, and one whole
+    chunk for an empty prompt."""
+    return (-length) % k if length else k
+
+
+def start_token(config: Any, eos_id: int | None) -> int | None:
+    """CALM's padding token (EOS, else the autoencoder's mask token), or the baseline's token for an empty
+    prompt (BOS, else EOS)."""
+    if config.kind == "calm":
+        return eos_id if eos_id is not None else config.autoencoder.mask_token_id
+    return config.bos_token_id if config.bos_token_id is not None else eos_id
+
+
+def padded_prompt(prompt: list[int], config: Any, eos_id: int | None) -> list[int]:
+    """The ids generation feeds the backbone for ``prompt`` (fine-tuning and ``calm serve`` lay out theirs
+    with it): a CALM prompt left-padded to whole chunks, an empty baseline prompt started with BOS/EOS."""
+    if config.kind == "calm":
+        return [start_token(config, eos_id)] * prompt_padding(len(prompt), config.chunk_size) + prompt
+    return prompt or [start_token(config, eos_id)]
+
+
 def _validate(model: Any, temperature: float, max_new_tokens: int, num_samples: int, sampler: str,
               pool_size: int) -> None:
     if max_new_tokens < 0:
@@ -136,10 +158,9 @@ def _calm_steps(model: Any, ids: torch.Tensor, max_new_tokens: int, temperature:
                 stop_check_every: int, compile: bool = False) -> Iterator[torch.Tensor]:
     cfg = model.config
     k = cfg.chunk_size
-    pad_id = eos if eos is not None else cfg.autoencoder.mask_token_id
-    pad = (-ids.shape[1]) % k if ids.shape[1] else k
+    pad = prompt_padding(ids.shape[1], k)
     if pad:
-        ids = torch.cat([ids.new_full((ids.shape[0], pad), pad_id), ids], dim=1)
+        ids = torch.cat([ids.new_full((ids.shape[0], pad), start_token(cfg, eos)), ids], dim=1)
     steps = math.ceil(max_new_tokens / k)
     prompt_chunks, context = ids.shape[1] // k, cfg.max_position_embeddings
     if prompt_chunks > context:
@@ -233,9 +254,9 @@ def _baseline_steps(model: Any, ids: torch.Tensor, max_new_tokens: int, temperat
                     stop_check_every: int, compile: bool = False) -> Iterator[torch.Tensor]:
     cfg = model.config
     if ids.shape[1] == 0:
-        if cfg.bos_token_id is None and eos is None:
+        if start_token(cfg, eos) is None:
             raise GenerationError("an empty prompt needs a BOS or EOS token id to start from; give a prompt")
-        ids = ids.new_full((ids.shape[0], 1), cfg.bos_token_id if cfg.bos_token_id is not None else eos)
+        ids = ids.new_full((ids.shape[0], 1), start_token(cfg, eos))
     context = cfg.max_position_embeddings
     if ids.shape[1] > context:
         raise GenerationError(f"prompt of {ids.shape[1]} tokens is longer than the model's context of "

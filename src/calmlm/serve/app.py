@@ -19,7 +19,9 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-from ..errors import CalmError
+from ..data.tokenizer import _read_config
+from ..errors import CalmError, DataError
+from ..train.finetune import chat_prompt, compile_chat_template
 from .engine import Engine, Request
 from .schemas import ChatMessage, ChatRequest, CompletionRequest
 
@@ -35,18 +37,17 @@ class APIError(Exception):
 
 def simple_chat_prompt(messages: list[ChatMessage]) -> str:
     """``Role: content`` lines (System / User / Assistant), then ``Assistant:`` for the model to continue."""
-    return "".join(f"{m.role.capitalize()}: {m.text()}\n" for m in messages) + "Assistant:"
+    return chat_prompt(_as_dicts(messages))
+
+
+def _as_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.text()} for m in messages]
 
 
 def read_chat_template(directory: str | Path) -> str | None:
     """The Jinja ``chat_template`` of ``tokenizer_config.json`` beside the weights, if any."""
-    path = Path(directory) / "tokenizer_config.json"
-    template = json.loads(path.read_text()).get("chat_template") if path.is_file() else None
+    template = _read_config(Path(directory)).get("chat_template")
     return template if isinstance(template, str) else None
-
-
-def _raise(message: str) -> None:
-    raise ValueError(message)
 
 
 class Server:
@@ -61,13 +62,9 @@ class Server:
         self.eos = model.config.eos_token_id
         self.engine = Engine(model, max_batch_size, batch_wait)
         self.created = int(time.time())
-        self.chat_template = None
+        self.chat_template = chat_template
         if chat_template is not None:
-            import jinja2.sandbox
-
-            env = jinja2.sandbox.ImmutableSandboxedEnvironment()
-            env.globals["raise_exception"] = _raise  # as in Hugging Face chat templates
-            self.chat_template = env.from_string(chat_template)
+            compile_chat_template(chat_template)  # a template with a syntax error fails here, not per request
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -153,14 +150,10 @@ class Server:
         return self._decode(req, [self.tokenizer.encode(self.chat_prompt(req.messages))], max_tokens, top)
 
     def chat_prompt(self, messages: list[ChatMessage]) -> str:
-        if self.chat_template is None:
-            return simple_chat_prompt(messages)
         try:
-            return self.chat_template.render(messages=[{"role": m.role, "content": m.text()} for m in messages],
-                                             add_generation_prompt=True, bos_token=self.tokenizer.bos_token or "",
-                                             eos_token=self.tokenizer.eos_token or "")
-        except Exception as e:  # e.g. a template that raises on roles it does not support
-            raise APIError(400, f"the model's chat template refused these messages: {e}", "messages") from None
+            return chat_prompt(_as_dicts(messages), self.chat_template, self.tokenizer)
+        except DataError as e:
+            raise APIError(400, str(e), "messages") from None
 
 
 @dataclass

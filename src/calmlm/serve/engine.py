@@ -26,7 +26,7 @@ import torch
 
 from ..models.transformer import left_padding
 from ..errors import GenerationError
-from ..sampling.generation import _next_chunk, _stop_after_eos, _validate, sample_logits
+from ..sampling.generation import _next_chunk, _stop_after_eos, _validate, padded_prompt, sample_logits
 
 # Called from the worker thread with each step's Step, then once with None when the request is finished, or
 # with an exception when it failed.
@@ -170,17 +170,6 @@ class Engine:
         """Backbone positions a prompt takes: CALM chunks or baseline tokens; an empty prompt still takes one."""
         return max(1, math.ceil(prompt_len / self.k))
 
-    def _prompt_row(self, ids: list[int]) -> list[int]:
-        """The ids ``generate`` would feed for this prompt (CALM: left-padded to a multiple of K)."""
-        cfg = self.model.config
-        if self.is_calm:
-            pad_id = self.eos if self.eos is not None else cfg.autoencoder.mask_token_id
-            pad = (-len(ids)) % self.k if ids else self.k
-            return [pad_id] * pad + ids
-        if not ids:  # check() made sure there is one of the two
-            return [cfg.bos_token_id if cfg.bos_token_id is not None else self.eos]
-        return ids
-
     def _forward(self, ids: torch.Tensor, cache: Any, pad: torch.Tensor) -> torch.Tensor:
         """New ids (B, T) -> the state at the last position: CALM hidden state (B, d), baseline logits (B, V)."""
         m = self.model
@@ -253,7 +242,8 @@ class _Batch:
             return
         remaining = max(x.total_steps - x.step for x in [*self.live, *new])
         self.live += new  # from here on, a failure is reported to these requests too
-        prompts = [e._prompt_row(x.request.prompt_ids) for x in new]
+        # the ids ``generate`` feeds; check() made sure an empty baseline prompt has a BOS or EOS id to start from
+        prompts = [padded_prompt(x.request.prompt_ids, e.model.config, e.eos) for x in new]
         width = max(len(p) for p in prompts)  # tokens; a multiple of K for CALM
         rows, pads = [], []
         for x, p in zip(new, prompts):

@@ -27,14 +27,16 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from ..errors import ConfigError, DataError
+from ..sampling.generation import padded_prompt, prompt_padding  # noqa: F401  (prompt_padding: re-exported)
 
 
 @dataclass
@@ -53,17 +55,32 @@ class TokenizedExample:
 
 # -- reading ---------------------------------------------------------------------------------------------
 
-def chat_prompt(messages: Sequence[dict[str, Any]], template: str | None = None, tokenizer: Any = None) -> str:
-    """The prompt of a chat before the assistant's reply (module docstring), rendered by the tokenizer's Jinja
-    ``template`` with ``add_generation_prompt=True`` when given. ``calm serve`` builds prompts the same way."""
-    if template is not None:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+def _raise_exception(message: str) -> NoReturn:
+    raise ValueError(message)
 
-        specials = {f"{r}_token": getattr(tokenizer, f"{r}_token", None) or "" for r in ("bos", "eos", "pad")}
-        return ImmutableSandboxedEnvironment().from_string(template).render(
-            messages=list(messages), add_generation_prompt=True, **specials)
-    lines = [f"{str(m['role']).capitalize()}: {m['content']}\n" for m in messages]
-    return "".join(lines) + "Assistant:"
+
+@lru_cache(maxsize=8)
+def compile_chat_template(template: str) -> Any:
+    """A Jinja chat template compiled once, in a sandbox with Hugging Face's ``raise_exception`` global."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment()
+    env.globals["raise_exception"] = _raise_exception
+    return env.from_string(template)
+
+
+def chat_prompt(messages: Sequence[Mapping[str, Any]], template: str | None = None, tokenizer: Any = None) -> str:
+    """The prompt of a chat before the assistant's reply (module docstring), rendered by the tokenizer's Jinja
+    ``template`` with ``add_generation_prompt=True`` when given; ``calm serve`` builds its prompts with it too.
+    Raises DataError when the template refuses the messages (e.g. by ``raise_exception``)."""
+    if template is None:
+        return "".join(f"{str(m['role']).capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+    specials = {f"{r}_token": getattr(tokenizer, f"{r}_token", None) or "" for r in ("bos", "eos", "pad")}
+    compiled = compile_chat_template(template)
+    try:
+        return compiled.render(messages=list(messages), add_generation_prompt=True, **specials)
+    except Exception as e:  # e.g. a template that raises on roles it does not support
+        raise DataError(f"the model's chat template refused these messages: {e}") from None
 
 
 def _example(row: Any, source: str, template: str | None = None, tokenizer: Any = None) -> Example:
@@ -79,8 +96,12 @@ def _example(row: Any, source: str, template: str | None = None, tokenizer: Any 
         if msgs[-1]["role"] != "assistant":
             raise DataError(f"{source}: the last message must be the assistant's reply (the completion to learn), "
                             f"got role {msgs[-1]['role']!r}")
+        try:
+            prompt = chat_prompt(msgs[:-1], template, tokenizer)
+        except DataError as e:
+            raise DataError(f"{source}: {e}") from None
         reply = msgs[-1]["content"] if template is not None else " " + msgs[-1]["content"]
-        return Example(chat_prompt(msgs[:-1], template, tokenizer), reply, source)
+        return Example(prompt, reply, source)
     if "prompt" in row and "completion" in row:
         if not isinstance(row["prompt"], str) or not isinstance(row["completion"], str):
             raise DataError(f"{source}: 'prompt' and 'completion' must be strings")
@@ -137,22 +158,15 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Any, eos_id: int) 
 
 # -- layout ----------------------------------------------------------------------------------------------
 
-def prompt_padding(length: int, k: int) -> int:
-    """EOS tokens left-padded before a CALM prompt of ``length`` tokens: to the next multiple of K, and one
-    whole chunk for an empty prompt — the policy of :mod:`calmlm.sampling.generation`."""
-    return (-length) % k if length else k
-
-
-def layout(example: TokenizedExample, kind: str, k: int, eos_id: int, start_id: int | None) -> tuple[list[int], int]:
+def layout(example: TokenizedExample, config: Any, eos_id: int) -> tuple[list[int], int]:
     """(token ids, first target position): for CALM the index of the first completion *chunk*, for the
     baseline of the first completion *token*."""
-    if kind == "calm":
-        pad = prompt_padding(len(example.prompt), k)
-        ids = [eos_id] * pad + example.prompt + example.completion
-        ids += [eos_id] * ((-len(ids)) % k)
-        return ids, (pad + len(example.prompt)) // k
-    prompt = example.prompt or [start_id if start_id is not None else eos_id]
-    return prompt + example.completion, len(prompt)
+    prompt = padded_prompt(example.prompt, config, eos_id)
+    ids = prompt + example.completion
+    if config.kind != "calm":
+        return ids, len(prompt)
+    ids += [eos_id] * ((-len(ids)) % config.chunk_size)
+    return ids, len(prompt) // config.chunk_size
 
 
 class SFTDataset:
@@ -169,7 +183,7 @@ class SFTDataset:
         self.k = cfg.chunk_size if self.kind == "calm" else 1
         self.eos_id = eos_id
         self.examples = list(examples)
-        rows = [layout(e, self.kind, self.k, eos_id, getattr(cfg, "bos_token_id", None)) for e in self.examples]
+        rows = [layout(e, cfg, eos_id) for e in self.examples]
         self.ids = [torch.tensor(ids, dtype=torch.long) for ids, _ in rows]
         self.starts = [start for _, start in rows]
         context = cfg.max_position_embeddings * self.k if self.kind == "calm" else cfg.max_position_embeddings + 1
