@@ -530,12 +530,11 @@ class BlockSampler:
     (epoch, blocks consumed in it) is rank-independent; ``state_dict`` after n batches resumes at batch n+1.
     """
 
-    def __init__(self, num_blocks: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True) -> None:
+    def __init__(self, num_blocks: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world_size {world_size}")
         self.num_blocks, self.batch_size, self.seed = num_blocks, batch_size, seed
-        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.rank, self.world_size = rank, world_size
         self.global_batch_size = batch_size * world_size
         if batch_size <= 0 or num_blocks < self.global_batch_size:
             raise DataError(f"{num_blocks} blocks cannot fill one global batch of {self.global_batch_size} "
@@ -551,8 +550,7 @@ class BlockSampler:
 
     def permutation(self, epoch: int) -> np.ndarray:
         if self._perm_epoch != epoch:
-            self._perm = (np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)
-                          if self.shuffle else np.arange(self.num_blocks))
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)
             self._perm_epoch = epoch
         return self._perm
 

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from ..data.corpus import iter_blocks, token_blocks
 from ..errors import ConfigError, DataError
+from ..train.distributed import all_reduce, rank_and_world
 
 MAX_N = 4  # BrierLM combines Brier-1 .. Brier-4
 _HEAD_ROWS = 4096  # positions per slice of the CALM temperature pools
@@ -331,8 +332,7 @@ def evaluate_brierlm(model: Any, data: Any, block_size: int | None = None, batch
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     _check_model_input(base, kind, view.chunk_size, length)
     vocab = getattr(getattr(base, "config", None), "vocab_size", None)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    rank, world = rank_and_world()
     device = _device_of(base)
     if generator is None:
         generator = torch.Generator(device=device).manual_seed(seed + rank)
@@ -351,7 +351,7 @@ def evaluate_brierlm(model: Any, data: Any, block_size: int | None = None, batch
             bar.update(ids.shape[0])
     if world > 1:  # one all_reduce of every sum and the block count
         flat = torch.tensor([*itertools.chain(*totals.values()), blocks_done], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(flat)
+        all_reduce(flat)
         values = iter(flat.tolist())
         totals = {key: [next(values) for _ in sums] for key, sums in totals.items()}
         blocks_done = int(next(values))

@@ -23,7 +23,7 @@ import os
 import random
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -410,42 +410,38 @@ def save_training_state(directory: str | Path, optimizer: dict[str, Any] | None 
         torch.save({"rng": rng}, directory / RNG_FILE)
 
 
-def read_training_state(directory: str | Path) -> dict[str, Any]:
-    """{"step", "data_state", "extra", "rng", "optimizer", "scheduler"} of a checkpoint: rng is what was saved
-    (a state or a list of per-rank states) or None, apply it with :func:`set_rng_state`; optimizer and scheduler
-    are state dicts (or None)."""
+def load_training_state(directory: str | Path,
+                        optimizer: torch.optim.Optimizer | Callable[[dict[str, Any]], None] | None = None,
+                        scheduler: Any = None) -> dict[str, Any]:
+    """The training state of a checkpoint, with the optimizer/scheduler state restored in place.
+
+    Returns {"step", "data_state", "extra", "rng", "optimizer", "scheduler"}: rng is what was saved (a state or
+    a list of per-rank states) or None, apply it with :func:`set_rng_state`; optimizer and scheduler are state
+    dicts (or None). ``optimizer`` is an optimizer or a function that loads its state dict (the trainer's,
+    which also reshards it under FSDP)."""
     directory = Path(directory)
     path = directory / TRAINER_STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} has no training state ({TRAINER_STATE_FILE}); it holds weights only, "
                               "so training cannot resume from it exactly (start a new run initialised from it)")
     try:
-        info = json.loads(path.read_text())
-        step = int(info["step"])
+        saved = json.loads(path.read_text())
+        step = int(saved["step"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e}); resume from another checkpoint") from None
     opt = _torch_load(directory / OPTIMIZER_FILE)
     rng = _torch_load(directory / RNG_FILE)["rng"] if (directory / RNG_FILE).is_file() else None
-    return {"step": step, "data_state": info.get("data_state"), "extra": info.get("extra") or {}, "rng": rng,
+    info = {"step": step, "data_state": saved.get("data_state"), "extra": saved.get("extra") or {}, "rng": rng,
             "optimizer": opt.get("optimizer"), "scheduler": opt.get("scheduler")}
-
-
-def optimizer_mismatch(directory: Path, e: Exception) -> CheckpointError:
-    return CheckpointError(f"the optimizer state in {directory / OPTIMIZER_FILE} does not fit this model's "
-                           f"parameters ({e}); resume with the same model and trainable parameters")
-
-
-def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer | None = None,
-                        scheduler: Any = None) -> dict[str, Any]:
-    """:func:`read_training_state`, with the optimizer/scheduler state restored in place."""
-    info = read_training_state(directory)
+    load_optimizer = optimizer.load_state_dict if isinstance(optimizer, torch.optim.Optimizer) else optimizer
     try:
-        if optimizer is not None and info["optimizer"] is not None:
-            optimizer.load_state_dict(info["optimizer"])
+        if load_optimizer is not None and info["optimizer"] is not None:
+            load_optimizer(info["optimizer"])
         if scheduler is not None and info["scheduler"] is not None:
             scheduler.load_state_dict(info["scheduler"])
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise optimizer_mismatch(Path(directory), e) from None
+    except (ValueError, KeyError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"the optimizer state in {directory / OPTIMIZER_FILE} does not fit this model's "
+                              f"parameters ({e}); resume with the same model and trainable parameters") from None
     return info
 
 

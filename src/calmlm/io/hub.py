@@ -47,20 +47,21 @@ def _parameters(directory: Path) -> dict[str, int]:
             "autoencoder": sum(math.prod(s) for k, s in shapes.items() if k.startswith("autoencoder."))}
 
 
-def _last_eval(directory: Path, key: str) -> dict[str, Any] | None:
-    """The last evaluation record holding ``key`` in the run's metrics.jsonl (beside or above the checkpoint)."""
-    for metrics in (directory / "metrics.jsonl", directory.parent / "metrics.jsonl"):
-        if metrics.is_file():
-            evals = []
-            for line in metrics.read_text().splitlines():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if r.get("type") == "eval" and key in r:
-                    evals.append(r)
-            if evals:
-                return evals[-1]
+def last_eval(path: Path, key: str | None = None) -> dict[str, Any] | None:
+    """The last evaluation record (holding ``key``, if given) of a run's metrics.jsonl, or None. ``path``: the
+    metrics.jsonl file, or a run or checkpoint folder (its metrics.jsonl, else the one in the folder above)."""
+    files = [path] if path.is_file() else [path / "metrics.jsonl", path.parent / "metrics.jsonl"]
+    for metrics in (f for f in files if f.is_file()):
+        evals = []
+        for line in metrics.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if r.get("type") == "eval" and (key is None or key in r):
+                evals.append(r)
+        if evals:
+            return evals[-1]
     return None
 
 
@@ -137,14 +138,14 @@ def model_card(path: str | Path, repo_id: str, evaluation: dict[str, Any] | None
             f"{e[f'brier_{n}']:.4f}" for n in range(1, 5) if f"brier_{n}" in e) + ") on "
             f"{e.get('data', 'the evaluation data')}, blocks of {e.get('block_size', '?')} tokens, "
             f"{e.get('num_tokens', 0):,} tokens, seed {e.get('seed', 0)} (`calm eval`).")
-    elif (last := _last_eval(directory, "brierlm")) is not None:
+    elif (last := last_eval(directory, "brierlm")) is not None:
         lines.append(f"BrierLM {last['brierlm']:.3f} at training step {last.get('step')} on the training data's "
                      f"validation split, blocks of {last.get('brier_block_size', '?')} tokens, "
                      f"{int(last.get('brier_tokens', 0)):,} tokens (the training-time estimate; `calm eval` "
                      "gives the full protocol).")
     else:
         lines.append("No BrierLM recorded yet (`calm eval --model " + repo_id + " --data ...`).")
-        if (last := _last_eval(directory, "val_loss")) is not None:
+        if (last := last_eval(directory, "val_loss")) is not None:
             extra = f", exact match {last['exact_match']:.3f} of generated completions" if "exact_match" in last else ""
             what = " over the completions of the fine-tuning validation set" if finetuned else ""
             lines.append(f"Validation loss{what} {last['val_loss']:.4f} at step {last.get('step')}{extra}.")

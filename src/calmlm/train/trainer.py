@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -400,15 +401,10 @@ class Trainer:
                                   f"differing fields {diff}); resume with the same model config")
         # every rank reads the full weights (on the CPU under FSDP) and keeps its part
         weights = ckpt.read_weights(directory, "cpu" if self.parallel.fsdp else self.device)
-        info = ckpt.read_training_state(directory)
         with torch.no_grad():
             self.parallel.load_weights(self.model, full_state_dict(self.model, weights, str(directory)))
-        try:
-            self.parallel.load_optimizer(self.model, self.optimizer, info["optimizer"])
-            if info["scheduler"] is not None:
-                self.scheduler.load_state_dict(info["scheduler"])
-        except (ValueError, KeyError, IndexError, RuntimeError) as e:
-            raise ckpt.optimizer_mismatch(directory, e) from None
+        info = ckpt.load_training_state(directory, functools.partial(self.parallel.load_optimizer, self.model,
+                                                                     self.optimizer), self.scheduler)
         self.step = info["step"]
         self.train_seconds = float(info["extra"].get("train_seconds", 0.0))
         if info["data_state"] is not None:
