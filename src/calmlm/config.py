@@ -73,7 +73,7 @@ class AutoencoderConfig(_Config):
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "chunk_size", "hidden_size", "intermediate_size", "latent_size")
-        if self.num_encoder_layers < 2 or self.num_encoder_layers % 2 or self.num_decoder_layers < 2 or self.num_decoder_layers % 2:
+        if any(n < 2 or n % 2 for n in (self.num_encoder_layers, self.num_decoder_layers)):
             raise ConfigError("num_encoder_layers and num_decoder_layers must be even and >= 2 "
                               "(half run before the squeeze/expand, half after)")
         for name in ("token_dropout", "latent_dropout"):
@@ -141,17 +141,22 @@ class CALMConfig(BackboneConfig):
 
     chunk_size: int = 4  # K; must equal the autoencoder's
     latent_size: int = 128  # l; must equal the autoencoder's
-    head: str = "energy"  # one of HEAD_TYPES
+    head: str = field(default="energy", metadata={"choices": HEAD_TYPES, "help": "energy (default; one network call "
+                                                  "per sample), flow (flow matching) or diffusion"})
     noise_size: int = 64  # energy head only
     energy_head_init: str = "normal"  # energy head Linears: "normal" N(0, initializer_range) as the reference, or
     # "xavier" (uniform, scaled by fan-in + fan-out, as the reference's flow/diffusion heads): learns the
     # context much sooner at small widths, where 0.02 is far below 1/sqrt(d) (docs/small_scale.md)
     num_head_blocks: int = 4  # residual MLP blocks of the generative head
     num_samples: int = 8  # energy: N model samples per position; flow/diffusion: posterior targets per position
-    flow_steps: int = 20  # flow: network evaluations per sample (the midpoint solver takes flow_steps // 2 steps)
-    flow_solver: str = "midpoint"  # flow: "midpoint" or "euler"
-    diffusion_steps: int = 1000  # diffusion: training timesteps of the cosine schedule
-    diffusion_sample_steps: int = 100  # diffusion: reverse steps of the respaced sampling chain
+    flow_steps: int = field(default=20, metadata={"metavar": "N", "help": "flow head: network calls per sample "
+                                                  "(default 20; the midpoint solver takes N/2 steps)"})
+    flow_solver: str = field(default="midpoint", metadata={"choices": FLOW_SOLVERS,
+                                                           "help": "flow head: ODE solver (default midpoint)"})
+    diffusion_steps: int = field(default=1000, metadata={
+        "metavar": "T", "help": "diffusion head: training timesteps of the cosine schedule (default 1000)"})
+    diffusion_sample_steps: int = field(default=100, metadata={
+        "metavar": "S", "help": "diffusion head: reverse steps of the respaced sampling chain (default 100)"})
     num_targets: int = 100  # M targets drawn from the autoencoder posterior
     energy_alpha: float = 1.0  # exponent of the distances in the energy score, in (0, 2)
     layer_norm_eps: float = 1e-6  # LayerNorms of the input compression and of the head
@@ -275,6 +280,21 @@ def calm_preset(name: str, autoencoder: AutoencoderConfig | None = None, **overr
     values.setdefault("latent_size", autoencoder.latent_size)
     values.setdefault("vocab_size", autoencoder.vocab_size)
     return CALMConfig(autoencoder=autoencoder, **values)
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "autoencoder": AUTOENCODER_PRESETS, "calm": CALM_PRESETS, "baseline": BASELINE_PRESETS}
+
+
+def preset_names(kind: str) -> list[str]:
+    """The preset names of a model kind ("autoencoder" | "calm" | "baseline"), in table order."""
+    return list(PRESETS[kind])
+
+
+def preset(kind: str, name: str, **overrides: Any) -> AutoencoderConfig | CALMConfig | BaselineConfig:
+    """The preset ``name`` of a model kind ("autoencoder" | "calm" | "baseline") with ``overrides`` applied."""
+    build = {"autoencoder": autoencoder_preset, "calm": calm_preset, "baseline": baseline_preset}[kind]
+    return build(name, **overrides)
 
 
 CONFIG_CLASSES: dict[str, type[_Config]] = {

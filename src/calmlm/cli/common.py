@@ -1,4 +1,4 @@
-"""What several commands share: a model with its tokenizer, the evaluation data, the preset names."""
+"""What several commands share: a model with its tokenizer, the evaluation data."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from ..config import AUTOENCODER_PRESETS, BASELINE_PRESETS, CALM_PRESETS
 from ..data.corpus import prepare_corpus
 from ..errors import CalmError, DataError, TokenizerError
 from ..io.checkpoint import read_metadata
@@ -61,8 +60,3 @@ def evaluation_data(model_path: str, model: Any, tok: Any, block_size: int, data
     if val is None:
         raise DataError(f"{model_path} was trained without a validation split; pass --data")
     return val, f"validation split of {info['source']} ({info['split']})"
-
-
-def preset_help(kind: str) -> str:
-    """'debug, small, ...': the preset names of a model kind, from the preset tables."""
-    return ", ".join({"autoencoder": AUTOENCODER_PRESETS, "calm": CALM_PRESETS, "baseline": BASELINE_PRESETS}[kind])

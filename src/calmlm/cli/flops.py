@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..config import (BASELINE_PRESETS, CALM_PRESETS, HEAD_TYPES, AutoencoderConfig, BaselineConfig, CALMConfig,
-                      baseline_preset, calm_preset, load_config)
+from ..config import HEAD_TYPES, AutoencoderConfig, BaselineConfig, CALMConfig, load_config, preset, preset_names
 from ..errors import ConfigError
 from ..evaluation.flops import summarize
 
@@ -42,17 +41,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def resolve_preset(name: str, family: str | None = None) -> BaselineConfig | CALMConfig:
     """A preset by name; a name both families define (base, small, debug) is CALM unless ``family`` says."""
-    key = name.lower()
-    families = [f for f, table in (("calm", CALM_PRESETS), ("baseline", BASELINE_PRESETS)) if key in table]
+    families = [f for f in ("calm", "baseline") if name.lower() in preset_names(f)]
     if not families:
-        raise ConfigError(f"unknown preset {name!r}; CALM presets: {', '.join(sorted(CALM_PRESETS))}; "
-                          f"baseline presets: {', '.join(sorted(BASELINE_PRESETS))}")
+        raise ConfigError(f"unknown preset {name!r}; CALM presets: {', '.join(sorted(preset_names('calm')))}; "
+                          f"baseline presets: {', '.join(sorted(preset_names('baseline')))}")
     if family is None:
         family = families[0]  # "calm" first, so shared names default to CALM
     elif family not in families:
         raise ConfigError(f"there is no {family} preset {name!r}; it is a {families[0]} preset "
                           f"(drop --family or use --family {families[0]})")
-    return calm_preset(key) if family == "calm" else baseline_preset(key)
+    return preset(family, name)  # type: ignore[return-value]
 
 
 def _load(args: argparse.Namespace) -> tuple[str, AutoencoderConfig | BaselineConfig | CALMConfig]:

@@ -23,7 +23,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | Any, cls: type, ex
                             unset: bool = False, defaults: dict[str, Any] | None = None,
                             notes: dict[str, str] | None = None) -> None:
     """One flag per field of ``cls`` (``--field-name``; tuples take several values; bools become switches),
-    with the field's default, ``metadata["help"]`` and ``metadata["choices"]``.
+    with the field's default, ``metadata["help"]``, ``metadata["choices"]`` and ``metadata["metavar"]``; the help
+    ends in "(default: ...)" unless it mentions the default itself or ``metadata["show_default"]`` is False.
 
     ``defaults`` replace fields' defaults. ``unset``: flags the user does not give are None (the caller fills
     them in later, e.g. from a recipe); the help still shows the dataclass default, or ``notes[field]``."""
@@ -37,13 +38,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | Any, cls: type, ex
         tp, many = _unwrap(hints[f.name])
         help_text = f.metadata.get("help", "")
         shown = notes.get(f.name, " ".join(map(str, default)) if many else default)
-        if "default" not in help_text and (f.name in notes or default not in (None, ())):
+        shows_default = "default" in help_text or not f.metadata.get("show_default", True)
+        if not shows_default and (f.name in notes or default not in (None, ())):
             help_text = f"{help_text} (default: {shown})"
         if tp is bool:
             form: dict[str, Any] = {"action": argparse.BooleanOptionalAction}
         elif tp in (int, float, str):
             form = {"type": tp, "nargs": "+" if many else None, "choices": f.metadata.get("choices"),
-                    "metavar": None if "choices" in f.metadata else f.name.upper()}
+                    "metavar": f.metadata.get("metavar", None if "choices" in f.metadata else f.name.upper())}
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: no command-line form for {tp}")
         parser.add_argument("--" + f.name.replace("_", "-"), help=help_text,

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import CALM_PRESETS, preset_names
+from ..io.hub import last_eval
 from ..train import workflows as wf
 from ..train.recipes import recipe
 
@@ -23,7 +25,7 @@ AE_SHARE = 0.36
 # evaluation, then each model's final BrierLM and samples (measured on the 2-core CPU at the small preset).
 RESERVE_AE_S, RESERVE_AE_SHARE = 20.0, 0.03
 RESERVE_PER_MODEL_S, RESERVE_PER_MODEL_SHARE = 45.0, 0.06
-SIZES = {"debug": "debug", "small": "small", "base": "default"}  # model preset -> autoencoder preset
+SIZES = sorted(set(preset_names("calm")) & set(preset_names("baseline")))  # presets of both models
 PROMPT = "def "
 
 
@@ -34,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/quickstart", help="run folder")
     p.add_argument("--minutes", type=float, default=15.0, help="total time budget, evaluation and samples included")
     p.add_argument("--data", default=None, help="corpus (default: the Python standard library)")
-    p.add_argument("--size", choices=sorted(SIZES), default="small", help="model presets")
+    p.add_argument("--size", choices=SIZES, default="small", help="model presets")
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--brier-tokens", type=int, default=16384, help="validation tokens scored by BrierLM")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     ae_reserve = min(RESERVE_AE_S, RESERVE_AE_SHARE * budget)
     models_reserve = 2 * min(RESERVE_PER_MODEL_S, RESERVE_PER_MODEL_SHARE * budget)
     _stage("1/5 tokenizer + autoencoder")
-    ae_preset = SIZES[args.size]
+    ae_preset = CALM_PRESETS[args.size]["autoencoder"]  # the autoencoder preset the CALM preset is built on
     tok = wf.get_tokenizer(None, opts, 8192, out / "autoencoder")  # saved where train_autoencoder looks for it
     _, val, _ = wf.prepare_data(opts, tok)  # tokenised once, cached: not charged to the autoencoder's time
     ae_seconds = AE_SHARE * (left() - ae_reserve - models_reserve)
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
                                "block_size": args.block_size, "autoencoder": ae_report, "models": {}}
     models = {name: load(out / name) for name in ("calm", "baseline")}
     for name, model in models.items():
-        last = _last_eval(out / name / "metrics.jsonl")
+        last = last_eval(out / name / "metrics.jsonl") or {}
         summary["models"][name] = {
             "brierlm": last["brierlm"], **{f"brier_{n}": last[f"brier_{n}"] for n in range(1, 5)},
             "brier_tokens": last["brier_tokens"], "val_loss": last.get("val_loss"), "train_steps": last["step"],
@@ -148,7 +150,3 @@ def format_summary(summary: dict[str, Any]) -> str:
                  f"(precision {summary['precision']})")
     return "\n".join(lines)
 
-
-def _last_eval(path: Path) -> dict[str, Any]:
-    evals = [rec for rec in map(json.loads, path.read_text().splitlines()) if rec.get("type") == "eval"]
-    return evals[-1] if evals else {}

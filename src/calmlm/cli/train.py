@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import preset_names
 from ..train import workflows as wf
 from . import training as tr
-from .common import preset_help
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "energy by default, flow or diffusion) predicts the next chunk's latent. Periodic "
                                    "evaluation reports BrierLM.")
     p.add_argument("--autoencoder", required=True, help="trained autoencoder (run folder, checkpoint or Hub id)")
-    p.add_argument("--preset", default="small", help=f"CALM preset: {preset_help('calm')}")
+    p.add_argument("--preset", default="small", help=f"CALM preset: {', '.join(preset_names('calm'))}")
     p.add_argument("--config", default=None, help="CALMConfig JSON (overrides --preset)")
     p.add_argument("--brier-tokens", type=int, default=8192, help="tokens scored by BrierLM at each evaluation")
     tr.add_head_args(p)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import preset_names
 from ..train import workflows as wf
 from . import training as tr
-from .common import preset_help
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train the VAE autoencoder with KL clipping and token/latent dropout. Trains a "
                                    "byte-level BPE tokenizer first unless --tokenizer is given.")
     p.add_argument("--preset", default="default",
-                   help=f"autoencoder preset: {preset_help('autoencoder')} (default: the paper shape)")
+                   help=f"autoencoder preset: {', '.join(preset_names('autoencoder'))} (default: the paper shape)")
     p.add_argument("--config", default=None, help="AutoencoderConfig JSON (overrides --preset)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json / tokenizer.model / folder (default: train one)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of a newly trained tokenizer")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import preset_names
 from ..train import workflows as wf
 from . import training as tr
-from .common import preset_help
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer, or an autoencoder run folder to share its tokenizer (default: train one)")
     p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--preset", default="small", help=f"baseline preset: {preset_help('baseline')}")
+    p.add_argument("--preset", default="small", help=f"baseline preset: {', '.join(preset_names('baseline'))}")
     p.add_argument("--config", default=None, help="BaselineConfig JSON (overrides --preset)")
     p.add_argument("--brier-tokens", type=int, default=8192)
     tr.add_data_args(p)

@@ -7,13 +7,14 @@ the same numbers."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
-from ..config import FLOW_SOLVERS, HEAD_TYPES
+from ..config import HEAD_SAMPLING_OPTIONS, CALMConfig
 from ..train.recipes import RECIPES, recipe
 from ..train.trainer import TrainConfig
-from ..train.workflows import DEFAULT_CACHE, DataOptions
+from ..train.workflows import DataOptions
 from .options import add_dataclass_arguments, dataclass_from_args
 
 # TrainConfig fields with a flag of their own (the data's --block-size, --out, --minutes, --no-progress)
@@ -23,15 +24,8 @@ _HEAD_OPTIONS = ("head", "flow_steps", "flow_solver", "diffusion_steps", "diffus
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help="corpus: file, folder, glob, .jsonl, hf:NAME (default: the Python "
-                                                "standard library of this interpreter)")
-    g.add_argument("--val-data", default=None, help="separate validation corpus (default: hold out --val-fraction)")
-    g.add_argument("--val-fraction", type=float, default=DataOptions.val_fraction,
-                   help=f"share of the corpus held out for validation (default: {DataOptions.val_fraction})")
-    g.add_argument("--text-field", default=DataOptions.text_field, help="JSON field holding the text")
-    g.add_argument("--block-size", type=int, default=DataOptions.block_size, help="tokens per training block")
-    g.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where tokenised corpora are cached")
+    """One flag per DataOptions field but --seed (the training flags' seed is the data's too)."""
+    add_dataclass_arguments(p.add_argument_group("data"), DataOptions, exclude=("seed",))
 
 
 def data_options(args: argparse.Namespace) -> DataOptions:
@@ -40,19 +34,11 @@ def data_options(args: argparse.Namespace) -> DataOptions:
 
 
 def add_head_args(p: argparse.ArgumentParser, sampling_only: bool = False) -> None:
-    """The generative head's options (CALMConfig fields); None keeps the preset's / checkpoint's value."""
-    g = p.add_argument_group("generative head (CALM)")
-    if not sampling_only:
-        g.add_argument("--head", choices=HEAD_TYPES, default=None,
-                       help="energy (default; one network call per sample), flow (flow matching) or diffusion")
-    g.add_argument("--flow-steps", type=int, default=None, metavar="N",
-                   help="flow head: network calls per sample (default 20; the midpoint solver takes N/2 steps)")
-    g.add_argument("--flow-solver", choices=FLOW_SOLVERS, default=None, help="flow head: ODE solver (default midpoint)")
-    if not sampling_only:
-        g.add_argument("--diffusion-steps", type=int, default=None, metavar="T",
-                       help="diffusion head: training timesteps of the cosine schedule (default 1000)")
-    g.add_argument("--diffusion-sample-steps", type=int, default=None, metavar="S",
-                   help="diffusion head: reverse steps of the respaced sampling chain (default 100)")
+    """The generative head's options (CALMConfig fields; ``sampling_only``: those a trained model can change);
+    None keeps the preset's / checkpoint's value."""
+    names = HEAD_SAMPLING_OPTIONS if sampling_only else _HEAD_OPTIONS
+    others = tuple(f.name for f in dataclasses.fields(CALMConfig) if f.name not in names)
+    add_dataclass_arguments(p.add_argument_group("generative head (CALM)"), CALMConfig, exclude=others, unset=True)
 
 
 def head_options(args: argparse.Namespace) -> dict[str, Any]:

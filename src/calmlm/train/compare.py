@@ -22,9 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from . import workflows as wf
 from ..errors import ConfigError
 from ..evaluation.flops import autoencoder_training_flops_per_token, training_flops_per_token
+from .distributed import is_distributed, rank_and_world, setup_distributed
 from .trainer import Control, TrainConfig
 
 RESULT_FILE = "compare.json"
@@ -170,7 +173,6 @@ class Comparison:
         self.started = time.perf_counter()
         self.done_units = 0.0
         self.total_units = config.budget * (1 + len(config.chunk_sizes))
-        self.rank0 = int(os.environ.get("RANK", "0")) == 0
         self._autoencoders: dict[str, Any] = {}
 
     def _load_autoencoder(self, path: str) -> Any:
@@ -181,7 +183,7 @@ class Comparison:
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def _say(self, msg: str) -> None:
-        if self.rank0:
+        if _is_rank0():
             print(f"[compare] {msg}", flush=True)
 
     def _point_reporter(self, run: str, base_units: float) -> Any:
@@ -209,8 +211,6 @@ class Comparison:
 
     # -- the runs --------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from .distributed import setup_distributed
-
         c = self.cfg
         setup_distributed()  # under torchrun every rank takes part in every run
         self.out.mkdir(parents=True, exist_ok=True)
@@ -259,7 +259,7 @@ class Comparison:
                 info["to_reach_baseline"] = reach
         result["elapsed_minutes"] = (time.perf_counter() - self.started) / 60
         self._write(result)
-        if self.rank0:
+        if _is_rank0():
             self._plots(result)
             print(format_summary(result), flush=True)
         return result
@@ -270,7 +270,7 @@ class Comparison:
         if self.cfg.autoencoder:  # the autoencoders' tokenizer (they must share one)
             return self._load_autoencoder(self.cfg.autoencoder[0]).tokenizer
         path = self.out / "tokenizer"
-        if self.rank0 and not (path / "tokenizer.json").exists():
+        if _is_rank0() and not (path / "tokenizer.json").exists():
             self._say("training the tokenizer")
             wf.get_tokenizer(None, self.data, self.cfg.vocab_size, self.out)
         _barrier()
@@ -319,13 +319,10 @@ class Comparison:
         if info["kind"] == "calm":
             wf.train_calm(self.data, tcfg, info["autoencoder"], self.cfg.preset, **common)
         else:
-            wf.train_baseline(self.data, tcfg, tokenizer=str(self._tokenizer_dir()), preset=self.cfg.preset, **common)
+            # the autoencoders' tokenizer (train_baseline finds it in their run folder) or the one trained here
+            tokenizer = self.cfg.autoencoder[0] if self.cfg.autoencoder else str(self.out / "tokenizer")
+            wf.train_baseline(self.data, tcfg, tokenizer=tokenizer, preset=self.cfg.preset, **common)
         _mark_finished(run_dir)
-
-    def _tokenizer_dir(self) -> Path:
-        if self.cfg.autoencoder:
-            return Path(wf._tokenizer_path(self.cfg.autoencoder[0]) or self.cfg.autoencoder[0])
-        return self.out / "tokenizer"
 
     def _resumable(self, run_dir: Path) -> bool:
         from ..io.checkpoint import is_checkpoint
@@ -337,7 +334,7 @@ class Comparison:
         return False
 
     def _write(self, result: dict[str, Any]) -> None:
-        if self.rank0:
+        if _is_rank0():
             tmp = self.out / (RESULT_FILE + ".tmp")
             tmp.write_text(json.dumps(result, indent=2) + "\n")
             os.replace(tmp, self.out / RESULT_FILE)
@@ -371,15 +368,18 @@ def _finished(run_dir: Path) -> bool:
 
 
 def _mark_finished(run_dir: Path) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _is_rank0():
         (run_dir / "FINISHED").write_text("")
     _barrier()
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
+def _is_rank0() -> bool:
+    """Whether this process writes the results and reports (rank 0 under torchrun, or a lone process)."""
+    return rank_and_world()[0] == 0
 
-    if dist.is_available() and dist.is_initialized():
+
+def _barrier() -> None:
+    if is_distributed():
         dist.barrier()
 
 

@@ -7,28 +7,31 @@ training state), ``metrics.jsonl`` and ``train_config.json``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import (AutoencoderConfig, BaselineConfig, CALMConfig, autoencoder_preset, baseline_preset,
-                     calm_preset, load_config)
+from ..config import AutoencoderConfig, BaselineConfig, CALMConfig, load_config, preset
 from ..errors import ConfigError
 from .trainer import Control, TrainConfig, Trainer
 
 DEFAULT_CACHE = "~/.cache/calmlm/tokens"
-_PRESET_FNS = {"autoencoder": autoencoder_preset, "calm": calm_preset, "baseline": baseline_preset}
 
 
 @dataclass
 class DataOptions:
-    data: str | None = None  # corpus spec; None = the Python standard library
-    val_data: str | None = None
-    val_fraction: float = 0.02
-    text_field: str = "text"
-    block_size: int = 256
+    """The training data; the ``help`` texts are those of the commands' data flags."""
+
+    data: str | None = field(default=None, metadata={"help": "corpus: file, folder, glob, .jsonl, hf:NAME (default: "
+                                                             "the Python standard library of this interpreter)"})
+    val_data: str | None = field(default=None, metadata={
+        "help": "separate validation corpus (default: hold out --val-fraction)"})
+    val_fraction: float = field(default=0.02, metadata={"help": "share of the corpus held out for validation"})
+    text_field: str = field(default="text", metadata={"help": "JSON field holding the text", "show_default": False})
+    block_size: int = field(default=256, metadata={"help": "tokens per training block", "show_default": False})
     seed: int = 0
-    cache_dir: str = DEFAULT_CACHE
+    cache_dir: str = field(default=DEFAULT_CACHE, metadata={"help": "where tokenised corpora are cached",
+                                                            "show_default": False})
 
     def record(self) -> dict[str, Any]:
         """What ``calm eval`` needs to rebuild the validation split."""
@@ -62,13 +65,13 @@ def get_tokenizer(path: str | None, opts: DataOptions, vocab_size: int, out_dir:
     return tok
 
 
-def _model_config(kind: str, preset: str, config_file: str | None, **overrides: Any) -> Any:
+def _model_config(kind: str, name: str, config_file: str | None, **overrides: Any) -> Any:
     if config_file:
         cfg = load_config(config_file)
         if cfg.kind != kind:
             raise ConfigError(f"{config_file} is a {cfg.kind} config, expected {kind}")
         return cfg.replace(**overrides)
-    return _PRESET_FNS[kind](preset, **overrides)
+    return preset(kind, name, **overrides)
 
 
 def _fit(model: Any, tok: Any, opts: DataOptions, cfg: TrainConfig, evaluate_fn: Any, resume: bool,
