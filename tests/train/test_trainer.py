@@ -176,6 +176,20 @@ def test_time_budgeted_cosine_anneals_by_the_end(tmp_path):
     assert lrs[-1] < 0.35e-3 and all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
+def test_time_budget_counts_the_whole_run_across_resumes(tmp_path):
+    """The budget's clock (which the time-aware cosine follows too) is saved with the checkpoint: a resumed run
+    whose earlier invocations already used the budget stops after one step instead of starting a fresh budget."""
+    first = _cfg(tmp_path, max_steps=10**7, time_budget_s=3600.0, eval_every=0, schedule="cosine")
+    Trainer(_model("baseline"), Blocks(8, 16), Blocks(2, 16), first).fit(control=lambda step, s: (False, step >= 5))
+    state_file = Path(first.out_dir) / "checkpoint" / "trainer_state.json"
+    used = json.loads(state_file.read_text())["extra"]["budget_seconds"]
+    assert used > 0
+    resumed = Trainer(_model("baseline"), Blocks(8, 16), Blocks(2, 16), first.replace(time_budget_s=used * 1.01),
+                      resume=True)
+    assert resumed.fit()["step"] == 6  # a fresh 1.01x budget would have allowed several more steps
+    assert json.loads(state_file.read_text())["extra"]["budget_seconds"] > used
+
+
 def test_errors(tmp_path):
     with pytest.raises(DataError, match="empty"):
         Trainer(_model("baseline"), Blocks(0, 16), None, _cfg(tmp_path))

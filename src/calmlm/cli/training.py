@@ -61,7 +61,8 @@ def add_train_args(p: argparse.ArgumentParser, kind: str | None = None, **defaul
     g.add_argument("--out", required=True, help="run folder")
     notes = {name: "the --preset's recipe (calmlm.train.recipes)" for name in _FROM_RECIPE} if kind else {}
     add_dataclass_arguments(g, TrainConfig, exclude=_NOT_FLAGS, unset=True, defaults=defaults, notes=notes)
-    g.add_argument("--minutes", type=float, default=None, help="stop cleanly (eval + save) after this many minutes")
+    g.add_argument("--minutes", type=float, default=None,
+                   help="stop cleanly (eval + save) after this many minutes of training, counted across --resume")
     g.add_argument("--resume", action="store_true", help="continue exactly from the run folder's checkpoint")
     g.add_argument("--device", default=None)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -79,7 +79,8 @@ class TrainConfig:
     distributed: str = _field("ddp", "under torchrun: replicate the model on every GPU (ddp) or shard parameters, "
                                      "gradients and optimizer state across them (fsdp, FSDP2) for models that do "
                                      "not fit one GPU", choices=("ddp", "fsdp"))
-    time_budget_s: float | None = _field(None, "stop cleanly (eval + save) before this much wall time")
+    time_budget_s: float | None = _field(None, "stop cleanly (eval + save) before the run has trained this many "
+                                               "wall-clock seconds, counted across resumes")
     out_dir: str = _field("runs/run", "run folder")
     progress: bool = _field(True, "tqdm progress bar on rank 0")
 
@@ -119,8 +120,8 @@ class TrainConfig:
 
 def lr_multiplier(step: int, config: TrainConfig, train_seconds: float = 0.0) -> float:
     """LR factor for optimizer step ``step`` (0-based): linear warm-up, then constant or cosine to min_lr_ratio,
-    reached at step == max_steps or, with a time budget, when ``train_seconds`` reach it (whichever is first),
-    so a time-budgeted run anneals by its end however many steps it gets."""
+    reached at step == max_steps or, with a time budget, when ``train_seconds`` (the budget's clock) reach it
+    (whichever is first), so a time-budgeted run anneals by its end however many steps it gets."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     if config.schedule == "constant":
@@ -296,11 +297,14 @@ class Trainer:
         self._check_out_dir()
         self.step = 0
         self.train_seconds = 0.0  # wall time spent in optimizer steps (not evaluation or saving), kept on resume
+        # the time budget's clock: wall time inside fit's loop (evaluations included), kept on resume, so a
+        # resumed run stops when the whole run has used its budget, when its cosine also reaches the end
+        self.budget_seconds = 0.0
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps,
             **({"fused": True} if self.device.type == "cuda" else {}))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lambda s: lr_multiplier(s, config, self.train_seconds))
+                                                           lambda s: lr_multiplier(s, config, self.budget_seconds))
         self.sampler = BlockSampler(len(train_data), config.batch_size, seed=config.seed,
                                     rank=self.dist.rank, world_size=self.dist.world_size)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -381,7 +385,7 @@ class Trainer:
             state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "step": self.step, "rng": rng,
                      "data_state": self.sampler.state_dict(),
                      "extra": {"train_config": self.config.to_dict(), "world_size": self.dist.world_size,
-                               "train_seconds": self.train_seconds}}
+                               "train_seconds": self.train_seconds, "budget_seconds": self.budget_seconds}}
             meta = {**(self.metadata or {}), "step": self.step}
             ckpt.save_checkpoint(self.checkpoint_dir, self.model.config, weights, self.tokenizer, meta,
                                  training_state=state)
@@ -407,6 +411,7 @@ class Trainer:
                                                                      self.optimizer), self.scheduler)
         self.step = info["step"]
         self.train_seconds = float(info["extra"].get("train_seconds", 0.0))
+        self.budget_seconds = float(info["extra"].get("budget_seconds", self.train_seconds))
         if info["data_state"] is not None:
             self.sampler.load_state_dict(info["data_state"])
         rng = info["rng"]
@@ -476,7 +481,7 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size * self.block_size
         self.model.train()
         bar = _ProgressBar(cfg, self.step, end, self.precision) if cfg.progress and self.dist.is_main else None
-        start = time.perf_counter()
+        start, clock_at_start = time.perf_counter(), self.budget_seconds
         window_t, window_steps = start, 0
         window: dict[str, torch.Tensor] = {}  # sums of train_step's tensors since the last log
         first_step, final_eval = self.step, {}
@@ -489,8 +494,9 @@ class Trainer:
                 self.step += 1
                 window_steps += 1
                 self.train_seconds += time.perf_counter() - t_step
+                self.budget_seconds = clock_at_start + time.perf_counter() - start
                 want_eval, want_stop = control(self.step, self.train_seconds) if control else (False, False)
-                stop = self._out_of_time(start, first_step) or want_stop
+                stop = self._out_of_time(clock_at_start, start, first_step) or want_stop
                 last = self.step == end or stop
                 if self.step % cfg.log_every == 0 or last:
                     keys = sorted(window)
@@ -510,7 +516,7 @@ class Trainer:
                         bar.postfix(means["loss"], lr, record["tokens_per_s"])
                     window_t, window_steps, window = now, 0, {}
                 if bar is not None:
-                    bar.update(self.step, time.perf_counter() - start)
+                    bar.update(self.step, self.budget_seconds)
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or want_eval or last:
                     result = self.evaluate()
                     if result:
@@ -527,14 +533,16 @@ class Trainer:
                 bar.close()
         return {**self.last_metrics, **final_eval, "step": self.step}
 
-    def _out_of_time(self, start: float, first_step: int) -> bool:
-        """Stop when another step would exceed the time budget (leaving room for eval + save)."""
+    def _out_of_time(self, clock_at_start: float, start: float, first_step: int) -> bool:
+        """Stop when another step would take the run's clock past the time budget (leaving room for eval + save);
+        the clock includes earlier invocations of a resumed run."""
         budget = self.config.time_budget_s
         if budget is None:
             return False
         elapsed = time.perf_counter() - start
         per_step = elapsed / max(1, self.step - first_step)
-        return self.parallel.agree(elapsed + 2 * per_step > budget, self.device)  # every rank stops at one step
+        over = clock_at_start + elapsed + 2 * per_step > budget
+        return self.parallel.agree(over, self.device)  # every rank stops at the same step
 
 
 def train(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig, tokenizer: Any = None,
