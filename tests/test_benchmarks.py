@@ -1,14 +1,18 @@
-"""The one-command benchmark suite (benchmarks/suite.py) runs end to end at tiny sizes and reports sane numbers."""
+"""The one-command benchmark suite (benchmarks/suite.py) runs end to end at tiny sizes and reports sane numbers;
+benchmarks/code_size.py classifies lines correctly."""
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `benchmarks` is a folder of scripts beside the package, not installed
 
-from benchmarks import suite  # noqa: E402
+from benchmarks import code_size, suite  # noqa: E402
 
 
 def _positive(x: object) -> bool:
@@ -65,3 +69,14 @@ def test_training_benchmark_debug(tmp_path):
     assert [r["model"] for r in out["rows"]] == ["autoencoder", "calm", "baseline"]
     assert all(v > 0 for r in out["rows"] for v in r["tokens_per_s"].values())
     assert (tmp_path / "t.json").exists() and "| autoencoder |" in out["table"]
+
+
+def test_code_size_classifies_lines(tmp_path: Path) -> None:
+    source = '"""Module\ndoc."""\n\nimport os  # trailing: code\n\n\ndef f():\n    """Doc."""\n    # why\n' \
+             '    return """not a docstring"""\n'
+    assert code_size.line_kinds(source) == {"code": 3, "docstring": 3, "comment": 1, "blank": 3}
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout: no revision to count")
+    result = code_size.main(["HEAD", "--out", str(tmp_path / "size.json")])["HEAD"]["src"]
+    assert result["total"]["lines"] == sum(result["total"][k] for k in code_size.KINDS) > 0
+    assert result["total"]["lines"] == sum(v["lines"] for name, v in result.items() if name != "total")
