@@ -111,14 +111,10 @@ def stdlib_corpus() -> Corpus:
         raise DataError(f"the default corpus is empty: no *.py files under {root} (a stripped Python install?); "
                         "pass --data with your own text")
     version = ".".join(map(str, sys.version_info[:3]))
-
-    def documents() -> Iterator[str]:
-        for f in files:
-            # a few stdlib files may use a legacy encoding; replacing bad bytes keeps the default corpus usable
-            yield f.read_bytes().decode("utf-8", errors="replace")
-
+    # a few stdlib files may use a legacy encoding; replacing bad bytes keeps the default corpus usable
     return Corpus(f"Python {version} standard library ({len(files)} files under {root})",
-                  _stat_fingerprint(files, root, "stdlib"), documents)
+                  _stat_fingerprint(files, root, "stdlib"),
+                  lambda: (f.read_bytes().decode("utf-8", errors="replace") for f in files))
 
 
 def _looks_local(spec: str) -> bool:
@@ -176,13 +172,9 @@ def _rows_text(rows: Iterable[Any], text_field: str, where: str) -> Iterator[str
         yield text or ""
 
 
-def _is_saved_dataset(path: Path) -> bool:
-    return (path / "dataset_dict.json").is_file() or (
-        (path / "state.json").is_file() and (path / "dataset_info.json").is_file())
-
-
 def _dir_corpus(path: Path, text_field: str, split: str | None) -> Corpus:
-    if _is_saved_dataset(path):
+    if (path / "dataset_dict.json").is_file() or (
+            (path / "state.json").is_file() and (path / "dataset_info.json").is_file()):  # a save_to_disk folder
         return _saved_dataset_corpus(path, text_field, split)
     if split is not None:
         raise DataError(f"{path} is not a `datasets` save_to_disk folder, so @{split} cannot pick a split; "
@@ -366,10 +358,9 @@ def _text_batches(docs: Iterable[str]) -> Iterator[list[str]]:
     """The non-empty documents, in batches of about ``_ENCODE_BATCH_CHARS`` characters."""
     batch: list[str] = []
     chars = 0
-    for doc in docs:
-        if doc:
-            batch.append(doc)
-            chars += len(doc)
+    for doc in filter(None, docs):
+        batch.append(doc)
+        chars += len(doc)
         if chars >= _ENCODE_BATCH_CHARS:
             yield batch
             batch, chars = [], 0
@@ -542,17 +533,11 @@ class BlockSampler:
                             "or a smaller block size")
         self.epoch = 0
         self.position = 0  # blocks of this epoch's permutation already consumed (all ranks together)
-        self._perm_epoch, self._perm = -1, np.zeros(0, dtype=np.int64)
+        self._perm_epoch, self._perm = -1, np.zeros(0, dtype=np.int64)  # the permutation of _perm_epoch
 
     @property
     def batches_per_epoch(self) -> int:
         return self.num_blocks // self.global_batch_size
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        if self._perm_epoch != epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)
-            self._perm_epoch = epoch
-        return self._perm
 
     def __iter__(self) -> BlockSampler:
         return self
@@ -560,7 +545,10 @@ class BlockSampler:
     def __next__(self) -> list[int]:
         if self.position + self.global_batch_size > self.num_blocks:
             self.epoch, self.position = self.epoch + 1, 0
-        rows = self.permutation(self.epoch)[self.position:self.position + self.global_batch_size]
+        if self._perm_epoch != self.epoch:
+            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_blocks)
+            self._perm_epoch = self.epoch
+        rows = self._perm[self.position:self.position + self.global_batch_size]
         self.position += self.global_batch_size
         return rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
 

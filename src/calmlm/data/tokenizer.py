@@ -18,9 +18,6 @@ Formats ``Tokenizer.load`` accepts (a directory holding one of them, or the file
 ``encode`` adds no BOS/EOS: the data pipeline appends EOS after each document itself. Special tokens
 written in the text are recognised by default (``allow_special=False`` treats them as plain text, which
 is how corpora are tokenised so that text never produces a special id such as the pad id 0).
-
-``train_tokenizer`` trains a byte-level BPE with the same pre-tokenizer and the specials ``<pad>``=0,
-``<bos>``=1, ``<eos>``=2.
 """
 
 from __future__ import annotations
@@ -59,10 +56,9 @@ class Tokenizer:
     def __init__(self, backend: Any, bos_token: str | None = None, eos_token: str | None = None,
                  pad_token: str | None = None) -> None:
         self.backend = backend
-        vocab = backend.get_vocab(with_added_tokens=True)
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         for name, token in zip(("bos_token", "eos_token", "pad_token"), (bos_token, eos_token, pad_token)):
-            if token is not None and token not in vocab:
+            if token is not None and backend.token_to_id(token) is None:
                 raise TokenizerError(f"{name} {token!r} is not in the tokenizer's vocabulary; "
                                      f"fix {CONFIG_FILE} or pass a token that exists")
         self.chat_template: str | None = None  # Jinja template of tokenizer_config.json, kept through save/load
@@ -140,7 +136,7 @@ class Tokenizer:
                 return cls.load(_hub_download(str(path)))
             raise TokenizerError(f"no tokenizer file at {path}; pass a tokenizer.json / tokenizer.model "
                                  "file or its directory, or train one with `calm tokenizer train`")
-        config = _read_config(path.parent)
+        config = read_tokenizer_config(path.parent)
         backend = _load_hf_json(path) if path.suffix == ".json" else _load_tiktoken(path, config)
         roles = [_token_name(config.get(key)) for key in ("bos_token", "eos_token", "pad_token")]
         if not config:  # no config file at all: recognise the usual names
@@ -159,7 +155,8 @@ def _token_name(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _read_config(directory: Path) -> dict[str, Any]:
+def read_tokenizer_config(directory: Path) -> dict[str, Any]:
+    """A tokenizer folder's special_tokens_map.json and tokenizer_config.json, merged (the latter wins)."""
     config: dict[str, Any] = {}
     for name in ("special_tokens_map.json", CONFIG_FILE):  # the latter wins
         file = directory / name
@@ -229,9 +226,8 @@ def _load_tiktoken(path: Path, config: dict[str, Any]) -> Any:
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[(left, right) for _, _, left, right in merges],
                                               ignore_merges=True))
     _byte_level_llama3(backend)
-    specials = config.get("added_tokens_decoder", {})
     try:
-        specials = sorted((int(i), entry["content"]) for i, entry in specials.items())
+        specials = sorted((int(i), entry["content"]) for i, entry in config.get("added_tokens_decoder", {}).items())
     except (AttributeError, KeyError, TypeError, ValueError):
         raise TokenizerError(f"{path.parent / CONFIG_FILE}: added_tokens_decoder must map ids to "
                              "{'content': token}; the file is corrupt") from None

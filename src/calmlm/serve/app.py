@@ -19,11 +19,12 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-from ..data.tokenizer import _read_config
+from ..data.tokenizer import read_tokenizer_config
 from ..errors import CalmError, DataError
 from ..train.finetune import chat_prompt, compile_chat_template
 from .engine import Engine, Request
 from .schemas import ChatMessage, ChatRequest, CompletionRequest
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -46,7 +47,7 @@ def _as_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
 
 def read_chat_template(directory: str | Path) -> str | None:
     """The Jinja ``chat_template`` of ``tokenizer_config.json`` beside the weights, if any."""
-    template = _read_config(Path(directory)).get("chat_template")
+    template = read_tokenizer_config(Path(directory)).get("chat_template")
     return template if isinstance(template, str) else None
 
 
@@ -75,7 +76,6 @@ class Server:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "calmlm"}
 
     def _check_common(self, req: CompletionRequest | ChatRequest, max_tokens: int | None) -> None:
-        """The checks both endpoints share."""
         self.check_model(req.model)
         t = req.temperature
         if not math.isfinite(t) or t <= 0:
@@ -158,7 +158,7 @@ class Server:
 
 @dataclass
 class _Choice:
-    """One choice's tokens and text; applies EOS, max_tokens and stop strings."""
+    """One choice's tokens and text (``_Decode._add`` applies EOS, max_tokens and stop strings)."""
 
     prefix: str = ""
     ids: list[int] = field(default_factory=list)
@@ -290,8 +290,7 @@ def create_app(server: Server) -> Any:
 
     @app.exception_handler(Exception)
     async def crashed(request: HTTPRequest, e: Exception) -> JSONResponse:
-        message = f"internal error: {type(e).__name__}: {e}"
-        return await api_error(request, APIError(500, message, kind="server_error"))
+        return await api_error(request, APIError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -349,9 +348,8 @@ async def _stream(server: Server, decode: _Decode, rid: str, created: int, chat:
         return f"data: {json.dumps(body)}\n\n"
 
     def piece(i: int, text: str, finish: str | None) -> dict[str, Any]:
-        if chat:
-            return {"index": i, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish}
-        return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+        content = {"delta": {"content": text} if text else {}} if chat else {"text": text}
+        return {"index": i, **content, "logprobs": None, "finish_reason": finish}
 
     reported: set[int] = set()
     try:
