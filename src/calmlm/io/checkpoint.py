@@ -53,9 +53,8 @@ def _fsync_path(path: Path) -> None:
     """fsync a file or a directory (a directory's fsync makes the renames inside it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories; durability is best effort there
-        pass
+        with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories: best effort there
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -70,9 +69,8 @@ def _stale_siblings(directory: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def atomic_directory(directory: str | Path) -> Iterator[Path]:
-    """Yield an empty hidden temporary directory; on success it replaces ``directory`` atomically.
-
-    On an exception the temporary directory is deleted and ``directory`` is left as it was."""
+    """Yield an empty hidden temporary directory that replaces ``directory`` atomically on success (on an
+    exception it is deleted and ``directory`` is left as it was)."""
     directory = Path(directory).expanduser().absolute()
     parent = directory.parent
     try:
@@ -260,8 +258,7 @@ class WeightFiles:
             try:
                 shards = list(dict.fromkeys(read_json(path)["weight_map"].values()))
             except (KeyError, TypeError, AttributeError) as e:
-                raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e}); re-save or re-download the "
-                                      "checkpoint") from None
+                raise _corrupt(path, e) from None
             missing = [s for s in shards if not (directory / s).is_file()]
             if missing:
                 raise CheckpointError(f"{directory} is missing weight shard(s) {missing} listed in {name}; the "
@@ -400,9 +397,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_training_state(directory: str | Path, optimizer: dict[str, Any] | None = None,
                         scheduler: dict[str, Any] | None = None, step: int = 0, rng: Any = None,
                         data_state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
-    """Write ``trainer_state.json`` (step, data position, extra — JSON) and ``optimizer.pt`` (the optimizer and
-    scheduler state dicts) and ``rng_state.pt`` into ``directory``. ``rng`` is a state from :func:`rng_state` or
-    a list of them (one per rank). Pass it through ``save_model(training_state=...)`` for an atomic write."""
+    """Write the training state files into ``directory``; ``rng`` is a state of :func:`rng_state` or a list of them
+    (one per rank). Pass it through ``save_model(training_state=...)`` for an atomic write."""
     directory = Path(directory)
     _write_json(directory / TRAINER_STATE_FILE, {"step": int(step), "data_state": data_state, "extra": extra or {}})
     torch.save({"optimizer": optimizer, "scheduler": scheduler}, directory / OPTIMIZER_FILE)
@@ -413,12 +409,9 @@ def save_training_state(directory: str | Path, optimizer: dict[str, Any] | None 
 def load_training_state(directory: str | Path,
                         optimizer: torch.optim.Optimizer | Callable[[dict[str, Any]], None] | None = None,
                         scheduler: Any = None) -> dict[str, Any]:
-    """The training state of a checkpoint, with the optimizer/scheduler state restored in place.
-
-    Returns {"step", "data_state", "extra", "rng", "optimizer", "scheduler"}: rng is what was saved (a state or
-    a list of per-rank states) or None, apply it with :func:`set_rng_state`; optimizer and scheduler are state
-    dicts (or None). ``optimizer`` is an optimizer or a function that loads its state dict (the trainer's,
-    which also reshards it under FSDP)."""
+    """The training state of a checkpoint as {"step", "data_state", "extra", "rng", "optimizer", "scheduler"},
+    with the optimizer/scheduler state restored in place; ``optimizer`` may be a function that loads its state
+    dict (the trainer's reshards it under FSDP). ``rng`` (or None) is for :func:`set_rng_state`."""
     directory = Path(directory)
     path = directory / TRAINER_STATE_FILE
     if not path.is_file():

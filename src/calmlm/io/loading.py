@@ -22,11 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import WeightFiles, model_config, native_weights, read_json
+from .checkpoint import KIND_NAMES, WeightFiles, model_config, native_weights, read_json
 from .reference import translate
 from ..errors import CheckpointError, ConfigError, TokenizerError
 
-KINDS = ("autoencoder", "calm", "baseline")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 # What a model needs from a Hub repository: no optimizer states, training args or README images.
 HUB_PATTERNS = [
@@ -47,8 +46,8 @@ def load(path_or_repo_id: str | Path, device: str | torch.device = "cpu", dtype:
     of another kind. ``autoencoder``: for a reference CALM checkpoint, the autoencoder folder whose config to
     use instead of inferring it from the weights. ``revision``: a Hub branch, tag or commit.
     The tokenizer found beside the weights is attached as ``model.tokenizer`` (None when there is none)."""
-    if kind is not None and kind not in KINDS:
-        raise CheckpointError(f"unknown model kind {kind!r}; expected one of {list(KINDS)}")
+    if kind is not None and kind not in KIND_NAMES:
+        raise CheckpointError(f"unknown model kind {kind!r}; expected one of {sorted(KIND_NAMES)}")
     directory = resolve(path_or_repo_id, revision)
     if detect_format(directory) == "native":
         model = load_model(directory, device=device, dtype=dtype, expect=kind)
@@ -134,7 +133,7 @@ def detect_format(directory: Path) -> str:
                           "it is not a config calmlm can read")
 
 
-def load_tokenizer_from(directory: Path, model: nn.Module | None = None) -> Any:
+def load_tokenizer_from(directory: Path, model: nn.Module) -> Any:
     """The tokenizer saved beside the weights, or None.
 
     The reference sets vocab_size = len(tokenizer) after adding a [PAD] token, so a Llama 3 tokenizer (128256
@@ -146,8 +145,8 @@ def load_tokenizer_from(directory: Path, model: nn.Module | None = None) -> Any:
     from ..data.tokenizer import Tokenizer, check_vocab
 
     tokenizer = Tokenizer.load(directory)
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is not None and tokenizer.vocab_size > vocab:
+    vocab = model.config.vocab_size
+    if tokenizer.vocab_size > vocab:
         added = tokenizer.backend.get_added_tokens_decoder()
         extra = range(vocab, tokenizer.vocab_size)
         if all(i in added and added[i].special for i in extra):
@@ -204,8 +203,7 @@ def _summarise(keys: list[str], limit: int = 5) -> str:
 def check_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]], where: str,
                rename: dict[str, str] | None = None, skip: str | None = None) -> None:
     """Strict key and shape check of stored ``shapes`` (renamed by ``rename``) against ``model``, before any
-    tensor is read; tied aliases may be absent, ``skip`` is a prefix of weights that come from elsewhere.
-    Raises a CheckpointError listing missing/unexpected keys and shape mismatches."""
+    tensor is read; tied aliases may be absent, ``skip`` is a prefix of weights that come from elsewhere."""
     expected, aliases = unique_tensors(model)
     if skip is not None:
         expected = {k: v for k, v in expected.items() if not k.startswith(skip)}

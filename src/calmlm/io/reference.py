@@ -66,55 +66,37 @@ ALIASES: dict[str, tuple[str, ...]] = {
 # Buffers that old transformers versions saved and that calmlm recomputes.
 IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
-ARCHITECTURES = {"Autoencoder": "autoencoder", "EnergyTransformer": "calm", "FlowTransformer": "calm",
-                 "DiffusionTransformer": "calm", "LlamaForCausalLM": "baseline"}
 # The generative head of each CALM architecture (CALMConfig.head).
 CALM_HEADS = {"EnergyTransformer": "energy", "FlowTransformer": "flow", "DiffusionTransformer": "diffusion"}
+ARCHITECTURES = {"Autoencoder": "autoencoder", **dict.fromkeys(CALM_HEADS, "calm"), "LlamaForCausalLM": "baseline"}
 
 # ---------------------------------------------------------------------------------------------------
 # config.json fields: reference name -> calmlm field(s). Missing fields fall back to calmlm's defaults
 # (which are the reference's) or, for shapes, to what the weights say.
 
 BACKBONE_FIELDS: dict[str, tuple[str, ...]] = {
-    "vocab_size": ("vocab_size",),
-    "hidden_size": ("hidden_size",),
-    "intermediate_size": ("intermediate_size",),
+    # max_position_embeddings is kept as is: for CALM the reference's LlamaModel counts chunk positions, which is
+    # what our backbone's field means too; RoPE without scaling makes it only a default KV-cache length.
+    **{name: (name,) for name in ("vocab_size", "hidden_size", "intermediate_size", "rope_theta", "rms_norm_eps",
+                                  "max_position_embeddings", "initializer_range", "bos_token_id", "eos_token_id")},
     "num_hidden_layers": ("num_layers",),
     "num_attention_heads": ("num_heads",),
     "num_key_value_heads": ("num_kv_heads",),
-    "rope_theta": ("rope_theta",),
-    "rms_norm_eps": ("rms_norm_eps",),
-    # Kept as is. For CALM the reference's LlamaModel counts chunk positions, which is what our backbone's
-    # field means too; RoPE without scaling makes it only a default KV-cache length.
-    "max_position_embeddings": ("max_position_embeddings",),
-    "initializer_range": ("initializer_range",),
-    "bos_token_id": ("bos_token_id",),
-    "eos_token_id": ("eos_token_id",),
 }
 CALM_FIELDS: dict[str, tuple[str, ...]] = {
     **BACKBONE_FIELDS,
+    **{name: (name,) for name in ("latent_size", "noise_size", "num_samples")},
     "patch_size": ("chunk_size",),
-    "latent_size": ("latent_size",),
-    "noise_size": ("noise_size",),
     "num_mlp_layers": ("num_head_blocks",),
-    "num_samples": ("num_samples",),
     "beta": ("energy_alpha",),  # exponent of the distances in the energy score
     "layer_norm_eps": ("layer_norm_eps",),  # absent in reference configs: it hard-codes 1e-6 (our default)
 }
 BASELINE_FIELDS: dict[str, tuple[str, ...]] = {**BACKBONE_FIELDS, "tie_word_embeddings": ("tie_word_embeddings",)}
 AUTOENCODER_FIELDS: dict[str, tuple[str, ...]] = {
-    "vocab_size": ("vocab_size",),
+    **{name: (name,) for name in ("vocab_size", "hidden_size", "intermediate_size", "latent_size", "num_encoder_layers",
+                                  "num_decoder_layers", "rms_norm_eps", "kl_weight", "kl_clamp", "initializer_range")},
     "patch_size": ("chunk_size",),
-    "hidden_size": ("hidden_size",),
-    "intermediate_size": ("intermediate_size",),
-    "latent_size": ("latent_size",),
-    "num_encoder_layers": ("num_encoder_layers",),
-    "num_decoder_layers": ("num_decoder_layers",),
-    "rms_norm_eps": ("rms_norm_eps",),
-    "kl_weight": ("kl_weight",),
-    "kl_clamp": ("kl_clamp",),
     "ae_dropout": ("token_dropout", "latent_dropout"),  # one rate for both in the reference
-    "initializer_range": ("initializer_range",),
 }
 
 
@@ -228,11 +210,7 @@ def head_from_weights(shapes: dict[str, tuple[int, ...]]) -> str | None:
     latent = shapes.get("generative_head.net.input_proj.weight")
     if out is None or latent is None:
         return None
-    if out[0] == latent[1]:
-        return "flow"
-    if out[0] == 2 * latent[1]:
-        return "diffusion"
-    return None
+    return {latent[1]: "flow", 2 * latent[1]: "diffusion"}.get(out[0])
 
 
 def reference_head(cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]], where: str = "config.json") -> str:
@@ -262,14 +240,10 @@ def _calm_fields_from_weights(shapes: dict[str, tuple[int, ...]]) -> dict[str, A
         out["latent_size"] = shapes["mlp_generator.final_layer.linears.2.weight"][0]
     if "generative_head.net.input_proj.weight" in shapes:  # flow / diffusion head
         out["latent_size"] = shapes["generative_head.net.input_proj.weight"][1]
-    blocks = (_count(shapes, r"mlp_generator\.mlp_blocks\.(\d+)\.")
-              or _count(shapes, r"generative_head\.net\.res_blocks\.(\d+)\."))
-    if blocks:
-        out["num_head_blocks"] = blocks
-    layers = _count(shapes, r"transformer\.layers\.(\d+)\.")
-    if layers:
-        out["num_layers"] = layers
-    return out
+    counts = {"num_head_blocks": (_count(shapes, r"mlp_generator\.mlp_blocks\.(\d+)\.")
+                                  or _count(shapes, r"generative_head\.net\.res_blocks\.(\d+)\.")),
+              "num_layers": _count(shapes, r"transformer\.layers\.(\d+)\.")}
+    return {**out, **{field: n for field, n in counts.items() if n}}
 
 
 def _vocab_from_weights(values: dict[str, Any], shapes: dict[str, tuple[int, ...]] | None, embedding: str,
