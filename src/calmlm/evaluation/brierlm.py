@@ -48,8 +48,6 @@ _HEAD_ROWS = 4096  # positions per slice of the CALM temperature pools
 _HEAD_ELEMENTS = 1 << 26  # rows x vocabulary per slice through the LM head (bounds the float32 logits)
 
 
-# -- the one interface the estimators need ------------------------------------------------------------------
-
 class Continuable(Protocol):
     """What the estimators need: hidden states of true prefixes and their extension by sampled chunks.
 
@@ -83,6 +81,10 @@ class Continuations:
     def __init__(self, model: Any) -> None:
         self.model, self.kind = model, model.config.kind
         self.chunk_size = int(model.config.chunk_size) if self.kind == "calm" else 1
+        if self.kind == "calm":  # scored from two samples of the next chunk
+            self.sample_chunks = model.sample_chunks
+        else:  # scored with exact next-token probabilities
+            self.head = model.lm_head
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_chunks(ids) if self.kind == "calm" else self.model.backbone.embed_tokens(ids)
@@ -106,13 +108,6 @@ class Continuations:
         positions = torch.arange(n, device=device) + state.steps
         hidden = self.model.backbone(self._embed(chunks.reshape(s * b, n * k)), state.cache, positions, mask)
         return hidden.view(s, b, n, -1)
-
-    def sample_chunks(self, hidden: torch.Tensor, num_samples: int | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:  # CALM
-        return self.model.sample_chunks(hidden, num_samples, generator)
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:  # baseline
-        return self.model.lm_head(hidden)
 
 
 def _unwrap(model: Any) -> Any:
@@ -154,15 +149,14 @@ def calm_brier_sums(sampler: Continuable, ids: torch.Tensor, generator: torch.Ge
     Position j (chunk j's hidden state) predicts the tokens from (j+1)K on; it is scored for n when the
     n-gram ends inside the block. ``acc`` sums (1{x1=y}+1{x2=y})/2, ``coll`` sums 1{x1=x2}."""
     k = sampler.chunk_size
-    steps = math.ceil(max_n / k)
     hidden, state = sampler.start(ids)  # (B, N, d)
     x = sampler.sample_chunks(hidden, num_samples=2, generator=generator)  # (2, B, N, K)
     drawn = [x]
-    for _ in range(steps - 1):  # K < 4: each sample continues on its own, for all positions at once
+    for _ in range(math.ceil(max_n / k) - 1):  # K < 4: each sample continues on its own, for all positions at once
         hidden = sampler.extend(state, x)  # (2, B, N, d)
         x = sampler.sample_chunks(hidden, generator=generator)  # (2, B, N, K)
         drawn.append(x)
-    seq = torch.cat(drawn, -1).to(ids.device)  # (2, B, N, steps*K)
+    seq = torch.cat(drawn, -1).to(ids.device)  # (2, B, N, ceil(max_n/K)*K)
     width = max(max_n, k)
     target = F.pad(ids, (0, width), value=-1)[:, k:].unfold(1, width, k)  # (B, N, width): true tokens after chunk j
     room = ids.shape[1] - k * torch.arange(1, target.shape[1] + 1, device=ids.device)  # (N,): tokens after chunk j
@@ -296,7 +290,7 @@ def _eval_mode(model: Any) -> Iterator[None]:
     try:
         yield
     finally:
-        if was_training and hasattr(model, "train"):
+        if was_training:
             model.train()
 
 
@@ -414,23 +408,26 @@ def accuracy_diversity(model: Any, data: Any, temperatures: Sequence[float], poo
                 settings.append((float(t), int(p)))
         else:
             settings.append((float(t), None))
-    device = _device_of(base)
+    device, k = _device_of(base), view.chunk_size
     gen = torch.Generator(device=device).manual_seed(seed)
     sums = {s: [0.0, 0.0, 0.0] for s in settings}
     with _eval_mode(base):
         for ids in tqdm(iter_blocks(blocks, batch_size, max_blocks=num_blocks), unit="batch",
                         total=-(-num_blocks // batch_size), desc="accuracy/diversity", disable=not progress):
             ids = ids.to(device)
+            hidden, _ = view.start(ids)
+            hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (P, d): positions with a next chunk in the block
+            target = ids[:, k:].reshape(-1, k)  # (P, K), K = 1 for the baseline
             if kind == "calm":
-                _calm_points(view, ids, settings, sums, gen)
+                _calm_points(view, hidden, target, settings, sums, gen)
             else:
-                _baseline_points(view, ids, settings, sums)
+                _baseline_points(view, hidden, target, settings, sums)
     return [{"temperature": t, "pool_size": p, "accuracy": v[0] / v[2], "collision": v[1] / v[2],
              "positions": int(v[2]), "kind": kind, "block_size": length} for (t, p), v in sums.items()]
 
 
-def _calm_points(sampler: Continuable, ids: torch.Tensor, settings: list[tuple[float, int | None]],
-                 sums: dict[Any, list[float]], gen: torch.Generator) -> None:
+def _calm_points(sampler: Continuable, hidden: torch.Tensor, target: torch.Tensor,
+                 settings: list[tuple[float, int | None]], sums: dict[Any, list[float]], gen: torch.Generator) -> None:
     from ..sampling.temperature import batch_temperature_sample
 
     def tempered(rows: torch.Tensor, t: float, pool: int) -> torch.Tensor:
@@ -438,10 +435,6 @@ def _calm_points(sampler: Continuable, ids: torch.Tensor, settings: list[tuple[f
         draws = sampler.sample_chunks(rows, num_samples=pool, generator=gen)  # (pool, rows, K)
         return batch_temperature_sample(draws.transpose(0, 1), t, gen)
 
-    k = sampler.chunk_size
-    hidden, _ = sampler.start(ids)
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (P, d): positions with a next chunk in the block
-    target = ids[:, k:].reshape(-1, k)  # (P, K)
     for t, pool in settings:
         if pool is None:
             x = sampler.sample_chunks(hidden, num_samples=2, generator=gen)  # (2, P, K)
@@ -449,24 +442,21 @@ def _calm_points(sampler: Continuable, ids: torch.Tensor, settings: list[tuple[f
             step = max(1, _HEAD_ROWS * 4 // pool)
             x = torch.cat([torch.stack([tempered(hidden[s:s + step], t, pool) for _ in range(2)])
                            for s in range(0, hidden.shape[0], step)], 1)  # (2, P, K)
-        x = x.to(ids.device)
+        x = x.to(target.device)
         hit = (x == target).all(-1).float().mean(0)
         same = (x[0] == x[1]).all(-1).float()
         v = sums[(t, pool)]
         v[0], v[1], v[2] = v[0] + float(hit.sum()), v[1] + float(same.sum()), v[2] + hit.numel()
 
 
-def _baseline_points(scorer: Continuable, ids: torch.Tensor, settings: list[tuple[float, int | None]],
-                     sums: dict[Any, list[float]]) -> None:
-    hidden, _ = scorer.start(ids)
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    target = ids[:, 1:].reshape(-1)
+def _baseline_points(scorer: Continuable, hidden: torch.Tensor, target: torch.Tensor,
+                     settings: list[tuple[float, int | None]], sums: dict[Any, list[float]]) -> None:
     for s in range(0, hidden.shape[0], _HEAD_ROWS):
         logits = scorer.head(hidden[s:s + _HEAD_ROWS]).float()
-        y = target[s:s + _HEAD_ROWS].to(logits.device)
+        y = target[s:s + _HEAD_ROWS].to(logits.device)  # (rows, 1)
         for t, pool in settings:
             probs = (logits / t).softmax(-1)
             v = sums[(t, pool)]
-            v[0] += float(probs.gather(-1, y[:, None]).sum())
+            v[0] += float(probs.gather(-1, y).sum())
             v[1] += float(probs.square().sum())
             v[2] += y.numel()
