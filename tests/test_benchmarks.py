@@ -1,5 +1,6 @@
 """The one-command benchmark suite (benchmarks/suite.py) runs end to end at tiny sizes and reports sane numbers;
-benchmarks/code_size.py classifies lines correctly."""
+benchmarks/code_size.py classifies lines correctly; benchmarks/sampler_revisions.py finds a revision's samplers
+identical to themselves."""
 
 import json
 import math
@@ -12,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `benchmarks` is a folder of scripts beside the package, not installed
 
-from benchmarks import code_size, suite  # noqa: E402
+from benchmarks import code_size, sampler_revisions, suite  # noqa: E402
 
 
 def _positive(x: object) -> bool:
@@ -80,3 +81,12 @@ def test_code_size_classifies_lines(tmp_path: Path) -> None:
     result = code_size.main(["HEAD", "--out", str(tmp_path / "size.json")])["HEAD"]["src"]
     assert result["total"]["lines"] == sum(result["total"][k] for k in code_size.KINDS) > 0
     assert result["total"]["lines"] == sum(v["lines"] for name, v in result.items() if name != "total")
+
+
+def test_sampler_revisions_against_head(tmp_path: Path) -> None:
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout: no revision to compare with")
+    if subprocess.run(["git", "diff", "--quiet", "HEAD", "--", sampler_revisions.MODULE], cwd=REPO).returncode:
+        pytest.skip("the sampler module has uncommitted changes: HEAD is not the working tree")
+    cases = sampler_revisions.main(["--base", "HEAD", "--repeats", "1", "--out", str(tmp_path / "ab.json")])["cases"]
+    assert len(cases) == 5 and all(c["identical_output"] and c["base_ms"] > 0 for c in cases.values())
