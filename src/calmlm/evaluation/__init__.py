@@ -1,1 +1,2 @@
-"""Evaluation: BrierLM and accuracy-diversity (§4), autoencoder robustness, FLOPs, plots, the lm-evaluation-harness model."""
+"""Evaluation: BrierLM and accuracy-diversity (§4), autoencoder robustness, FLOPs, plots, the
+lm-evaluation-harness model."""

@@ -15,6 +15,7 @@ import torch
 
 from ..models.autoencoder import Autoencoder, kl_per_dim
 from ..data.corpus import Blocks, iter_blocks, token_blocks
+from .mode import eval_mode
 
 DEFAULT_SIGMAS = (0.0, 0.1, 0.2, 0.3, 0.5)
 
@@ -25,8 +26,6 @@ def evaluate_autoencoder(model: Autoencoder, blocks: Blocks, sigmas: Sequence[fl
     """``blocks``: a dataset of token blocks such as TokenDataset, or a token tensor (B, L).
 
     Returns {"sigmas": [...], "token_accuracy": {sigma: acc}, "chunk_accuracy": {...}, "active_dims", ...}."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     k = model.config.chunk_size
@@ -34,19 +33,19 @@ def evaluate_autoencoder(model: Autoencoder, blocks: Blocks, sigmas: Sequence[fl
     chunk_correct = {s: 0 for s in sigmas}
     tokens = chunks = 0
     kl_sum = torch.zeros(model.config.latent_size, device=device, dtype=torch.float64)
-    for batch in iter_blocks(token_blocks(blocks)[0], batch_size, max_blocks=max_blocks):
-        ids = batch[:, : batch.shape[1] // k * k].to(device)
-        mean, log_std = (t.float() for t in model.encode(ids))
-        kl_sum += kl_per_dim(mean, log_std).sum((0, 1)).double()
-        target = ids.view(ids.shape[0], -1, k)  # (B, chunks, K)
-        for s in sigmas:
-            z = mean + s * torch.randn(mean.shape, device=device, generator=gen) if s else mean
-            hit = model.decode(z.to(model.decoder.expand_layer.weight.dtype)).argmax(-1).view_as(target) == target
-            correct[s] += int(hit.sum())
-            chunk_correct[s] += int(hit.all(-1).sum())
-        tokens += target.numel()
-        chunks += target.numel() // k
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in iter_blocks(token_blocks(blocks)[0], batch_size, max_blocks=max_blocks):
+            ids = batch[:, : batch.shape[1] // k * k].to(device)
+            mean, log_std = (t.float() for t in model.encode(ids))
+            kl_sum += kl_per_dim(mean, log_std).sum((0, 1)).double()
+            target = ids.view(ids.shape[0], -1, k)  # (B, chunks, K)
+            for s in sigmas:
+                z = mean + s * torch.randn(mean.shape, device=device, generator=gen) if s else mean
+                hit = model.decode(z.to(model.decoder.expand_layer.weight.dtype)).argmax(-1).view_as(target) == target
+                correct[s] += int(hit.sum())
+                chunk_correct[s] += int(hit.all(-1).sum())
+            tokens += target.numel()
+            chunks += target.numel() // k
     if tokens == 0:
         raise ValueError("no evaluation data: the validation set has no complete block")
     kl_mean = kl_sum / chunks

@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -42,6 +41,7 @@ from tqdm.auto import tqdm
 from ..data.corpus import iter_blocks, token_blocks
 from ..errors import ConfigError, DataError
 from ..train.distributed import all_reduce, rank_and_world
+from .mode import eval_mode
 
 MAX_N = 4  # BrierLM combines Brier-1 .. Brier-4
 _HEAD_ROWS = 4096  # positions per slice of the CALM temperature pools
@@ -281,19 +281,6 @@ def _device_of(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
-@contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
-    """Evaluation mode while scoring, the training mode restored after (stand-ins may have neither)."""
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
-        yield
-    finally:
-        if was_training:
-            model.train()
-
-
 @torch.no_grad()
 def evaluate_brierlm(model: Any, data: Any, block_size: int | None = None, batch_size: int = 8,
                      max_tokens: int | None = None, seed: int = 0, generator: torch.Generator | None = None,
@@ -333,7 +320,7 @@ def evaluate_brierlm(model: Any, data: Any, block_size: int | None = None, batch
     estimator = calm_brier_sums if kind == "calm" else baseline_brier_sums
     blocks_done = len(range(rank, num_blocks, world))
     totals = _empty_sums()
-    with _eval_mode(base), tqdm(total=blocks_done, unit="block", desc=f"BrierLM ({kind}, L={length})",
+    with eval_mode(base), tqdm(total=blocks_done, unit="block", desc=f"BrierLM ({kind}, L={length})",
                                 disable=not progress or rank != 0) as bar:
         for ids in iter_blocks(blocks, batch_size, rank, world, num_blocks):
             ids = ids.to(device)
@@ -411,7 +398,7 @@ def accuracy_diversity(model: Any, data: Any, temperatures: Sequence[float], poo
     device, k = _device_of(base), view.chunk_size
     gen = torch.Generator(device=device).manual_seed(seed)
     sums = {s: [0.0, 0.0, 0.0] for s in settings}
-    with _eval_mode(base):
+    with eval_mode(base):
         for ids in tqdm(iter_blocks(blocks, batch_size, max_blocks=num_blocks), unit="batch",
                         total=-(-num_blocks // batch_size), desc="accuracy/diversity", disable=not progress):
             ids = ids.to(device)

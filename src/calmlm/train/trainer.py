@@ -32,6 +32,7 @@ from torch import nn
 
 from ..data.corpus import BlockSampler, iter_blocks, stack_blocks
 from ..errors import CheckpointError, ConfigError, DataError
+from ..evaluation.mode import eval_mode
 from ..io import checkpoint as ckpt
 from ..io.loading import full_state_dict, unique_tensors
 from .distributed import Parallel, all_reduce, rank_and_world
@@ -190,25 +191,13 @@ def _fixed_rng(seed: int, device: torch.device) -> Iterator[None]:
             random.setstate(py_state)
 
 
-@contextlib.contextmanager
-def _inference(model: nn.Module) -> Iterator[None]:
-    """Eval mode without gradients; the previous mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
 def evaluate_loss(model: nn.Module, data: Any, batch_size: int, num_batches: int, device: torch.device,
                   autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
     """Mean loss and model metrics over the first ``num_batches * batch_size`` validation blocks, in eval
     mode without gradients; under DDP each rank takes every world_size-th block and results are averaged."""
     sums: dict[str, torch.Tensor] = {}
     count = torch.zeros((), device=device, dtype=torch.float64)
-    with _inference(model):
+    with eval_mode(model):
         for batch in iter_blocks(data, batch_size, *rank_and_world(), max_blocks=num_batches * batch_size):
             n = len(batch["input_ids"] if isinstance(batch, dict) else batch)
             with autocast():
@@ -431,7 +420,7 @@ class Trainer:
             result = {f"val_{k}": v for k, v in out.items()}
             if self.evaluate_fn is not None:
                 # FSDP's bf16 policy gathers bf16 parameters: evaluate_fn needs autocast to mix them with fp32 tensors
-                with _inference(self.model), (self.autocast() if self.fsdp_bf16 else contextlib.nullcontext()):
+                with eval_mode(self.model), (self.autocast() if self.fsdp_bf16 else contextlib.nullcontext()):
                     extra = self.evaluate_fn(self.model, self.val_data) or {}
                 result.update({k: float(v) for k, v in extra.items()})
         return result
