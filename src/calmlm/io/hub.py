@@ -10,13 +10,13 @@ last evaluation in the run's ``metrics.jsonl`` (the training data's validation s
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import is_checkpoint, native_weights, read_config, read_metadata
 from .loading import detect_format, looks_like_repo_id
+from ..train.trainer import last_eval
 from ..errors import CheckpointError
 
 CARD_FILE = "README.md"
@@ -45,24 +45,6 @@ def _parameters(directory: Path) -> dict[str, int]:
     shapes = native_weights(directory).shapes()
     return {"total": sum(math.prod(s) for s in shapes.values()),
             "autoencoder": sum(math.prod(s) for k, s in shapes.items() if k.startswith("autoencoder."))}
-
-
-def last_eval(path: Path, key: str | None = None) -> dict[str, Any] | None:
-    """The last evaluation record (holding ``key``, if given) of a run's metrics.jsonl, or None. ``path``: the
-    metrics.jsonl file, or a run or checkpoint folder (its metrics.jsonl, else the one in the folder above)."""
-    files = [path] if path.is_file() else [path / "metrics.jsonl", path.parent / "metrics.jsonl"]
-    for metrics in (f for f in files if f.is_file()):
-        evals = []
-        for line in metrics.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            if r.get("type") == "eval" and (key is None or key in r):
-                evals.append(r)
-        if evals:
-            return evals[-1]
-    return None
 
 
 def _millions(n: int) -> str:

@@ -28,7 +28,7 @@ from . import workflows as wf
 from ..errors import ConfigError
 from ..evaluation.flops import autoencoder_training_flops_per_token, training_flops_per_token
 from .distributed import is_distributed, rank_and_world, setup_distributed
-from .trainer import Control, TrainConfig
+from .trainer import METRICS_FILE, Control, TrainConfig, read_metrics
 
 RESULT_FILE = "compare.json"
 
@@ -122,14 +122,9 @@ def budget_control(unit: str, budget: float, flops_per_step: float, points: int,
     return timed, 10**9
 
 
-def _records(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def _read_points(run_dir: Path, flops_per_token: float, offset_flops: float, offset_seconds: float) -> list[dict]:
     points = {}  # on resume a point can be logged twice (once before the interruption): keep the last of each step
-    for rec in _records(run_dir):
+    for rec in read_metrics(run_dir / METRICS_FILE):
         if rec.get("type") != "eval" or "brierlm" not in rec and "val_loss" not in rec:
             continue
         tokens = rec.get("tokens", 0)
@@ -354,7 +349,7 @@ def autoencoder_cost(path: str, config: Any) -> dict[str, float]:
     """Training FLOPs and seconds of the autoencoder (of ``config``) trained in the run folder ``path``, from
     its last training record."""
     run = Path(path).parent if Path(path).name == "checkpoint" else Path(path)
-    last = next((rec for rec in reversed(_records(run)) if rec.get("type") == "train"), None)
+    last = next((rec for rec in reversed(read_metrics(run / METRICS_FILE)) if rec.get("type") == "train"), None)
     if not last:
         raise ConfigError(f"{path} has no metrics.jsonl training record, so its training cost is unknown; "
                           "pass the run folder written by `calm train-ae`")

@@ -119,6 +119,30 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl (none when it does not exist); a line cut by a crash is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def last_eval(path: Path, key: str | None = None) -> dict[str, Any] | None:
+    """The last evaluation record (holding ``key``, if given) of a run's metrics.jsonl, or None. ``path``: the
+    metrics.jsonl file, or a run or checkpoint folder (its metrics.jsonl, else the one in the folder above)."""
+    files = [path] if path.is_file() else [path / METRICS_FILE, path.parent / METRICS_FILE]
+    for metrics in files:
+        evals = [r for r in read_metrics(metrics) if r.get("type") == "eval" and (key is None or key in r)]
+        if evals:
+            return evals[-1]
+    return None
+
+
 def lr_multiplier(step: int, config: TrainConfig, train_seconds: float = 0.0) -> float:
     """LR factor for optimizer step ``step`` (0-based): linear warm-up, then constant or cosine to min_lr_ratio,
     reached at step == max_steps or, with a time budget, when ``train_seconds`` (the budget's clock) reach it
@@ -352,13 +376,7 @@ class Trainer:
         path = self.out_dir / METRICS_FILE
         if not self.dist.is_main or not path.is_file():
             return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line + "\n")
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
+        keep = [json.dumps(r) + "\n" for r in read_metrics(path) if r.get("step", 0) <= step]  # as _log wrote them
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(keep))
         os.replace(tmp, path)
