@@ -7,6 +7,7 @@ training state), ``metrics.jsonl`` and ``train_config.json``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,12 +75,13 @@ def _model_config(kind: str, name: str, config_file: str | None, **overrides: An
     return preset(kind, name, **overrides)
 
 
-def _fit(model: Any, tok: Any, opts: DataOptions, cfg: TrainConfig, evaluate_fn: Any, resume: bool,
+def _fit(build: Callable[[], Any], tok: Any, opts: DataOptions, cfg: TrainConfig, evaluate_fn: Any, resume: bool,
          device: str | None, control: Control | None) -> dict[str, Any]:
-    """Train ``model`` on the data of ``opts`` and record that data in the run folder."""
+    """Train the model ``build()`` makes on the data of ``opts`` and record that data in the run folder. The data
+    is prepared first, so a bad --data fails before a large model is allocated."""
     train, val, info = prepare_data(opts, tok)
     meta = {"data": opts.record(), "data_info": {k: v for k, v in info.items() if k != "cache"}}
-    final = Trainer(model, train, val, cfg, tokenizer=tok, evaluate_fn=evaluate_fn, resume=resume, device=device,
+    final = Trainer(build(), train, val, cfg, tokenizer=tok, evaluate_fn=evaluate_fn, resume=resume, device=device,
                     metadata=meta).fit(control=control)
     Path(cfg.out_dir, "data_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return final
@@ -114,8 +116,8 @@ def train_autoencoder(opts: DataOptions, cfg: TrainConfig, preset: str = "defaul
     from ..models.autoencoder import Autoencoder
 
     tok = get_tokenizer(tokenizer, opts, vocab_size, cfg.out_dir)
-    model = Autoencoder(autoencoder_config(tok, preset, config_file, **overrides))
-    return _fit(model, tok, opts, cfg, autoencoder_eval_fn(), resume, device, control)
+    ae_cfg = autoencoder_config(tok, preset, config_file, **overrides)
+    return _fit(lambda: Autoencoder(ae_cfg), tok, opts, cfg, autoencoder_eval_fn(), resume, device, control)
 
 
 def brier_eval_fn(block_size: int, max_tokens: int = 8192) -> Any:
@@ -158,8 +160,8 @@ def train_calm(opts: DataOptions, cfg: TrainConfig, autoencoder: str, preset: st
 
     ae = load_autoencoder(autoencoder)
     model_cfg = calm_config(ae.config, ae.tokenizer, opts.block_size, preset, config_file, **(head_options or {}))
-    return _fit(CALM(model_cfg, autoencoder=ae), ae.tokenizer, opts, cfg, brier_eval_fn(opts.block_size, brier_tokens),
-                resume, device, control)
+    return _fit(lambda: CALM(model_cfg, autoencoder=ae), ae.tokenizer, opts, cfg,
+                brier_eval_fn(opts.block_size, brier_tokens), resume, device, control)
 
 
 def baseline_config(tok: Any, block_size: int, preset: str = "small", config_file: str | None = None,
@@ -178,8 +180,9 @@ def train_baseline(opts: DataOptions, cfg: TrainConfig, tokenizer: str | None = 
     from ..models.baseline import BaselineLM
 
     tok = get_tokenizer(_tokenizer_path(tokenizer), opts, vocab_size, cfg.out_dir)
-    model = BaselineLM(baseline_config(tok, opts.block_size, preset, config_file))
-    return _fit(model, tok, opts, cfg, brier_eval_fn(opts.block_size, brier_tokens), resume, device, control)
+    model_cfg = baseline_config(tok, opts.block_size, preset, config_file)
+    return _fit(lambda: BaselineLM(model_cfg), tok, opts, cfg, brier_eval_fn(opts.block_size, brier_tokens), resume,
+                device, control)
 
 
 def _tokenizer_path(path: str | None) -> str | None:
