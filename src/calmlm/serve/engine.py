@@ -26,7 +26,8 @@ import torch
 
 from ..models.transformer import left_padding
 from ..errors import GenerationError
-from ..sampling.generation import _next_chunk, _stop_after_eos, _validate, padded_prompt, sample_logits
+from ..sampling.generation import (_next_chunk, _stop_after_eos, _validate, padded_prompt, sample_logits,
+                                  start_token)
 
 # Called from the worker thread with each step's Step, then once with None when the request is finished, or
 # with an exception when it failed.
@@ -110,7 +111,7 @@ class Engine:
             raise GenerationError(f"top_k must be >= 1, got {request.top_k}")
         if any(not 0 <= t < cfg.vocab_size for t in request.prompt_ids):
             raise GenerationError(f"prompt token ids must be in [0, {cfg.vocab_size}), the model's vocabulary")
-        if not length and not self.is_calm and cfg.bos_token_id is None and self.eos is None:
+        if not length and start_token(cfg, self.eos) is None:  # CALM always has its mask token to pad with
             raise GenerationError("an empty prompt needs a BOS or EOS token id to start from; give a prompt")
         if self._positions(length) > cfg.max_position_embeddings:
             raise GenerationError(f"the prompt has {length} tokens, longer than the model's context of "
