@@ -126,6 +126,10 @@ class BaselineConfig(BackboneConfig):
 
 HEAD_TYPES = ("energy", "flow", "diffusion")
 FLOW_SOLVERS = ("midpoint", "euler")
+AID_SCHEDULES = ("linear", "constant")
+AID_CONTROLS = ("none", "detach", "shuffle")
+AID_WEIGHTS = ("aux_token_weight", "aux_latent_weight", "decoder_ce_weight")
+AID_OPTIONS = (*AID_WEIGHTS, "aid_until", "aid_schedule", "aid_control")
 HEAD_SAMPLING_OPTIONS = ("flow_steps", "flow_solver", "diffusion_sample_steps")  # changeable after training
 
 
@@ -160,6 +164,26 @@ class CALMConfig(BackboneConfig):
     num_targets: int = 100  # M targets drawn from the autoencoder posterior
     energy_alpha: float = 1.0  # exponent of the distances in the energy score, in (0, 2)
     layer_norm_eps: float = 1e-6  # LayerNorms of the input compression and of the head
+    # -- training aids (models/aids.py, docs/small_scale.md): training-only losses, never used at inference;
+    # their parameters are kept out of the checkpoint. All off (0) in the paper presets.
+    aux_token_weight: float = field(default=0.0, metadata={
+        "metavar": "W", "help": "training aid: weight of an auxiliary head's cross-entropy on the next chunk's "
+                                "K tokens, read from the backbone state (dropped after training; default 0: off)"})
+    aux_latent_weight: float = field(default=0.0, metadata={
+        "metavar": "W", "help": "training aid: weight of a linear regression of the next chunk's posterior mean "
+                                "from the backbone state (mean squared error; default 0: off)"})
+    decoder_ce_weight: float = field(default=0.0, metadata={
+        "metavar": "W", "help": "training aid: weight of the cross-entropy of the next chunk's tokens decoded by "
+                                "the frozen decoder from one head sample (energy head; default 0: off)"})
+    aid_until: float = field(default=1.0, metadata={
+        "metavar": "F", "help": "fraction of training (steps or time budget) after which no aid is computed "
+                                "(default 1)"})
+    aid_schedule: str = field(default="linear", metadata={
+        "choices": AID_SCHEDULES, "help": "aid weights fall linearly to 0 at --aid-until, or stay constant until "
+                                          "then (default linear)"})
+    aid_control: str = field(default="none", metadata={
+        "choices": AID_CONTROLS, "help": "negative controls of the aids: detach (no aid gradient reaches the "
+                                         "backbone) or shuffle (targets of other positions) (default none)"})
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
@@ -181,11 +205,28 @@ class CALMConfig(BackboneConfig):
         if self.diffusion_sample_steps > self.diffusion_steps:
             raise ConfigError(f"diffusion_sample_steps {self.diffusion_sample_steps} exceeds diffusion_steps "
                               f"{self.diffusion_steps}: the sampling chain is a subset of the training steps")
+        for name in ("aux_token_weight", "aux_latent_weight", "decoder_ce_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0 turns the aid off), got {getattr(self, name)}")
+        if not 0.0 < self.aid_until <= 1.0:
+            raise ConfigError(f"aid_until is a fraction of training in (0, 1], got {self.aid_until}")
+        for name, allowed in (("aid_schedule", AID_SCHEDULES), ("aid_control", AID_CONTROLS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; use one of {', '.join(allowed)}")
+        if self.decoder_ce_weight > 0 and self.head != "energy":
+            raise ConfigError("decoder_ce_weight needs the energy head (one network call per sample); "
+                              f"the {self.head} head samples in many calls")
         if not 0.0 < self.energy_alpha < 2.0:
             raise ConfigError(f"energy_alpha must be in (0, 2) for a strictly proper score, got {self.energy_alpha}")
         if isinstance(self.autoencoder, dict):
             self.autoencoder = AutoencoderConfig.from_dict(self.autoencoder)
         check_compatible(self, self.autoencoder)
+
+
+    @property
+    def uses_aids(self) -> bool:
+        """Whether any training aid is on (models/aids.py)."""
+        return any(getattr(self, n) > 0 for n in AID_WEIGHTS)
 
 
 def check_compatible(model: CALMConfig, ae: AutoencoderConfig) -> None:

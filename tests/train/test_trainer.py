@@ -233,3 +233,37 @@ def test_metrics_reader_skips_a_line_cut_by_a_crash(tmp_path):
     assert last_eval(path)["step"] == 4 and last_eval(path, "val_loss")["step"] == 2
     assert last_eval(tmp_path / "checkpoint", "brierlm")["brierlm"] == 1.5  # a checkpoint folder: the run's file
     assert read_metrics(tmp_path / "missing.jsonl") == [] and last_eval(tmp_path / "other" / "run") is None
+
+
+def test_training_aids_are_kept_out_of_the_checkpoint_and_resume_exactly(tmp_path):
+    """CALM's training-only aid heads are saved with the training state, not with the model's weights: the
+    checkpoint loads as a plain CALM, and a resumed run (aid schedule included) matches an uninterrupted one."""
+    data, val = Blocks(12, 16), Blocks(4, 16, seed=1)
+    aids = dict(aux_token_weight=1.0, aux_latent_weight=0.5, aid_until=0.7)
+
+    def aided(seed: int = 0) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        model = build_model(calm_preset("debug", **aids))
+        model.attach_aids()
+        return model
+
+    full = aided()
+    Trainer(full, data, val, _cfg(tmp_path / "full")).fit()
+    cfg = _cfg(tmp_path / "half")
+    Trainer(aided(), data, val, cfg).fit(stop_at=3)
+    resumed = aided(seed=123)
+    Trainer(resumed, data, val, cfg, resume=True).fit()
+    a, b = full.state_dict(), resumed.state_dict()
+    assert any(k.startswith("aids.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    records = read_metrics(Path(cfg.out_dir) / "metrics.jsonl")
+    factors = [r["aid_factor"] for r in records if r["type"] == "train"]
+    assert factors[0] == 1.0 and factors[-1] == 0.0  # linear to 0 at 70 % of the 6 steps, then off
+    plain = load_model(Path(cfg.out_dir) / "checkpoint")  # a plain CALM: no aid module, every weight present
+    assert plain.aids is None and plain.config.aux_token_weight == 1.0
+    from safetensors import safe_open
+    with safe_open(str(Path(cfg.out_dir) / "checkpoint" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if k.startswith("aids.")]
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, b[k]), k

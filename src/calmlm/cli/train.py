@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="CALMConfig JSON (overrides --preset)")
     p.add_argument("--brier-tokens", type=int, default=8192, help="tokens scored by BrierLM at each evaluation")
     tr.add_head_args(p)
+    tr.add_aid_args(p)
     tr.add_data_args(p)
     tr.add_train_args(p, "calm")
     p.set_defaults(func=run)
@@ -26,5 +27,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     final = wf.train_calm(tr.data_options(args), tr.train_config(args), args.autoencoder, args.preset, args.config,
-                          args.resume, args.device, args.brier_tokens, tr.head_options(args))
+                          args.resume, args.device, args.brier_tokens,
+                          {**tr.head_options(args), **tr.aid_options(args)})
     return tr.print_result(final)

@@ -11,7 +11,7 @@ import dataclasses
 import json
 from typing import Any
 
-from ..config import HEAD_SAMPLING_OPTIONS, CALMConfig
+from ..config import AID_OPTIONS, HEAD_SAMPLING_OPTIONS, CALMConfig
 from ..train.recipes import RECIPES, recipe
 from ..train.trainer import TrainConfig
 from ..train.workflows import DataOptions
@@ -44,6 +44,18 @@ def add_head_args(p: argparse.ArgumentParser, sampling_only: bool = False) -> No
 def head_options(args: argparse.Namespace) -> dict[str, Any]:
     """The head options given on the command line, as CALMConfig fields."""
     return {n: getattr(args, n) for n in _HEAD_OPTIONS if getattr(args, n, None) is not None}
+
+
+def add_aid_args(p: argparse.ArgumentParser) -> None:
+    """The training aids' options (CALMConfig fields, models/aids.py); None keeps the preset's value."""
+    others = tuple(f.name for f in dataclasses.fields(CALMConfig) if f.name not in AID_OPTIONS)
+    add_dataclass_arguments(p.add_argument_group("training aids (CALM; off in the paper presets)"), CALMConfig,
+                            exclude=others, unset=True)
+
+
+def aid_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The training-aid options given on the command line, as CALMConfig fields."""
+    return {n: getattr(args, n) for n in AID_OPTIONS if getattr(args, n, None) is not None}
 
 
 def apply_head_options(model: Any, args: argparse.Namespace) -> None:

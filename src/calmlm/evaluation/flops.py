@@ -200,6 +200,21 @@ def _step_flops(cfg: BaselineConfig | CALMConfig, positions: int, flops_per_mac:
     return step
 
 
+def _aid_flops(cfg: CALMConfig) -> dict[str, float]:
+    """Training FLOPs per step of the training aids (models/aids.py), averaged over the run: they are computed for
+    the first ``aid_until`` of it. The frozen decoder of the decoder cross-entropy runs forward and passes the
+    gradient back to the head's sample (2 × forward); the aid heads are trained (3 ×)."""
+    d, k, v = cfg.hidden_size, cfg.chunk_size, cfg.vocab_size
+    t, share, out = TRAIN_MULTIPLIER * MAC, cfg.aid_until, {}
+    if cfg.aux_token_weight > 0:
+        out["aux_token_head"] = share * t * (d * k * d + k * d * v)
+    if cfg.aux_latent_weight > 0:
+        out["aux_latent_head"] = share * t * d * cfg.latent_size
+    if cfg.decoder_ce_weight > 0:
+        out["decoder_ce"] = share * (t * _head_macs(cfg)[1] + 2 * MAC * _decoder_macs(cfg.autoencoder))
+    return out
+
+
 def inference_flops_per_token(config: AnyConfig, context_length: int | None = None,
                               head_draws: int = 1) -> FlopsReport:
     """Forward FLOPs per generated token with a KV cache holding ``context_length`` tokens.
@@ -237,6 +252,9 @@ def training_flops_per_token(config: AnyConfig, context_length: int | None = Non
         step["generative_head"] = t * (once + cfg.num_samples * per_call)
         step["autoencoder_encoder"] = MAC * _encoder_macs(cfg.autoencoder)  # frozen: forward only
         notes["num_samples"] = cfg.num_samples
+        step.update(_aid_flops(cfg))
+        if cfg.uses_aids:
+            notes["aid_until"] = cfg.aid_until
     return FlopsReport("training", cfg.kind, k, ctx, pos, {n: v / k for n, v in step.items()}, notes)
 
 

@@ -396,12 +396,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_training_state(directory: str | Path, optimizer: dict[str, Any] | None = None,
                         scheduler: dict[str, Any] | None = None, step: int = 0, rng: Any = None,
-                        data_state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+                        data_state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                        training_only: dict[str, torch.Tensor] | None = None) -> None:
     """Write the training state files into ``directory``; ``rng`` is a state of :func:`rng_state` or a list of them
-    (one per rank). Pass it through ``save_model(training_state=...)`` for an atomic write."""
+    (one per rank); ``training_only``: parameters used only in training (CALM's aids), kept out of the model's
+    weights. Pass it through ``save_model(training_state=...)`` for an atomic write."""
     directory = Path(directory)
     _write_json(directory / TRAINER_STATE_FILE, {"step": int(step), "data_state": data_state, "extra": extra or {}})
-    torch.save({"optimizer": optimizer, "scheduler": scheduler}, directory / OPTIMIZER_FILE)
+    torch.save({"optimizer": optimizer, "scheduler": scheduler, "training_only": training_only},
+               directory / OPTIMIZER_FILE)
     if rng is not None:
         torch.save({"rng": rng}, directory / RNG_FILE)
 
@@ -409,7 +412,8 @@ def save_training_state(directory: str | Path, optimizer: dict[str, Any] | None 
 def load_training_state(directory: str | Path,
                         optimizer: torch.optim.Optimizer | Callable[[dict[str, Any]], None] | None = None,
                         scheduler: Any = None) -> dict[str, Any]:
-    """The training state of a checkpoint as {"step", "data_state", "extra", "rng", "optimizer", "scheduler"},
+    """The training state of a checkpoint as {"step", "data_state", "extra", "rng", "optimizer", "scheduler",
+    "training_only"},
     with the optimizer/scheduler state restored in place; ``optimizer`` may be a function that loads its state
     dict (the trainer's reshards it under FSDP). ``rng`` (or None) is for :func:`set_rng_state`."""
     directory = Path(directory)
@@ -425,7 +429,8 @@ def load_training_state(directory: str | Path,
     opt = _torch_load(directory / OPTIMIZER_FILE)
     rng = _torch_load(directory / RNG_FILE)["rng"] if (directory / RNG_FILE).is_file() else None
     info = {"step": step, "data_state": saved.get("data_state"), "extra": saved.get("extra") or {}, "rng": rng,
-            "optimizer": opt.get("optimizer"), "scheduler": opt.get("scheduler")}
+            "optimizer": opt.get("optimizer"), "scheduler": opt.get("scheduler"),
+            "training_only": opt.get("training_only")}
     load_optimizer = optimizer.load_state_dict if isinstance(optimizer, torch.optim.Optimizer) else optimizer
     try:
         if load_optimizer is not None and info["optimizer"] is not None:

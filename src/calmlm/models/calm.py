@@ -17,6 +17,7 @@ from .autoencoder import Autoencoder
 from .transformer import KVCache, Transformer
 from ..config import HEAD_SAMPLING_OPTIONS, CALMConfig, check_compatible
 from ..errors import ConfigError
+from .aids import TrainingAids
 from .heads import HEADS
 from .layers import ModelOutput, init_linear_and_embedding
 from .losses import posterior_targets
@@ -40,6 +41,14 @@ class CALM(nn.Module):
         self.autoencoder = autoencoder
         self.autoencoder.requires_grad_(False)
         self.autoencoder.eval()
+        self.aids: TrainingAids | None = None  # training-only losses, attached by the training workflow
+
+    def attach_aids(self) -> None:
+        """Build the training aids the config turns on (models/aids.py); the trainer keeps their parameters out
+        of the checkpoint's weights, so the saved model is a plain CALM."""
+        if self.config.uses_aids and self.aids is None:
+            p = self.backbone.embed_tokens.weight
+            self.aids = TrainingAids(self.config).to(device=p.device, dtype=p.dtype)
 
     def train(self, mode: bool = True) -> "CALM":
         super().train(mode)
@@ -96,7 +105,16 @@ class CALM(nn.Module):
         draws = {k: v for k, v in (("noise", noise), ("t", t)) if v is not None}
         mask = None if loss_mask is None else _chunk_mask(loss_mask, input_ids, self.config.chunk_size)
         loss = self.head.loss(hidden, targets, **draws, mask=mask)
-        return ModelOutput(loss, {f"{self.config.head}_loss": loss.detach()})
+        metrics = {f"{self.config.head}_loss": loss.detach()}
+        if self.aids is not None and self.training:
+            metrics["aid_factor"] = self.aids.factor.detach().clone()
+            if self.aids.active:
+                k = self.config.chunk_size
+                chunks = input_ids[:, k:].reshape(-1, k)  # (P, K): the chunks the hidden states predict
+                aid_loss, aid_metrics = self.aids(self, hidden, chunks, mean, mask)
+                loss = loss + aid_loss
+                metrics.update(aid_metrics)
+        return ModelOutput(loss, metrics)
 
     def set_head_options(self, **options: Any) -> None:
         """Change sampling options of a trained model's head (flow_steps, flow_solver, diffusion_sample_steps);

@@ -35,6 +35,7 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..evaluation.mode import eval_mode
 from ..io import checkpoint as ckpt
 from ..io.loading import full_state_dict, unique_tensors
+from ..models.aids import TRAINING_ONLY_PREFIX
 from .distributed import Parallel, all_reduce, rank_and_world
 
 EvaluateFn = Callable[[nn.Module, Any], dict[str, float]]
@@ -141,6 +142,15 @@ def last_eval(path: Path, key: str | None = None) -> dict[str, Any] | None:
         if evals:
             return evals[-1]
     return None
+
+
+def training_progress(step: int, config: TrainConfig, train_seconds: float = 0.0) -> float:
+    """Fraction of the run done after ``step`` optimizer steps: of max_steps or, with a time budget, of the
+    budget's clock, whichever is further (what the training aids' schedules follow)."""
+    progress = step / config.max_steps
+    if config.time_budget_s:
+        progress = max(progress, train_seconds / config.time_budget_s)
+    return min(1.0, progress)
 
 
 def lr_multiplier(step: int, config: TrainConfig, train_seconds: float = 0.0) -> float:
@@ -321,6 +331,8 @@ class Trainer:
         self.sampler = BlockSampler(len(train_data), config.batch_size, seed=config.seed,
                                     rank=self.dist.rank, world_size=self.dist.world_size)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # modules whose training-only losses follow the run's progress (CALM's training aids)
+        self.progress_hooks = [m.set_progress for m in self.model.modules() if hasattr(m, "set_progress")]
         if config.compile:
             self.engine = torch.compile(self.engine)  # type: ignore[assignment]
         self.last_metrics: dict[str, Any] = {}
@@ -389,7 +401,9 @@ class Trainer:
         if self.dist.is_main:
             for alias in unique_tensors(self.model)[1]:  # tied weights are stored once, under the first name
                 weights.pop(alias, None)
-            state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "step": self.step, "rng": rng,
+            # training-only parameters (CALM's aids) go with the training state: the saved model stays plain
+            training_only = {k: weights.pop(k) for k in list(weights) if k.startswith(TRAINING_ONLY_PREFIX)}
+            state = {"optimizer": optimizer, "training_only": training_only or None, "scheduler": self.scheduler.state_dict(), "step": self.step, "rng": rng,
                      "data_state": self.sampler.state_dict(),
                      "extra": {"train_config": self.config.to_dict(), "world_size": self.dist.world_size,
                                "train_seconds": self.train_seconds, "budget_seconds": self.budget_seconds}}
@@ -412,10 +426,11 @@ class Trainer:
                                   f"differing fields {diff}); resume with the same model config")
         # every rank reads the full weights (on the CPU under FSDP) and keeps its part
         weights = ckpt.read_weights(directory, "cpu" if self.parallel.fsdp else self.device)
-        with torch.no_grad():
-            self.parallel.load_weights(self.model, full_state_dict(self.model, weights, str(directory)))
         info = ckpt.load_training_state(directory, functools.partial(self.parallel.load_optimizer, self.model,
                                                                      self.optimizer), self.scheduler)
+        weights.update(info["training_only"] or {})
+        with torch.no_grad():
+            self.parallel.load_weights(self.model, full_state_dict(self.model, weights, str(directory)))
         self.step = info["step"]
         self.train_seconds = float(info["extra"].get("train_seconds", 0.0))
         self.budget_seconds = float(info["extra"].get("budget_seconds", self.train_seconds))
@@ -449,6 +464,9 @@ class Trainer:
         tensors. Benchmarks time this."""
         cfg = self.config
         sums: dict[str, torch.Tensor] = {}
+        progress = training_progress(self.step, cfg, self.budget_seconds)
+        for set_progress in self.progress_hooks:
+            set_progress(progress)
         for micro in range(cfg.grad_accum):
             batch = stack_blocks(self.train_data, next(self.sampler))
             with self.parallel.sync_gradients(self.model, micro == cfg.grad_accum - 1):  # sync on the last one

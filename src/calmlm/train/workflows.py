@@ -156,12 +156,16 @@ def train_calm(opts: DataOptions, cfg: TrainConfig, autoencoder: str, preset: st
                config_file: str | None = None, resume: bool = False, device: str | None = None,
                brier_tokens: int = 8192, head_options: dict[str, Any] | None = None,
                control: Control | None = None) -> dict[str, Any]:
+    """Train CALM on a frozen autoencoder; ``head_options`` are CALMConfig overrides (head, training aids)."""
     from ..models.calm import CALM
 
     ae = load_autoencoder(autoencoder)
     model_cfg = calm_config(ae.config, ae.tokenizer, opts.block_size, preset, config_file, **(head_options or {}))
-    return _fit(lambda: CALM(model_cfg, autoencoder=ae), ae.tokenizer, opts, cfg,
-                brier_eval_fn(opts.block_size, brier_tokens), resume, device, control)
+    def build() -> CALM:
+        model = CALM(model_cfg, autoencoder=ae)
+        model.attach_aids()  # the training aids the config turns on (none in the paper presets)
+        return model
+    return _fit(build, ae.tokenizer, opts, cfg, brier_eval_fn(opts.block_size, brier_tokens), resume, device, control)
 
 
 def baseline_config(tok: Any, block_size: int, preset: str = "small", config_file: str | None = None,
