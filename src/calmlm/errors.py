@@ -1,4 +1,4 @@
-"""User-facing errors. The CLI prints them as one line (no traceback) and exits with status 2."""
+"""User-facing errors and warnings. The CLI prints them as one line (no traceback); an error exits with status 2."""
 
 
 class CalmError(Exception):
@@ -23,3 +23,7 @@ class TokenizerError(CalmError):
 
 class GenerationError(CalmError, ValueError):
     """Bad generation input: a prompt longer than the context, a bad temperature..."""
+
+
+class CalmWarning(UserWarning):
+    """Something calmlm worked around and the user should know (e.g. unreadable corpus files it skipped)."""

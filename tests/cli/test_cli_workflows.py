@@ -1,5 +1,6 @@
 """End to end through the `calm` CLI at debug scale: train-ae -> train / train-baseline -> generate / eval."""
 
+import errno
 import json
 import re
 from pathlib import Path
@@ -101,6 +102,39 @@ def test_clear_errors(runs, capsys, tmp_path):
     long_prompt = " ".join(["word1"] * 600)
     assert main(["generate", "--model", str(root / "base"), "--prompt", long_prompt, "--max-new-tokens", "4"]) == 2
     assert "context" in capsys.readouterr().err
+
+
+def test_disk_full_and_skipped_files_are_one_line_each(runs, capsys, tmp_path, monkeypatch):
+    import calmlm.io.checkpoint as ckpt
+
+    root, data = runs
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "good.txt").write_text("some words " * 50)
+    (tmp_path / "docs" / "latin.txt").write_bytes("café".encode("latin-1"))
+    assert main(["tokenizer", "train", "--data", str(tmp_path / "docs"), "--vocab-size", "280",
+                 "--out", str(tmp_path / "tok")]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: skipped 1 of the 2 files under {tmp_path / 'docs'} that cannot be read as UTF-8 text: "
+        f"{tmp_path / 'docs' / 'latin.txt'} (not UTF-8: byte 0xe9 at offset 3); convert them to UTF-8 or make them "
+        "readable to include them"]
+
+    write_state = ckpt.save_training_state
+
+    def disk_full(directory, **state):
+        if state["step"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_state(directory, **state)
+
+    monkeypatch.setattr(ckpt, "save_training_state", disk_full)
+    args = ["train-baseline", "--tokenizer", str(root / "ae"), "--preset", "debug", "--out", str(tmp_path / "run"),
+            *data, *COMMON]
+    args[args.index("--max-steps") + 1], args[args.index("--save-every") + 1] = "2", "1"
+    assert main(args) == 2
+    checkpoint = tmp_path / "run" / "checkpoint"
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: saving the checkpoint of step 2 to {checkpoint} failed (No space left on device); the last good "
+        f"checkpoint (step 1) is still at {checkpoint}; free some disk space or choose another output folder, then "
+        "resume from it (--resume)"]
 
 
 def test_readme_test_command_is_what_ci_runs():

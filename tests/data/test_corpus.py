@@ -1,7 +1,11 @@
+import errno
+import io
 import json
 import os
 import pickle
 import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +14,7 @@ import torch
 from calmlm.data.corpus import (BlockSampler, TokenDataset, build_token_file, is_validation, iter_blocks, open_corpus,
                          prepare_corpus, split_documents, stack_blocks, stdlib_corpus, token_blocks,
                          token_dtype)
-from calmlm.errors import DataError, TokenizerError
+from calmlm.errors import CalmWarning, DataError, TokenizerError
 from calmlm.data.tokenizer import train_tokenizer
 
 DOCS = [f"Document {i}: " + "some words and numbers 12345 " * (1 + i % 7) for i in range(200)]
@@ -269,8 +273,111 @@ def test_bad_jsonl_and_undecodable_files(tmp_path):
         list(open_corpus(str(bad)))
     latin = tmp_path / "latin.txt"
     latin.write_bytes("café".encode("latin-1"))
-    with pytest.raises(DataError, match="latin.txt is not UTF-8 text.*convert it to UTF-8"):
-        list(open_corpus(str(latin)))
+    with pytest.raises(DataError, match="cannot read .*latin.txt as UTF-8 text .*0xe9.*convert it to UTF-8"):
+        list(open_corpus(str(latin)))  # a single file is not skipped
+
+
+def _unreadable_when_mode_says_so(monkeypatch):
+    """Reading a file without read permission fails as it does for a non-root user (tests may run as root)."""
+    read_bytes = Path.read_bytes
+
+    def read(path):
+        if not path.stat().st_mode & 0o444:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read)
+
+
+def _folder_with_bad_files(folder, good):
+    _write_docs(folder, good)
+    (folder / "latin.txt").write_bytes("café".encode("latin-1"))
+    (folder / "locked.md").write_text("secret")
+    (folder / "locked.md").chmod(0)
+    (folder / "gone.txt").symlink_to(folder / "nowhere.txt")  # a dangling link: listed, cannot be read
+    return folder
+
+
+def test_folder_and_glob_skip_unreadable_files_with_one_warning(tmp_path, monkeypatch):
+    _unreadable_when_mode_says_so(monkeypatch)
+    folder = _folder_with_bad_files(tmp_path / "d", ["one", "two"])
+    for spec, bad in [(folder, ["gone.txt", "latin.txt", "locked.md"]), (folder / "*.txt", ["latin.txt"])]:
+        corpus = open_corpus(str(spec))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert sorted(corpus) == ["one", "two"]
+            assert sorted(corpus) == ["one", "two"]  # a second pass does not warn again
+        assert [w.category for w in caught] == [CalmWarning]
+        message = str(caught[0].message)
+        assert f"skipped {len(bad)} of the " in message and "convert them to UTF-8 or make them readable" in message
+        assert all(str(folder / name) in message for name in bad)
+        assert sorted(Path(p).name for p, _ in corpus.skipped) == bad
+    assert dict(corpus.skipped)[str(folder / "latin.txt")] == "not UTF-8: byte 0xe9 at offset 3"
+
+
+def test_many_unreadable_files_are_named_a_few_then_counted(tmp_path):
+    _write_docs(tmp_path / "d", ["fine"])
+    for i in range(8):
+        (tmp_path / "d" / f"bad{i}.txt").write_bytes(b"\xff" * 3)
+    with pytest.warns(CalmWarning, match=r"skipped 8 of the 9 files under .*bad4.txt \(not UTF-8: byte 0xff at "
+                                         r"offset 0\) and 3 more; convert") as caught:
+        assert list(open_corpus(str(tmp_path / "d"))) == ["fine"]
+    assert "bad5.txt" not in str(caught[0].message)
+
+
+def test_a_folder_of_only_unreadable_files_is_an_error(tmp_path, monkeypatch):
+    _unreadable_when_mode_says_so(monkeypatch)
+    folder = _folder_with_bad_files(tmp_path / "d", [])
+    with pytest.raises(DataError, match=r"none of the 3 files under .* can be read as UTF-8 text: .*gone.txt "
+                                        r"\(No such file or directory\).*latin.txt.*locked.md \(Permission denied\); "
+                                        r"convert them to UTF-8 or make them readable, or pass another --data"):
+        list(open_corpus(str(folder)))
+    with pytest.raises(DataError, match="cannot read .*locked.md as UTF-8 text \\(Permission denied\\); check"):
+        list(open_corpus(str(folder / "locked.md")))
+
+
+def test_cache_remembers_skipped_files_until_they_are_fixed(tmp_path, tok, monkeypatch):
+    """A skipped file neither rebuilds the cache on every run nor drops out silently: the reused cache repeats
+    the warning, and fixing the file (new content, or new permissions) changes the key, so it is then read."""
+    _unreadable_when_mode_says_so(monkeypatch)
+    folder = _folder_with_bad_files(tmp_path / "d", DOCS[:40])
+
+    def prepare():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train, val, info = prepare_corpus(str(folder), tok, tmp_path / "cache", 8, val_fraction=0.1)
+        return info, [str(w.message) for w in caught if w.category is CalmWarning]
+
+    built, warned = prepare()
+    assert not built["reused"] and built["skipped_files"] == 3 and len(warned) == 1
+    assert built["train_documents"] + built["val_documents"] == 40
+    again, warned_again = prepare()
+    assert again["reused"] and again["cache"] == built["cache"] and warned_again == warned
+
+    (folder / "locked.md").chmod(0o644)  # readable now: same size and mtime, new permissions
+    unlocked, warned = prepare()
+    assert not unlocked["reused"] and unlocked["skipped_files"] == 2 and len(warned) == 1 and "locked" not in warned[0]
+    assert unlocked["train_documents"] + unlocked["val_documents"] == 41
+    (folder / "latin.txt").write_text("café")  # converted to UTF-8
+    (folder / "gone.txt").unlink()
+    fixed, warned = prepare()
+    assert not fixed["reused"] and fixed["skipped_files"] == 0 and not warned
+    assert fixed["train_documents"] + fixed["val_documents"] == 42
+
+
+def test_a_full_disk_while_caching_tokens_is_one_clear_error(tmp_path, tok, monkeypatch):
+    import calmlm.data.corpus as corpus_module
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(corpus_module, "open", lambda path, mode: FullDisk(path, mode), raising=False)
+    folder = _write_docs(tmp_path / "d", DOCS[:20])
+    with pytest.raises(DataError, match=r"writing the token cache .*\.tokens failed \(No space left on device\); "
+                                        "free some disk space or pass another --cache-dir"):
+        prepare_corpus(str(folder), tok, tmp_path / "cache", 8, val_fraction=0.1)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # no partial token files
 
 
 def test_tokenizer_without_eos(tmp_path, tok):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -75,10 +78,11 @@ def test_atomic_save_survives_crash(tmp_path, monkeypatch):
     second = build_model(baseline_preset("debug"))
 
     def crash(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt, "write_weights", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=f"saving the checkpoint to {path} failed \\(No space left on device\\); "
+                                              f"the last good checkpoint is still at {path}; free some disk space"):
         save_model(second, path)
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary directory left behind
@@ -86,6 +90,40 @@ def test_atomic_save_survives_crash(tmp_path, monkeypatch):
     save_model(second, path)  # a later save replaces it
     _same(second, load_model(path))
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+def test_failed_writes_leave_the_previous_checkpoint(tmp_path, monkeypatch):
+    """What a full disk does: torch.save raises RuntimeError, safetensors its own error, and with delayed
+    allocation the error may come only from fsync; a rename can fail too. Each leaves the old checkpoint."""
+    path = tmp_path / "ck"
+    first = build_model(baseline_preset("debug"))
+    save_model(first, path, metadata={"step": 3})
+    second = build_model(baseline_preset("debug"))
+    fsync, rename = os.fsync, Path.rename
+
+    def fsync_fails(fd):
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
+
+    def rename_in_fails(self, target):
+        if self.name.startswith(".ck.tmp-"):
+            raise OSError(errno.EIO, "Input/output error")
+        return rename(self, target)
+
+    def torch_save_fails(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    for target, name, fail, why in [(os, "fsync", fsync_fails, "No space left on device"),
+                                    (Path, "rename", rename_in_fails, "Input/output error"),
+                                    (ckpt.torch, "save", torch_save_fails, "unexpected pos 576")]:
+        monkeypatch.setattr(target, name, fail)
+        with pytest.raises(CheckpointError, match=f"step 9 to {path} failed \\(.*{why}.*\\); the last good checkpoint "
+                                                  f"\\(step 3\\) is still at {path}; .* then resume from it"):
+            save_model(second, path, metadata={"step": 9}, training_state={"step": 9})
+        monkeypatch.undo()
+        assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+        _same(first, load_model(path))
 
 
 def test_interrupted_swap_is_recovered(tmp_path):

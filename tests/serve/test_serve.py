@@ -349,6 +349,27 @@ def test_cli_lists_serve():
     assert "serve" in build_parser().format_help()
 
 
+def test_the_served_name_is_what_the_user_passed(tmp_path, monkeypatch):
+    """`--model runs/calm` serves the model as `calm` (not as its inner `checkpoint` folder), a Hub id keeps its
+    id, and --served-model-name wins."""
+    tok = train_tokenizer(TEXTS, vocab_size=300)
+    base = build_model(baseline_preset("debug", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id))
+    checkpoint = save_model(base, tmp_path / "runs" / "calm" / "checkpoint", tokenizer=tok)
+    monkeypatch.setattr("calmlm.io.loading.download", lambda repo_id, revision=None: checkpoint)  # no network
+    monkeypatch.chdir(tmp_path / "runs")
+    for passed, served_as, name in [
+            ("calm", None, "calm"), ("calm/", None, "calm"), (str(tmp_path / "runs" / "calm"), None, "calm"),
+            ("calm/checkpoint", None, "checkpoint"), ("calm/checkpoint/model.safetensors", None, "checkpoint"),
+            ("org/tiny-calm", None, "org/tiny-calm"), ("calm", "mine", "mine")]:
+        server = build_server(passed, device="cpu", served_model_name=served_as)
+        server.engine.close()
+        assert server.model_name == name, passed
+    monkeypatch.chdir(tmp_path / "runs" / "calm")
+    server = build_server(".", device="cpu")
+    server.engine.close()
+    assert server.model_name == "calm"
+
+
 @pytest.mark.parametrize("kind", ["calm", "baseline"])
 def test_left_padded_rows_compute_what_they_compute_alone(kind):
     """Transformer.forward with left_padding's positions and mask: a row's real positions see neither its

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from pathlib import Path
@@ -207,6 +208,42 @@ def test_errors(tmp_path):
     with pytest.raises(ConfigError, match="schedule"):
         TrainConfig(schedule="linear")
     assert issubclass(ConfigError, CalmError)
+
+
+def test_disk_full_during_a_save_keeps_the_last_checkpoint_and_resumes(tmp_path, monkeypatch):
+    """A save that fails mid-way (the optimizer state hits ENOSPC after the weights were written) raises one
+    CheckpointError naming the folder, the step and the last good checkpoint; that checkpoint loads, and resuming
+    from it gives what an uninterrupted run gives."""
+    import calmlm.io.checkpoint as ckpt
+
+    data, val = Blocks(12, 16), Blocks(4, 16, seed=1)
+    full = _model("baseline")
+    Trainer(full, data, val, _cfg(tmp_path / "full", save_every=2)).fit()
+
+    cfg = _cfg(tmp_path / "broken", save_every=2)
+    write_state = ckpt.save_training_state
+
+    def disk_full(directory, **state):
+        if state["step"] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_state(directory, **state)
+
+    monkeypatch.setattr(ckpt, "save_training_state", disk_full)
+    checkpoint = Path(cfg.out_dir) / "checkpoint"
+    with pytest.raises(CheckpointError) as failed:
+        Trainer(_model("baseline"), data, val, cfg).fit()
+    monkeypatch.undo()
+    assert str(failed.value) == (
+        f"saving the checkpoint of step 4 to {checkpoint} failed (No space left on device); the last good checkpoint "
+        f"(step 2) is still at {checkpoint}; free some disk space or choose another output folder, then resume from "
+        "it (--resume)")
+    assert sorted(p.name for p in Path(cfg.out_dir).iterdir() if p.name.startswith(".")) == []  # no temporary folder
+    assert load_model(checkpoint) is not None and ckpt.read_metadata(checkpoint)["step"] == 2
+
+    resumed = _model("baseline", seed=123)
+    assert Trainer(resumed, data, val, cfg, resume=True).fit()["step"] == 6
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
 
 
 def test_train_config_json_round_trip():

@@ -6,8 +6,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
 
-from ..errors import CalmError
+from ..errors import CalmError, CalmWarning
 
 # Module names in calmlm.cli, in the order `calm --help` lists them.
 COMMANDS = [
@@ -32,10 +35,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            return int(args.func(args) or 0)
     except CalmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line_warnings(show: Callable[..., None]) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints calmlm's own warnings as one line, like its errors, and passes
+    other libraries' to ``show``."""
+    def show_warning(message: Warning | str, category: type[Warning], *rest: Any) -> None:
+        if issubclass(category, CalmWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *rest)
+    return show_warning

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ..errors import CalmError
@@ -20,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None,
-                   help="the name clients pass as `model` (default: the checkpoint folder's name)")
+                   help="the name clients pass as `model` (default: the name of the --model folder, e.g. `calm` "
+                        "for runs/calm, or the Hub repo id)")
     p.add_argument("--max-batch-size", type=int, default=32, help="most sequences (requests x n) decoded at once")
     p.add_argument("--batch-wait-ms", type=float, default=2.0,
                    help="how long a new batch waits for more requests after its first one (later ones join "
@@ -45,10 +47,19 @@ def build_server(model_path: str, device: str | None = None, tokenizer: str | No
 
     model, tok = load_model_and_tokenizer(model_path, device, tokenizer, dtype, purpose="serving")
     folder = resolve(model_path)
-    name = served_model_name or (model_path if not Path(model_path).exists() else folder.name)
+    name = served_model_name or served_name(model_path)
     template = read_chat_template(Path(tokenizer) if tokenizer and Path(tokenizer).is_dir() else folder)
     return Server(model, tok, name, max_batch_size=max_batch_size, chat_template=template,
                   batch_wait=batch_wait_ms / 1000)
+
+
+def served_name(model_path: str) -> str:
+    """The default model name: what the user passed, as other OpenAI-compatible servers do: the folder's name
+    (``runs/calm`` -> ``calm``, not its inner ``checkpoint``; a weights file names its folder), or the Hub id."""
+    path = Path(model_path).expanduser()
+    if not path.exists():
+        return model_path
+    return Path(os.path.abspath(path.parent if path.is_file() else path)).name  # abspath: "." and ".." have names
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,9 @@ Data specs (``--data``), resolved by ``open_corpus``:
   dataset streamed with ``datasets.load_dataset(NAME, CONFIG, split=SPLIT, streaming=True)`` (split defaults
   to ``train``). ``PATH@SPLIT`` picks a split of a local ``save_to_disk`` DatasetDict.
 
+A directory or glob skips the files that are not UTF-8 or cannot be read, with one warning (a ``CalmWarning``)
+naming them; it is an error when none can be read. A single file that cannot be read is an error.
+
 Empty documents are skipped. Without separate validation data, documents are split deterministically: a
 document is in validation when a hash of the seed and its text falls below ``val_fraction``, so the split
 depends only on the content, never on listing order, and duplicated documents land on the same side. If a
@@ -23,27 +26,30 @@ side gets less than one block, the last ``val_fraction`` of the blocks is held o
 Token files: a flat ``uint16`` (vocabulary <= 65536) or ``uint32`` array, every document followed by EOS,
 written to a temporary file then renamed, with a JSON meta beside it (``<file>.json``: dtype, num_tokens,
 tokenizer hash, source). ``prepare_corpus`` caches them under ``cache_dir/<key>/`` where the key hashes the
-tokenizer, the source (paths, sizes and mtimes of local files), the split fraction and seed, so a changed
-tokenizer or corpus rebuilds and an unchanged one is reused.
+tokenizer, the source (paths, sizes, mtimes and permissions of local files), the split fraction and seed, so a
+changed tokenizer or corpus rebuilds and an unchanged one is reused. The meta lists the files skipped as
+unreadable; a reused cache repeats their warning, and fixing such a file changes the key, so it is then read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
 import sys
 import sysconfig
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 import torch
 
-from ..errors import DataError, TokenizerError
+from ..errors import CalmWarning, DataError, TokenizerError
 from .tokenizer import Tokenizer
 
 TEXT_EXTENSIONS = frozenset({
@@ -56,18 +62,36 @@ READ_EXTENSIONS = TEXT_EXTENSIONS | JSON_EXTENSIONS | {".parquet"}  # the files 
 STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 TOKEN_FORMAT = 1  # bump when the token-file layout changes, so old caches are rebuilt
 _ENCODE_BATCH_CHARS = 1 << 20  # tokenise about 1 MB of text per encode_batch call
+_NAMED_FILES = 5  # unreadable files a message names before "and N more"
 
 
 @dataclass
 class Corpus:
-    """A re-iterable source of documents. ``fingerprint`` changes whenever the content may have changed."""
+    """A re-iterable source of documents. ``fingerprint`` changes whenever the content may have changed.
+    ``skipped``: the ``(path, reason)`` of the files the last complete pass left out as unreadable."""
 
     description: str
     fingerprint: str
     documents: Callable[[], Iterator[str]]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[str]:
         return filter(None, self.documents())  # empty documents are skipped
+
+    def note_skipped(self, skipped: Iterable[Sequence[str]]) -> None:
+        """Record the files a pass (or the cached token files built by one) left out; warns once per new list,
+        so a corpus read twice, or a reused cache, gives one warning."""
+        skipped = [(str(path), str(reason)) for path, reason in skipped]
+        if skipped and skipped != self.skipped:
+            warnings.warn(f"skipped {len(skipped)} of the {self.description} that cannot be read as UTF-8 text: "
+                          f"{_name_files(skipped)}; convert them to UTF-8 or make them readable to include them",
+                          CalmWarning, stacklevel=1)  # one location: Python shows a repeated warning once
+        self.skipped = skipped
+
+
+def _name_files(files: Sequence[tuple[str, str]]) -> str:
+    named = ", ".join(f"{path} ({reason})" for path, reason in files[:_NAMED_FILES])
+    return named + (f" and {len(files) - _NAMED_FILES} more" if len(files) > _NAMED_FILES else "")
 
 
 # -- sources ---------------------------------------------------------------------------------------------
@@ -213,33 +237,57 @@ def _saved_dataset_corpus(path: Path, text_field: str, split: str | None) -> Cor
 
 
 def _files_corpus(files: Sequence[Path], root: Path, description: str, text_field: str) -> Corpus:
+    """Documents of local files. Of several files, those that cannot be read as UTF-8 text are skipped (the
+    corpus's ``note_skipped`` warns); a single such file, or all of them, is an error."""
     def documents() -> Iterator[str]:
+        skipped = []
         for f in files:
             suffix = f.suffix.lower()
-            if suffix in JSON_EXTENSIONS:
-                yield from _read_json_docs(f, text_field)
-            elif suffix == ".parquet":
+            if suffix == ".parquet":
                 ds = _import_datasets(f"the parquet file {f}").load_dataset(
                     "parquet", data_files=[str(f)], split="train", streaming=True)
                 yield from _rows_text(ds, text_field, f"parquet file {f}")
+                continue
+            try:
+                text = _read_text(f)
+            except _Unreadable as e:
+                if len(files) == 1:
+                    raise DataError(f"cannot read {f} as UTF-8 text ({e.reason}); {e.fix}") from None
+                skipped.append((str(f), e.reason))
+                continue
+            if suffix in JSON_EXTENSIONS:
+                yield from _json_docs(text, f, text_field)
             else:
-                yield _read_text(f)
+                yield text
+        if skipped and len(skipped) == len(files):
+            raise DataError(f"none of the {description} can be read as UTF-8 text: {_name_files(skipped)}; "
+                            "convert them to UTF-8 or make them readable, or pass another --data")
+        corpus.note_skipped(skipped)
 
-    return Corpus(description, _stat_fingerprint(files, root, f"files:{text_field}"), documents)
+    corpus = Corpus(description, _stat_fingerprint(files, root, f"files:{text_field}"), documents)
+    return corpus
+
+
+class _Unreadable(Exception):
+    """A file that is not UTF-8 text or cannot be read: a short ``reason`` and the ``fix``."""
+
+    def __init__(self, reason: str, fix: str) -> None:
+        super().__init__(reason)
+        self.reason, self.fix = reason, fix
 
 
 def _read_text(path: Path) -> str:
     try:
         return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8 or "
-                        "remove it from the corpus") from None
+        raise _Unreadable(f"not UTF-8: byte 0x{e.object[e.start]:02x} at offset {e.start}",
+                          "convert it to UTF-8 or remove it from the corpus") from None
     except OSError as e:
-        raise DataError(f"cannot read {path} ({e.strerror}); check that it exists and is readable") from None
+        raise _Unreadable(e.strerror or type(e).__name__, "check that it exists and is readable") from None
 
 
-def _read_json_docs(path: Path, text_field: str) -> Iterator[str]:
-    text = _read_text(path)
+def _json_docs(text: str, path: Path, text_field: str) -> Iterator[str]:
+    """The documents of a JSON Lines or JSON array file's ``text``."""
     if text.lstrip().startswith("["):  # one JSON array rather than JSON Lines
         try:
             rows = json.loads(text)
@@ -270,11 +318,16 @@ def _read_json_docs(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _stat_fingerprint(files: Sequence[Path], root: Path, tag: str) -> str:
-    """Cheap content fingerprint: relative paths, sizes and modification times of every file."""
+    """Cheap content fingerprint: relative paths, sizes, modification times and permissions of every file (the
+    permissions, so that making a skipped file readable changes it), or the error of a file that cannot be stat'ed."""
     h = hashlib.sha256(tag.encode())
     for f in files:
-        st = f.stat()
-        h.update(f"{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        try:
+            st = f.stat()
+            state = f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_mode:o}"
+        except OSError as e:  # e.g. a dangling symlink: read (and skipped) later
+            state = f"error {e.errno}"
+        h.update(f"{os.path.relpath(f, root)}\0{state}\n".encode())
     return f"{tag}:{h.hexdigest()}"
 
 
@@ -324,34 +377,51 @@ def _reusable(path: Path, tokenizer: Tokenizer, source: str) -> dict[str, Any] |
 
 
 class _TokenWriter:
-    """Appends token arrays to a temporary file; ``commit`` renames it into place, then writes the meta."""
+    """Appends token arrays to a temporary file; ``commit`` renames it into place, then writes the meta. A write
+    that fails (a full disk...) raises a ``DataError`` naming the cache."""
 
     def __init__(self, path: Path, tokenizer: Tokenizer, source: str) -> None:
         self.path, self.source, self.tokenizer = path, source, tokenizer
         self.dtype = token_dtype(tokenizer.vocab_size)
         self.tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.tmp, "wb")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.tmp, "wb")
+        except OSError as e:
+            raise self._failed(e) from None
         self.num_tokens = self.num_documents = 0
 
     def write(self, ids: list[int]) -> None:
-        self.file.write(np.asarray(ids, dtype=self.dtype).tobytes())
+        try:
+            self.file.write(np.asarray(ids, dtype=self.dtype).tobytes())
+        except OSError as e:
+            raise self._failed(e) from None
         self.num_tokens += len(ids)
         self.num_documents += 1
 
-    def commit(self) -> dict[str, Any]:
-        self.file.close()
-        os.replace(self.tmp, self.path)
+    def commit(self, skipped: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
         meta = {"format": TOKEN_FORMAT, "dtype": self.dtype.name, "num_tokens": self.num_tokens,
                 "num_documents": self.num_documents, "eos_id": self.tokenizer.eos_id,
-                "vocab_size": self.tokenizer.vocab_size, "tokenizer": self.tokenizer.hash, "source": self.source}
-        _meta_path(self.tmp).write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(_meta_path(self.tmp), _meta_path(self.path))
+                "vocab_size": self.tokenizer.vocab_size, "tokenizer": self.tokenizer.hash, "source": self.source,
+                "skipped": [list(s) for s in skipped]}
+        try:
+            self.file.close()
+            os.replace(self.tmp, self.path)
+            _meta_path(self.tmp).write_text(json.dumps(meta, indent=2) + "\n")
+            os.replace(_meta_path(self.tmp), _meta_path(self.path))
+        except OSError as e:
+            raise self._failed(e) from None
         return meta
 
     def abort(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+            self.file.close()
         self.tmp.unlink(missing_ok=True)
+        _meta_path(self.tmp).unlink(missing_ok=True)
+
+    def _failed(self, e: OSError) -> DataError:
+        return DataError(f"writing the token cache {self.path} failed ({e.strerror or e}); free some disk space "
+                         "or pass another --cache-dir")
 
 
 def _text_batches(docs: Iterable[str]) -> Iterator[list[str]]:
@@ -372,13 +442,16 @@ def _write_token_files(docs: Iterable[str], tokenizer: Tokenizer, description: s
                        outputs: Sequence[tuple[Path, str]],
                        route: Callable[[str], int] = lambda doc: 0) -> dict[str, Any]:
     """Tokenise ``docs`` in one pass (a streamed dataset is read only once) into the token files ``outputs``,
-    ``(path, source)`` pairs, the ``route(doc)``-th getting each document; returns the first file's meta."""
+    ``(path, source)`` pairs, the ``route(doc)``-th getting each document; returns the first file's meta (which
+    lists the files a ``Corpus`` skipped)."""
     eos = tokenizer.eos_id
     if eos is None:
         raise TokenizerError(f"{tokenizer!r} has no EOS token to separate documents; name one as eos_token "
                              "in its tokenizer_config.json")
-    writers = [_TokenWriter(path, tokenizer, source) for path, source in outputs]
+    writers: list[_TokenWriter] = []
     try:
+        for path, source in outputs:
+            writers.append(_TokenWriter(path, tokenizer, source))
         for batch in _text_batches(docs):
             # allow_special=False: text that spells a special token (e.g. "<pad>") never yields its id
             for doc, ids in zip(batch, tokenizer.encode_batch(batch, allow_special=False)):
@@ -387,12 +460,13 @@ def _write_token_files(docs: Iterable[str], tokenizer: Tokenizer, description: s
         if not any(w.num_documents for w in writers):
             raise DataError(f"the corpus {description} contains no text (no non-empty documents); "
                             "pass --data with some text")
+        skipped = docs.skipped if isinstance(docs, Corpus) else []
+        for w in reversed(writers):  # the first last: a cache counts as complete only once its meta exists
+            meta = w.commit(skipped)
     except BaseException:
         for w in writers:
             w.abort()
         raise
-    for w in reversed(writers):  # the first last: a cache counts as complete only once its meta exists
-        meta = w.commit()
     return meta
 
 
@@ -400,10 +474,13 @@ def build_token_file(docs: Iterable[str], tokenizer: Tokenizer, path: str | Path
     """Tokenise ``docs`` into a flat token file (EOS after each document); returns its meta.
 
     If ``path`` already holds a complete file for the same tokenizer and ``source`` it is reused and
-    ``docs`` is not read (``meta["reused"]`` is True). Pass a ``source`` that changes with the content.
+    ``docs`` is not read (``meta["reused"]`` is True; a ``Corpus`` is told the files its build skipped).
+    Pass a ``source`` that changes with the content.
     """
     path = Path(path)
     if meta := _reusable(path, tokenizer, source):
+        if isinstance(docs, Corpus):
+            docs.note_skipped(meta.get("skipped", []))
         return {**meta, "reused": True}
     return {**_write_token_files(docs, tokenizer, source or str(path), [(path, source)]), "reused": False}
 
@@ -587,9 +664,14 @@ def prepare_corpus(data_spec: str | None, tokenizer: Tokenizer, cache_dir: str |
     val_source = f"{val_corpus.fingerprint} | val" if val_corpus else f"{corpus.fingerprint} | val {split}"
     holdout = val_corpus is None and val_fraction > 0
     has_val = holdout or val_corpus is not None
-    reused = _reusable(train_path, tokenizer, train_source) is not None and (
-        not has_val or _reusable(val_path, tokenizer, val_source) is not None)
-    if not reused:
+    train_meta = _reusable(train_path, tokenizer, train_source)
+    val_meta = _reusable(val_path, tokenizer, val_source) if has_val else {}
+    reused = train_meta is not None and val_meta is not None
+    if reused:  # the warning about the files the build skipped, again
+        corpus.note_skipped(train_meta.get("skipped", []))  # type: ignore[union-attr]
+        if val_corpus:
+            val_corpus.note_skipped(val_meta.get("skipped", []))  # type: ignore[union-attr]
+    else:
         if holdout:
             outputs = [(train_path, train_source), (val_path, val_source)]
             _write_token_files(corpus, tokenizer, corpus.description, outputs,
@@ -624,5 +706,6 @@ def prepare_corpus(data_spec: str | None, tokenizer: Tokenizer, cache_dir: str |
             "train_tokens": train.num_blocks * block_size, "train_blocks": train.num_blocks,
             "train_documents": train.meta["num_documents"],
             "val_tokens": val.num_blocks * block_size if val else 0, "val_blocks": val.num_blocks if val else 0,
-            "val_documents": val.meta["num_documents"] if val else 0, "dtype": train.meta["dtype"]}
+            "val_documents": val.meta["num_documents"] if val else 0, "dtype": train.meta["dtype"],
+            "skipped_files": len(corpus.skipped) + (len(val_corpus.skipped) if val_corpus else 0)}
     return train, val, info

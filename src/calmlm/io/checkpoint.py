@@ -9,7 +9,9 @@ Layout::
     trainer_state.json, optimizer.pt, rng_state.pt   when saved by the trainer (exact resume)
 
 Every save writes a hidden temporary sibling directory, fsyncs it, and renames it into place (an existing
-checkpoint is renamed aside first and deleted last), so a crash never leaves a half-written checkpoint.
+checkpoint is renamed aside first and deleted last), so a crash never leaves a half-written checkpoint. A save
+that fails (a full disk...) deletes its temporary directory and raises a ``CheckpointError`` naming the folder,
+the step and the previous checkpoint, which is left in place.
 Tied weights (e.g. the baseline's ``lm_head.weight`` = ``backbone.embed_tokens.weight``) are stored once
 and re-tied on load. A CALM checkpoint holds its frozen autoencoder under ``autoencoder.*``.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import random
@@ -30,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
@@ -44,17 +48,23 @@ REFERENCE_WEIGHTS = "pytorch_model.bin"
 # Looked for in this order: safetensors are preferred when a folder has both (no pickle, same tensors).
 WEIGHT_FILES = (INDEX_FILE, WEIGHTS_FILE, "pytorch_model.bin.index.json", REFERENCE_WEIGHTS)
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
+# what a failed write raises: OSError from Python, RuntimeError from torch.save, SafetensorError from safetensors
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 KIND_NAMES = {"autoencoder": "an autoencoder", "calm": "a CALM", "baseline": "a baseline"}
 
 
 # -- atomic directory writes ---------------------------------------------------------------------------
 
 def _fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's fsync makes the renames inside it durable)."""
+    """fsync a file or a directory (a directory's fsync makes the renames inside it durable). A file's fsync
+    error (ENOSPC, EIO: data that never reached the disk) is raised; a directory's is ignored (some filesystems
+    refuse fsync on directories), as is a filesystem without fsync."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories: best effort there
-            os.fsync(fd)
+        os.fsync(fd)
+    except OSError as e:
+        if not path.is_dir() and e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
     finally:
         os.close(fd)
 
@@ -87,7 +97,7 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
         else:
             shutil.rmtree(stale, ignore_errors=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = parent / f".{directory.name}.tmp-{tag}"
+    tmp, old = parent / f".{directory.name}.tmp-{tag}", parent / f".{directory.name}.old-{tag}"
     tmp.mkdir()
     try:
         yield tmp
@@ -95,13 +105,14 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
             for name in filenames:
                 _fsync_path(Path(dirpath) / name)
             _fsync_path(Path(dirpath))
-        old = parent / f".{directory.name}.old-{tag}"
         if directory.exists():
             directory.rename(old)
         tmp.rename(directory)
         _fsync_path(parent)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old.exists() and not directory.exists():  # failed between the two renames: the old one goes back
+            old.rename(directory)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
@@ -164,15 +175,64 @@ def save_checkpoint(directory: str | Path, config: Any, weights: dict[str, torch
     """Save a model config and its state dict (+ a tokenizer) as a checkpoint directory, atomically.
 
     ``metadata`` is merged into ``config.json`` (model config keys win). ``training_state`` holds the keyword
-    arguments of :func:`save_training_state`, written in the same atomic step."""
-    with atomic_directory(directory) as tmp:
-        _write_json(tmp / CONFIG_FILE, {**(metadata or {}), **config.to_dict()})
-        write_weights(weights, tmp, max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        if training_state is not None:
-            save_training_state(tmp, **training_state)
+    arguments of :func:`save_training_state`, written in the same atomic step. A failed write (a full disk...)
+    raises a ``CheckpointError`` that names the folder, the step (``metadata["step"]``) and the checkpoint left
+    there, which is the previous one, untouched."""
+    try:
+        with atomic_directory(directory) as tmp:
+            _write_json(tmp / CONFIG_FILE, {**(metadata or {}), **config.to_dict()})
+            write_weights(weights, tmp, max_shard_size)
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            if training_state is not None:
+                save_training_state(tmp, **training_state)
+    except WRITE_ERRORS as e:
+        needed = _tensor_bytes(weights) + _tensor_bytes(training_state)
+        raise CheckpointError(_save_failed(Path(directory).expanduser(), e, (metadata or {}).get("step"), needed,
+                                           resumable=training_state is not None)) from None
     return Path(directory)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in ``obj`` (nested dicts, lists and tuples): about what saving it writes."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _save_failed(directory: Path, error: Exception, step: Any, needed: int, resumable: bool) -> str:
+    """The one-line message of a failed save: what, where, why, which checkpoint is left, what to do."""
+    try:
+        free: int | None = shutil.disk_usage(directory.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < needed:  # torch's own message for a full disk does not say so
+        why = f"not enough disk space: {_gb(free)} free, about {_gb(needed)} needed"
+    elif isinstance(error, OSError):
+        why = error.strerror or str(error)
+    else:
+        why = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    previous = is_checkpoint(directory)
+    if previous:
+        at_step = ""
+        with contextlib.suppress(CheckpointError):
+            step_before = read_config(directory).get("step")
+            at_step = f" (step {step_before})" if step_before is not None else ""
+        left = f"the last good checkpoint{at_step} is still at {directory}"
+    else:
+        left = f"there is no earlier checkpoint at {directory}"
+    then = "resume from it (--resume)" if resumable and previous else "try again"
+    what = f"the checkpoint of step {step}" if step is not None else "the checkpoint"
+    return f"saving {what} to {directory} failed ({why}); {left}; free some disk space or choose another " \
+           f"output folder, then {then}"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"
 
 
 # -- loading ---------------------------------------------------------------------------------------------
