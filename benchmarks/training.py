@@ -33,7 +33,8 @@ from calmlm.models import autoencoder as ae_module  # noqa: E402
 from calmlm.models import baseline as baseline_module  # noqa: E402
 from calmlm.config import autoencoder_preset, baseline_preset, calm_preset  # noqa: E402
 from calmlm.models import build_model  # noqa: E402
-from calmlm.train.trainer import TrainConfig, Trainer, cpu_has_fast_bf16  # noqa: E402
+from calmlm.devices import cpu_has_fast_bf16  # noqa: E402
+from calmlm.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 
 def materialised_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -7,7 +7,7 @@ import argparse
 
 from ..train.compare import CompareConfig, Comparison, __doc__ as compare_doc
 from . import training as tr
-from .options import add_dataclass_arguments, dataclass_from_args
+from .options import DEVICE_HELP, add_dataclass_arguments, dataclass_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_data_args(p)
     g = p.add_argument_group("run")
     g.add_argument("--resume", action="store_true", help="continue an interrupted comparison in --out")
-    g.add_argument("--device", default=None)
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 

@@ -25,6 +25,7 @@ from ..errors import CalmError
 from ..train.workflows import DEFAULT_CACHE
 from . import training as tr
 from .common import evaluation_data, load_model_and_tokenizer
+from .options import DEVICE_HELP
 
 DEFAULT_BLOCK_SIZE = 1024  # the reference's evaluation default (train_calm.py --block_size)
 
@@ -44,7 +45,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer file/folder, if the checkpoint has none")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help=f"where tokenised data is cached (default: {DEFAULT_CACHE})")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

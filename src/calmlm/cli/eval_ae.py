@@ -7,6 +7,7 @@ import json
 
 from ..errors import CalmError
 from .common import evaluation_data, load_model_and_tokenizer
+from .options import DEVICE_HELP
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,14 +22,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-blocks", type=int, default=200)
     p.add_argument("--plot", default=None, help="write a PNG of accuracy against sigma here")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluation.autoencoder import evaluate_autoencoder, format_autoencoder_report
 
-    model, tok = load_model_and_tokenizer(args.model, args.device or "cpu", None, "stored", kind="autoencoder")
+    model, tok = load_model_and_tokenizer(args.model, args.device, None, "stored", kind="autoencoder")
     try:
         sigmas = [float(s) for s in args.sigmas.split(",")]
     except ValueError:

@@ -6,6 +6,7 @@ import argparse
 
 from . import training as tr
 from .common import load_model_and_tokenizer
+from .options import DEVICE_HELP
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pool-size", type=int, default=200, help="CALM batch sampler: draws per step")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--tokenizer", default=None, help="tokenizer file/folder if the checkpoint has none")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto = bfloat16 on GPUs, the stored dtype on CPU; bfloat16 is also ~3x faster on "

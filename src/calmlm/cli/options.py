@@ -9,6 +9,8 @@ import types
 import typing
 from typing import Any
 
+DEVICE_HELP = "auto (default: CUDA, else Apple MPS, else the CPU), cpu, cuda, cuda:N or mps"
+
 
 def _unwrap(tp: Any) -> tuple[Any, bool]:
     """(scalar type, tuple?) of a field annotation such as ``float | None`` or ``tuple[int, ...]``."""

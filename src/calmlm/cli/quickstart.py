@@ -1,9 +1,17 @@
 """`calm quickstart`: the whole CALM pipeline on the embedded default corpus within a time budget.
 
-tokenizer -> autoencoder (+ robustness evaluation and plot) -> CALM and the baseline, trained for the same
+plan -> tokenizer -> autoencoder (+ robustness evaluation and plot) -> CALM and the baseline, trained for the same
 wall-clock time on the same data -> BrierLM of both on the same validation tokens -> samples at T = 1 and
 T = 0.5, all in one run folder with a summary.json. The whole run, evaluation and sampling included, ends
-within --minutes: each stage's share is taken from what is left of the budget when the stage starts.
+within --minutes.
+
+The plan (calmlm.train.plan) first times a few training steps of the candidates on this machine: thread count,
+precision (bf16 autocast only where it is measurably faster), vocabulary (8192, or 4096 where the autoencoder
+would not reach its target in time), model size (--size auto: the largest whose models still get enough steps)
+and, on a GPU, the batch that keeps it busy. It prints the device, the measured tokens/s of each model and the
+minutes of each stage. The autoencoder trains until it reaches 99.5 % token accuracy or its share of the time
+(at most half) runs out; CALM and the baseline then split what is left equally. When the targets cannot fit the
+budget, the plan says so before training and names the minutes they would need.
 """
 
 from __future__ import annotations
@@ -14,18 +22,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import CALM_PRESETS, preset_names
+from ..config import preset_names
 from ..train import workflows as wf
 from ..train.recipes import recipe
-from ..train.trainer import last_eval
+from ..train.trainer import last_eval, read_metrics
+from .options import DEVICE_HELP
 
-# Share of the training time for the autoencoder; CALM and the baseline split the rest equally.
-AE_SHARE = 0.36
 # Wall-clock kept back for evaluation and samples (seconds, at most a share of the budget): the autoencoder's
 # evaluation, then each model's final BrierLM and samples (measured on the 2-core CPU at the small preset).
 RESERVE_AE_S, RESERVE_AE_SHARE = 20.0, 0.03
 RESERVE_PER_MODEL_S, RESERVE_PER_MODEL_SHARE = 45.0, 0.06
-SIZES = sorted(set(preset_names("calm")) & set(preset_names("baseline")))  # presets of both models
+TOKENIZE_S, TOKENIZE_SHARE = 60.0, 0.1  # the plan's estimate of the tokenizer + corpus stage (CPU, default corpus)
+SIZES = ["auto", *sorted(set(preset_names("calm")) & set(preset_names("baseline")))]  # presets of both models
 PROMPT = "def "
 
 
@@ -34,14 +42,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                                           "CALM, baseline, evaluation, samples)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/quickstart", help="run folder")
-    p.add_argument("--minutes", type=float, default=15.0, help="total time budget, evaluation and samples included")
+    p.add_argument("--minutes", type=float, default=15.0, help="total time budget, planning, evaluation and samples "
+                                                               "included")
     p.add_argument("--data", default=None, help="corpus (default: the Python standard library)")
-    p.add_argument("--size", choices=SIZES, default="small", help="model presets")
+    p.add_argument("--size", choices=SIZES, default="auto",
+                   help="model presets (default auto: the largest whose models still get enough steps, measured)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="BPE vocabulary (default: measured: 8192, or 4096 where the autoencoder would not reach its "
+                        "target in time with 8192)")
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--brier-tokens", type=int, default=16384, help="validation tokens scored by BrierLM")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 autocast on CUDA and on CPUs with AMX, else fp32")
-    p.add_argument("--device", default=None)
+                   help="auto: measured (bf16 autocast where it trains faster, e.g. CUDA and AMX CPUs)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -51,13 +64,21 @@ def _stage(name: str) -> None:
     print(f"\n== {name} ==", flush=True)
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def target_control(metrics: Path, every: int, target: float) -> Any:
+    """The autoencoder's trainer control: evaluate every ``every`` steps, stop once an evaluation reached ``target``
+    token accuracy (sigma 0)."""
+    def control(step: int, seconds: float) -> tuple[bool, bool]:
+        last = last_eval(metrics, "token_acc_sigma0") if step % every == 1 or every == 1 else None
+        return step % every == 0, bool(last and last["token_acc_sigma0"] >= target)
+    return control
 
+
+def run(args: argparse.Namespace) -> int:
+    from ..devices import resolve_device
     from ..evaluation.autoencoder import evaluate_autoencoder, format_autoencoder_report
     from ..evaluation.plotting import plot_accuracy_vs_noise
     from ..io.loading import load
-    from ..train.trainer import resolve_precision
+    from ..train.plan import plan_run
 
     t0 = time.perf_counter()
     budget = args.minutes * 60
@@ -65,45 +86,58 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     opts = wf.DataOptions(data=args.data, block_size=args.block_size, seed=args.seed,
                           cache_dir=str(out / "token_cache"))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precision = resolve_precision(args.precision, device)
-    print(f"budget {args.minutes:g} min on {device.type}, precision {precision}"
-          + (" (AMX detected: bf16 autocast)" if device.type == "cpu" and precision == "bf16" else ""), flush=True)
-
-    def cfg(kind: str, size: str, seconds: float) -> Any:
-        return recipe(kind, size, max_steps=10**7, eval_every=0, save_every=0, seed=args.seed,
-                      block_size=args.block_size, precision=args.precision, time_budget_s=max(seconds, 1.0),
-                      out_dir=str(out / kind), progress=not args.no_progress)
+    device = resolve_device(args.device)
 
     def left() -> float:
         return t0 + budget - time.perf_counter()
 
     ae_reserve = min(RESERVE_AE_S, RESERVE_AE_SHARE * budget)
     models_reserve = 2 * min(RESERVE_PER_MODEL_S, RESERVE_PER_MODEL_SHARE * budget)
-    _stage("1/5 tokenizer + autoencoder")
-    ae_preset = CALM_PRESETS[args.size]["autoencoder"]  # the autoencoder preset the CALM preset is built on
-    tok = wf.get_tokenizer(None, opts, 8192, out / "autoencoder")  # saved where train_autoencoder looks for it
+    _stage("1/6 plan: timing a few training steps of each candidate on this machine")
+    plan = plan_run(budget, left() - ae_reserve - models_reserve - min(TOKENIZE_S, TOKENIZE_SHARE * budget), device,
+                    size=args.size, precision=args.precision, vocab_size=args.vocab_size, block_size=args.block_size)
+
+    def cfg(kind: str, seconds: float) -> Any:
+        stage = plan.stages[kind]
+        return recipe(kind, stage.preset, max_steps=10**7, eval_every=0, save_every=0, seed=args.seed,
+                      block_size=args.block_size, precision=plan.precision, batch_size=stage.batch_size,
+                      time_budget_s=max(seconds, 1.0), out_dir=str(out / kind), progress=not args.no_progress)
+
+    _stage("2/6 tokenizer + autoencoder")
+    tok = wf.get_tokenizer(None, opts, plan.vocab_size, out / "autoencoder")  # where train_autoencoder looks for it
     _, val, _ = wf.prepare_data(opts, tok)  # tokenised once, cached: not charged to the autoencoder's time
-    ae_seconds = AE_SHARE * (left() - ae_reserve - models_reserve)
-    wf.train_autoencoder(opts, cfg("autoencoder", ae_preset, ae_seconds), preset=ae_preset, device=args.device)
-    ae_report = evaluate_autoencoder(load(out / "autoencoder", kind="autoencoder"), val, max_blocks=200)
+    plan.split(left() - ae_reserve - models_reserve)
+    print(plan.format(), flush=True)
+    ae = plan.stages["autoencoder"]
+    check_every = max(25, ae.expected_steps // 20)  # accuracy checks cost about 5 % of the stage
+    wf.train_autoencoder(opts, cfg("autoencoder", ae.minutes * 60), preset=ae.preset, device=str(device),
+                         control=target_control(out / "autoencoder" / "metrics.jsonl", check_every, ae.target))
+    ae_report = evaluate_autoencoder(load(out / "autoencoder", kind="autoencoder", device=str(device)), val,
+                                     max_blocks=200)
     print(format_autoencoder_report(ae_report))
     print(f"plot: {plot_accuracy_vs_noise(ae_report, out / 'autoencoder_accuracy.png')}")
 
     # CALM and the baseline get the same training time: half of what is left after the final evaluations
     lm_seconds = (left() - models_reserve) / 2
-    _stage(f"2/5 CALM ({lm_seconds / 60:.1f} min)")
-    wf.train_calm(opts, cfg("calm", args.size, lm_seconds), str(out / "autoencoder"), preset=args.size,
-                  device=args.device, brier_tokens=args.brier_tokens)
-    _stage(f"3/5 baseline ({lm_seconds / 60:.1f} min)")
-    wf.train_baseline(opts, cfg("baseline", args.size, lm_seconds), tokenizer=str(out / "autoencoder"),
-                      preset=args.size, device=args.device, brier_tokens=args.brier_tokens)
+    _stage(f"3/6 CALM ({lm_seconds / 60:.1f} min)")
+    wf.train_calm(opts, cfg("calm", lm_seconds), str(out / "autoencoder"), preset=plan.size, device=str(device),
+                  brier_tokens=args.brier_tokens)
+    _stage(f"4/6 baseline ({lm_seconds / 60:.1f} min)")
+    wf.train_baseline(opts, cfg("baseline", lm_seconds), tokenizer=str(out / "autoencoder"), preset=plan.size,
+                      device=str(device), brier_tokens=args.brier_tokens)
 
-    _stage("4/5 evaluation (BrierLM on the validation split, at the end of training)")
-    summary: dict[str, Any] = {"minutes_budget": args.minutes, "precision": precision,
+    _stage("5/6 evaluation (BrierLM on the validation split, at the end of training)")
+    summary: dict[str, Any] = {"minutes_budget": args.minutes, "precision": plan.precision, "device": plan.device_name,
                                "corpus": "default (Python standard library)" if args.data is None else args.data,
-                               "block_size": args.block_size, "autoencoder": ae_report, "models": {}}
-    models = {name: load(out / name) for name in ("calm", "baseline")}
+                               "block_size": args.block_size, "plan": plan.to_dict(), "autoencoder": ae_report,
+                               "stages": {}, "models": {}}
+    for kind, stage in plan.stages.items():  # what each stage achieved against what the plan measured
+        last = next((r for r in reversed(read_metrics(out / kind / "metrics.jsonl")) if r.get("type") == "train"), {})
+        steps, seconds = last.get("step", 0), last.get("train_seconds", 0.0)
+        tps = last.get("tokens", 0) / seconds if seconds else 0.0
+        summary["stages"][kind] = {"steps": steps, "train_minutes": round(seconds / 60, 2), "tokens_per_s": tps,
+                                   "mfu": stage.mfu * tps / stage.tokens_per_s if stage.mfu else None}
+    models = {name: load(out / name, device=str(device)) for name in ("calm", "baseline")}
     for name, model in models.items():
         last = last_eval(out / name / "metrics.jsonl") or {}
         summary["models"][name] = {
@@ -114,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     calm_b, base_b = summary["models"]["calm"]["brierlm"], summary["models"]["baseline"]["brierlm"]
     summary["calm_over_baseline_brierlm"] = calm_b / base_b if base_b > 0 else None
 
-    _stage("5/5 samples")
+    _stage("6/6 samples")
     summary["samples"] = {name: {} for name in models}
     for name, model in models.items():
         for t in (1.0, 0.5):  # CALM at T < 1: the batch approximation over a pool of 200 draws

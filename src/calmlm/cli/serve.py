@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import CalmError
 from ..io.loading import resolve
 from .common import load_model_and_tokenizer
+from .options import DEVICE_HELP
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=2.0,
                    help="how long a new batch waits for more requests after its first one (later ones join "
                         "the running batch)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--tokenizer", default=None, help="tokenizer file/folder if the checkpoint has none")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float64"], default="auto",
                    help="auto = bfloat16 on GPUs, the stored dtype on CPU")

@@ -15,7 +15,7 @@ from ..config import AID_OPTIONS, HEAD_SAMPLING_OPTIONS, CALMConfig
 from ..train.recipes import RECIPES, recipe
 from ..train.trainer import TrainConfig
 from ..train.workflows import DataOptions
-from .options import add_dataclass_arguments, dataclass_from_args
+from .options import DEVICE_HELP, add_dataclass_arguments, dataclass_from_args
 
 # TrainConfig fields with a flag of their own (the data's --block-size, --out, --minutes, --no-progress)
 _NOT_FLAGS = ("block_size", "out_dir", "time_budget_s", "progress")
@@ -76,7 +76,7 @@ def add_train_args(p: argparse.ArgumentParser, kind: str | None = None, **defaul
     g.add_argument("--minutes", type=float, default=None,
                    help="stop cleanly (eval + save) after this many minutes of training, counted across --resume")
     g.add_argument("--resume", action="store_true", help="continue exactly from the run folder's checkpoint")
-    g.add_argument("--device", default=None)
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(kind=kind)
 

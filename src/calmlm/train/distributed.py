@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..devices import available
+
 
 @dataclass
 class DistInfo:
@@ -32,11 +34,14 @@ class DistInfo:
 
 def setup_distributed() -> DistInfo:
     """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU.
-    Returns this process's rank, world size and device; a single process gets rank 0 of 1."""
+    Returns this process's rank, world size and device (CUDA, else MPS for a single process, else the CPU); a
+    single process gets rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    # one process without CUDA may use Apple's MPS; ranks of a CPU job use gloo
+    single_mps = world == 1 and available("mps")
+    device = torch.device("cuda", local) if cuda else torch.device("mps" if single_mps else "cpu")
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():

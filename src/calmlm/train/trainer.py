@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..data.corpus import BlockSampler, iter_blocks, stack_blocks
+from ..devices import cpu_has_fast_bf16, resolve_device
 from ..errors import CheckpointError, ConfigError, DataError
 from ..evaluation.mode import eval_mode
 from ..io import checkpoint as ckpt
@@ -167,16 +168,6 @@ def lr_multiplier(step: int, config: TrainConfig, train_seconds: float = 0.0) ->
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AMX tiles, Sapphire Rapids and later): there
-    bf16 autocast trains 2-3x faster than fp32 (BENCHMARKS.md); without AMX it is emulated and slower."""
-    try:
-        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-        return bool(probe()) if probe is not None else "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except (RuntimeError, OSError):
-        return False
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'auto' -> 'bf16' on CUDA and on AMX CPUs, else 'fp32'."""
     if precision != "auto":
@@ -310,7 +301,8 @@ class Trainer:
         self.train_data, self.val_data, self.resume, self.metadata = train_data, val_data, resume, metadata
         self.parallel = parallel if parallel is not None else Parallel(config.distributed)
         self.dist = self.parallel.info
-        self.device = torch.device(device) if device is not None else self.dist.device
+        # "auto": the rank's device (CUDA under torchrun, else MPS, else the CPU)
+        self.device = self.dist.device if device is None or str(device) == "auto" else resolve_device(device)
         self.out_dir = Path(config.out_dir).expanduser()
         self.checkpoint_dir = self.out_dir / CHECKPOINT_DIR
         self.block_size = self._check_data(model)
