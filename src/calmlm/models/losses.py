@@ -91,14 +91,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             valid = tc != ignore_index
             tc = tc.clamp_min(0)
             logits = (hc @ w.T).to(acc)  # (r, V)
-            lse = torch.logsumexp(logits, -1)
             target_logit = logits.gather(1, tc[:, None])[:, 0]
-            total += torch.where(valid, lse - target_logit, 0.0).sum()
-            correct += (valid & (target_logit >= logits.amax(-1))).sum()
+            top = logits.amax(-1)
+            e = logits.sub_(top[:, None]).exp_()  # one exp pass serves the log-sum-exp and the softmax
+            norm = e.sum(-1)
+            total += torch.where(valid, top + norm.log() - target_logit, 0.0).sum()
+            correct += (valid & (target_logit >= top)).sum()
             if need_h or need_w:
-                p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                p[torch.arange(p.shape[0], device=p.device), tc] -= 1.0
-                g = p.mul_(valid[:, None]).to(h.dtype)  # d(sum CE)/d(logits)
+                p = e.mul_((valid / norm)[:, None])  # softmax of the target rows, in place of the logits
+                p[torch.arange(p.shape[0], device=p.device), tc] -= valid.to(acc)
+                g = p.to(h.dtype)  # d(sum CE)/d(logits)
                 if need_h:
                     grad_h[s:s + rows] = g @ w  # type: ignore[index]
                 if need_w:
