@@ -16,8 +16,10 @@ from calmlm.config import autoencoder_preset, baseline_preset, calm_preset
 from calmlm.models import build_model
 from calmlm.train.trainer import COMPILE_BY_DEFAULT, RUN_FILE, TrainConfig, Trainer, resolve_compile
 
-KINDS = ["baseline", "calm", "autoencoder"]
-PRESETS = {"autoencoder": autoencoder_preset, "calm": calm_preset, "baseline": baseline_preset}
+KINDS = ["baseline", "calm", "autoencoder", "calm-flow", "calm-diffusion"]
+PRESETS = {"autoencoder": autoencoder_preset, "calm": calm_preset, "baseline": baseline_preset,
+           "calm-flow": lambda name: calm_preset(name, head="flow"),
+           "calm-diffusion": lambda name: calm_preset(name, head="diffusion")}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -65,7 +67,7 @@ def test_training_forward_and_loss_compile_as_one_graph(monkeypatch, tmp_path, k
     """With ``compile=True`` the trainer hands the whole training forward (targets, model, head, loss) to
     torch.compile. ``fullgraph=True`` turns any graph break into an error, and the ``aot_eager`` backend traces
     forward and backward as inductor would but runs eager kernels and random draws, so the losses must be
-    eager's (CALM: to float32 rounding, its energy distances take the compile-friendly formula)."""
+    eager's (CALM: to float32 rounding, its energy distances take the compile-friendly formula); every head."""
     from torch._dynamo.utils import counters
 
     eager = _losses(kind, tmp_path / "eager", compile=False)

@@ -171,7 +171,8 @@ def cpu_has_fast_bf16() -> bool:
 
 # Whether TrainConfig.compile=None compiles, per device type: True only where a measurement says compiled training
 # is faster, its compilation time included (benchmarks/gpu_check.sh times eager against compiled on a GPU). On the
-# 2-core test CPU compilation takes minutes and a step gains little (BENCHMARKS.md); CUDA is not measured yet.
+# 2-core CPU a step gains 10-31 % but compiling takes 1-2 minutes per model, more than the minutes-long CPU runs
+# win back (BENCHMARKS.md); CUDA is not measured yet.
 COMPILE_BY_DEFAULT: dict[str, bool] = {"cpu": False, "cuda": False}
 
 
