@@ -1,14 +1,15 @@
 """The GPU check: what a session lent a GPU runs first (``bash benchmarks/gpu_check.sh``, which calls this).
 
 Stages run in order, each command a subprocess with a time limit; a stage that fails or runs out of time is
-recorded and the next one runs. The default set fits 8 minutes on an H100/H200:
+recorded and the next one runs. The default set is capped at 8 minutes (its limits are estimates, not yet timed
+on a GPU; a stage cut short says so in the report):
 
   tests       python3 -m pytest -m gpu: the CUDA tests (tests that need packages the machine lacks skip)
+  fsdp        benchmarks/fsdp_steps.py under torchrun --nproc_per_node 1: FSDP2 steps of CALM and the baseline
+              (base) over NCCL, checkpoint gathered and reloaded
   suite       benchmarks/suite.py training at the paper's pair (calm-m vs transformer-s) and at base, eager and
               compiled: tokens/s, MFU, and the first step (the compilation), whence compile's speed-up and
               break-even step count, the evidence for trainer.COMPILE_BY_DEFAULT["cuda"]
-  fsdp        benchmarks/fsdp_steps.py under torchrun --nproc_per_node 1: FSDP2 steps of CALM and the baseline
-              (base) over NCCL, checkpoint gathered and reloaded
   compare     calm compare --preset base --minutes $COMPARE_MINUTES (per model; default 1)
 optional:
   generation  benchmarks/suite.py generation at the paper's pair
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,7 +44,7 @@ from typing import Any, TextIO
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 PY = sys.executable
-DEFAULT_STAGES = ("tests", "suite", "fsdp", "compare")
+DEFAULT_STAGES = ("tests", "fsdp", "suite", "compare")  # in order of priority: a stage gets what is left
 ALL_STAGES = (*DEFAULT_STAGES, "generation", "quickstart")
 # compile on by default only where every model's steady step is this much faster and the compilation is paid
 # back within this many steps (a short run should not lose time to it)
@@ -55,6 +57,7 @@ class Command:
     argv: list[str]
     limit_s: float
     result: Path | None = None  # the JSON the command writes
+    run_dir: Path | None = None  # a run folder the command creates
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -68,20 +71,20 @@ def stage_commands(stage: str, dry: bool, work: Path) -> list[Command]:
     calm = [PY, "-m", "calmlm"]
     if stage == "tests":
         return [Command("pytest -m gpu", [PY, "-m", "pytest", "-m", "gpu", "-q", "-rfEs",
-                                          f"--junitxml={work / 'pytest.xml'}"], 240)]
+                                          f"--junitxml={work / 'pytest.xml'}"], 180, work / "pytest.xml")]
     if stage == "suite":
         tiny = ["--device", "cpu", "--train-batch", "2", "--block-size", "64", "--train-steps", "1",
                 "--train-warmup", "1"] if dry else []
         pairs = {"paper": "debug:debug" if dry else "calm-m:transformer-s", "base": "debug:debug" if dry else "base:base"}
         out = []
-        for pair in ("base", "paper"):
+        for pair in ("paper", "base"):
             for mode in ("eager", "compiled"):
                 name = f"suite_{pair}_{mode}"
                 argv = [PY, "benchmarks/suite.py", "--skip-generation", "--pairs", pairs[pair], *tiny,
                         "--out", str(work / f"{name}.json"), *(["--compile"] if mode == "compiled" else [])]
                 # the dry run checks the plumbing; compilation itself is tested by the test suite
                 env = {"TORCHDYNAMO_DISABLE": "1"} if dry and mode == "compiled" else {}
-                out.append(Command(name, argv, 240 if mode == "compiled" else 120, work / f"{name}.json", env))
+                out.append(Command(name, argv, 180 if mode == "compiled" else 90, work / f"{name}.json", env=env))
         return out
     if stage == "fsdp":
         tiny = ["--preset", "debug", "--steps", "2", "--batch", "2", "--block-size", "64"] if dry else ["--preset", "base"]
@@ -94,7 +97,7 @@ def stage_commands(stage: str, dry: bool, work: Path) -> list[Command]:
                 "--brier-tokens", "256", "--vocab-size", "512", "--block-size", "64", "--data", tiny_corpus(),
                 "--cache-dir", str(work / "cache")] if dry else ["--preset", "base", "--minutes", f"{minutes:g}"]
         return [Command("calm compare", [*calm, "compare", *tiny, "--out", str(work / "compare"), "--no-progress"],
-                        2 * 60 * (0.05 if dry else minutes) + 240, work / "compare" / "compare.json")]
+                        2 * 60 * (0.05 if dry else minutes) + 240, work / "compare" / "compare.json", work / "compare")]
     if stage == "generation":
         tiny = ["--device", "cpu", "--pairs", "debug:debug", "--batches", "1", "--temperatures", "1.0",
                 "--new-tokens", "8", "--repeats", "1"] if dry else ["--pairs", "calm-m:transformer-s"]
@@ -106,7 +109,7 @@ def stage_commands(stage: str, dry: bool, work: Path) -> list[Command]:
         tiny = ["--size", "debug", "--block-size", "64", "--brier-tokens", "256", "--data", tiny_corpus()] if dry else []
         return [Command("calm quickstart", [*calm, "quickstart", "--minutes", f"{minutes:g}", *tiny,
                                             "--out", str(work / "quickstart"), "--no-progress"],
-                        60 * minutes + 120, work / "quickstart" / "summary.json")]
+                        60 * minutes + 120, work / "quickstart" / "summary.json", work / "quickstart")]
     raise SystemExit(f"unknown stage {stage!r}; stages: {', '.join(ALL_STAGES)}")
 
 
@@ -128,9 +131,14 @@ def run_command(cmd: Command, log: TextIO, limit_s: float) -> dict[str, Any]:
     log.flush()
     env = {**os.environ, **cmd.env, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), str(REPO), env.get("PYTHONPATH")]))
-    start = time.perf_counter()
     if limit_s < 5:
         return {"status": "not run (no time left)", "seconds": 0.0}
+    # a previous run's files are never reported as this one's (and a run folder left there would be resumed)
+    if cmd.run_dir is not None:
+        shutil.rmtree(cmd.run_dir, ignore_errors=True)
+    if cmd.result is not None:
+        cmd.result.unlink(missing_ok=True)
+    start = time.perf_counter()
     proc = subprocess.Popen(cmd.argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace", start_new_session=True)
     pump = threading.Thread(target=_pump, args=(proc.stdout, log), daemon=True)
@@ -144,7 +152,7 @@ def run_command(cmd: Command, log: TextIO, limit_s: float) -> dict[str, Any]:
         status = f"timeout after {limit_s:.0f} s"
     pump.join(timeout=10)
     out: dict[str, Any] = {"status": status, "seconds": round(time.perf_counter() - start, 1)}
-    if cmd.result is not None and cmd.result.is_file() and status == "ok":
+    if cmd.result is not None and cmd.result.suffix == ".json" and cmd.result.is_file() and status == "ok":
         out["result"] = json.loads(cmd.result.read_text())
     return out
 
@@ -167,7 +175,7 @@ def compile_verdict(commands: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Eager against compiled, per model of the suite: speed-up, compilation overhead, break-even steps, and
     whether the numbers support compiling by default on this device."""
     rows = []
-    for pair in ("base", "paper"):
+    for pair in ("paper", "base"):
         eager = commands.get(f"suite_{pair}_eager", {}).get("result", {}).get("training", {}).get("rows", [])
         compiled = commands.get(f"suite_{pair}_compiled", {}).get("result", {}).get("training", {}).get("rows", [])
         by_model = {r["model"]: r for r in compiled}
