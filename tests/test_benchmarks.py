@@ -39,7 +39,8 @@ def test_suite_debug_pair(tmp_path: Path, capsys) -> None:
     train = data["training"]
     assert [r["model"] for r in train["rows"]] == ["calm:debug", "baseline:debug"]
     for r in train["rows"]:
-        assert all(_positive(r[k]) for k in ("params", "tokens_per_s", "train_flops_per_token", "achieved_tflops"))
+        assert all(_positive(r[k]) for k in ("params", "tokens_per_s", "train_flops_per_token", "achieved_tflops",
+                                             "first_step_s"))
         assert r["tokens_per_step"] == 2 * 64
         assert r["mfu"] is None  # no peak on a CPU ...
     assert train["peak_tflops"] is None and "CPU" in train["peak_note"]  # ... and the output says why
@@ -70,6 +71,9 @@ def test_training_benchmark_debug(tmp_path):
     assert [r["model"] for r in out["rows"]] == ["autoencoder", "calm", "baseline"]
     assert all(v > 0 for r in out["rows"] for v in r["tokens_per_s"].values())
     assert (tmp_path / "t.json").exists() and "| autoencoder |" in out["table"]
+    assert list(out["rows"][0]["tokens_per_s"]) == ["fp32 + logits", "fp32", "bf16"]  # the default variants
+    with pytest.raises(SystemExit):
+        training.main(["--variants", "fp32,fp64"])
 
 
 def test_code_size_classifies_lines(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ have the usual format, resume exactly under FSDP and load or resume without it (
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -109,3 +110,26 @@ def test_two_process_fsdp_matches_single_process_and_checkpoints_interoperate(tm
     torch.manual_seed(0)
     initial_ae = build_model(calm_preset("debug")).autoencoder
     _assert_same_weights(initial_ae, load_model(out / "calm_fsdp" / "checkpoint").autoencoder, atol=0)
+
+
+@pytest.mark.multiprocess
+def test_one_process_torchrun_shards_over_one_rank(tmp_path):
+    """``torchrun --nproc_per_node 1`` joins a process group (gloo here, NCCL on a GPU) and FSDP2 shards over its
+    one rank, so one GPU runs the distributed path; the checkpoint it gathers reloads without FSDP. A plain process
+    has no group and trains unwrapped."""
+    from calmlm.train.distributed import Parallel
+
+    assert Parallel("fsdp").fsdp is False
+    out = tmp_path / "fsdp.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "fsdp_steps.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(script),
+           "--preset", "debug", "--steps", "2", "--batch", "2", "--block-size", "32", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["calm:debug", "baseline:debug"]
+    for r in rows:
+        assert r["fsdp"] and r["backend"] == "gloo" and r["world_size"] == 1 and r["checkpoint_matches"]
+        assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])

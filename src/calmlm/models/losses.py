@@ -15,7 +15,13 @@ import torch
 
 
 def _pairwise(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    # cdist without the matmul shortcut: exact distances, and zero distances get zero gradient.
+    """a (P, N, l), b (P, M, l) -> (P, N, M) distances ||a_i - b_j||^alpha, from the differences (exact: not the
+    |a|^2 + |b|^2 - 2 a.b shortcut), and a zero distance gets zero gradient. Eager: cdist's kernel. Under
+    torch.compile: the plain formula, which inductor fuses into one reduction (and its backward into another)
+    that never stores the (P, N, M, l) differences; cdist would be an opaque call there."""
+    if torch.compiler.is_compiling():
+        sq = (a[:, :, None] - b[:, None]).square().sum(-1)
+        return sq.clamp_min(1e-24).pow(alpha / 2)  # = the eager clamp of d at 1e-12; 0 gradient at d = 0
     d = torch.cdist(a, b, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
     return d if alpha == 1.0 else d.clamp_min(1e-12).pow(alpha)
 

@@ -32,19 +32,25 @@ class DistInfo:
         return self.rank == 0
 
 
+def launched_by_torchrun() -> bool:
+    """Whether ``torchrun`` started this process (it sets TORCHELASTIC_RUN_ID), one process or many."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def setup_distributed() -> DistInfo:
-    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU.
-    Returns this process's rank, world size and device (CUDA, else MPS for a single process, else the CPU); a
-    single process gets rank 0 of 1."""
+    """Join the process group when launched by ``torchrun``: NCCL on CUDA, gloo on CPU. A one-process torchrun
+    joins too, so ``--nproc_per_node 1`` runs the distributed code path (FSDP2 over one rank, the NCCL
+    launch) on a single GPU. Returns this process's rank, world size and device (CUDA, else MPS for a plain
+    process, else the CPU); a plain process gets rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     # one process without CUDA may use Apple's MPS; ranks of a CPU job use gloo
-    single_mps = world == 1 and available("mps")
+    single_mps = world == 1 and not launched_by_torchrun() and available("mps")
     device = torch.device("cuda", local) if cuda else torch.device("mps" if single_mps else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or launched_by_torchrun()) and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -117,14 +123,14 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
 
 class Parallel:
     """One process's part in data-parallel training: ``mode`` "ddp" (replicate) or "fsdp" (FSDP2: shard
-    parameters, gradients and optimizer state); either is plain single-process training when the world has
-    one process. Joins the process group (``setup_distributed``) unless ``info`` is given."""
+    parameters, gradients and optimizer state); either is plain single-process training outside ``torchrun``
+    (FSDP2 still shards over the one rank of a one-process torchrun; DDP then does not wrap). Joins the process group (``setup_distributed``) unless ``info`` is given."""
 
     def __init__(self, mode: str = "ddp", info: DistInfo | None = None) -> None:
         if mode not in ("ddp", "fsdp"):
             raise ValueError(f"unknown distributed mode {mode!r}; use 'ddp' or 'fsdp'")
         self.info = info if info is not None else setup_distributed()
-        self.fsdp = mode == "fsdp" and self.info.world_size > 1
+        self.fsdp = mode == "fsdp" and dist.is_available() and dist.is_initialized()  # one-process torchrun too
         self.ddp: Any = None
 
     def wrap(self, model: nn.Module, device: torch.device, bf16: bool = False) -> tuple[nn.Module, nn.Module]:

@@ -78,7 +78,9 @@ class TrainConfig:
     block_size: int | None = _field(None, "tokens per block; None: taken from the data")
     precision: str = _field("auto", "auto: bf16 autocast on CUDA and on CPUs with AMX, else fp32",
                             choices=("auto", "fp32", "bf16"))
-    compile: bool = _field(False, "torch.compile the model")
+    compile: bool | None = _field(None, "torch.compile the training forward with its loss (and so their backward); "
+                                        "default: only on device types where it measured faster "
+                                        "(trainer.COMPILE_BY_DEFAULT; none yet)")
     distributed: str = _field("ddp", "under torchrun: replicate the model on every GPU (ddp) or shard parameters, "
                                      "gradients and optimizer state across them (fsdp, FSDP2) for models that do "
                                      "not fit one GPU", choices=("ddp", "fsdp"))
@@ -166,6 +168,18 @@ def lr_multiplier(step: int, config: TrainConfig, train_seconds: float = 0.0) ->
     if config.time_budget_s:
         progress = max(progress, min(1.0, train_seconds / config.time_budget_s))
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# Whether TrainConfig.compile=None compiles, per device type: True only where a measurement says compiled training
+# is faster, its compilation time included (benchmarks/gpu_check.sh times eager against compiled on a GPU). On the
+# 2-core CPU a step gains 10-31 % but compiling takes 1-2 minutes per model, more than the minutes-long CPU runs
+# win back (BENCHMARKS.md); CUDA is not measured yet.
+COMPILE_BY_DEFAULT: dict[str, bool] = {"cpu": False, "cuda": False}
+
+
+def resolve_compile(compile: bool | None, device: torch.device) -> bool:
+    """``compile``, or for None the measured default of the device type (COMPILE_BY_DEFAULT)."""
+    return COMPILE_BY_DEFAULT.get(device.type, False) if compile is None else compile
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -325,7 +339,10 @@ class Trainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         # modules whose training-only losses follow the run's progress (CALM's training aids)
         self.progress_hooks = [m.set_progress for m in self.model.modules() if hasattr(m, "set_progress")]
-        if config.compile:
+        # the whole training forward with the loss in it (CALM: autoencoder targets, head, energy score), so
+        # inductor fuses across them and AOTAutograd compiles the backward too; evaluation stays eager
+        self.compiled = resolve_compile(config.compile, self.device)
+        if self.compiled:
             self.engine = torch.compile(self.engine)  # type: ignore[assignment]
         self.last_metrics: dict[str, Any] = {}
 
@@ -490,7 +507,7 @@ class Trainer:
         if self.dist.is_main:
             (self.out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
             run = {"code": code_version(), "train_config": cfg.to_dict(), "world_size": self.dist.world_size,
-                   "precision": self.precision,
+                   "precision": self.precision, "compile": self.compiled,
                    "model_config": getattr(getattr(self.model, "config", None), "to_dict", dict)(),
                    **(self.metadata or {})}
             (self.out_dir / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
