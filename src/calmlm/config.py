@@ -128,7 +128,7 @@ HEAD_TYPES = ("energy", "flow", "diffusion")
 FLOW_SOLVERS = ("midpoint", "euler")
 AID_SCHEDULES = ("linear", "constant")
 AID_CONTROLS = ("none", "detach", "shuffle")
-AID_WEIGHTS = ("aux_token_weight", "aux_latent_weight", "decoder_ce_weight")
+AID_WEIGHTS = ("aux_token_weight", "aux_latent_weight", "head_mean_weight", "decoder_ce_weight")
 AID_OPTIONS = (*AID_WEIGHTS, "aid_until", "aid_schedule", "aid_control")
 HEAD_SAMPLING_OPTIONS = ("flow_steps", "flow_solver", "diffusion_sample_steps")  # changeable after training
 
@@ -172,6 +172,9 @@ class CALMConfig(BackboneConfig):
     aux_latent_weight: float = field(default=0.0, metadata={
         "metavar": "W", "help": "training aid: weight of a linear regression of the next chunk's posterior mean "
                                 "from the backbone state (mean squared error; default 0: off)"})
+    head_mean_weight: float = field(default=0.0, metadata={
+        "metavar": "W", "help": "training aid: weight of the squared error between the mean of the head's samples "
+                                "and the next chunk's posterior mean (energy head; default 0: off)"})
     decoder_ce_weight: float = field(default=0.0, metadata={
         "metavar": "W", "help": "training aid: weight of the cross-entropy of the next chunk's tokens decoded by "
                                 "the frozen decoder from one head sample (energy head; default 0: off)"})
@@ -213,9 +216,10 @@ class CALMConfig(BackboneConfig):
         for name, allowed in (("aid_schedule", AID_SCHEDULES), ("aid_control", AID_CONTROLS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; use one of {', '.join(allowed)}")
-        if self.decoder_ce_weight > 0 and self.head != "energy":
-            raise ConfigError("decoder_ce_weight needs the energy head (one network call per sample); "
-                              f"the {self.head} head samples in many calls")
+        for name in ("head_mean_weight", "decoder_ce_weight"):
+            if getattr(self, name) > 0 and self.head != "energy":
+                raise ConfigError(f"{name} needs the energy head (it reads the energy loss's samples); "
+                                  f"the {self.head} head has none")
         if not 0.0 < self.energy_alpha < 2.0:
             raise ConfigError(f"energy_alpha must be in (0, 2) for a strictly proper score, got {self.energy_alpha}")
         if isinstance(self.autoencoder, dict):

@@ -203,7 +203,8 @@ def _step_flops(cfg: BaselineConfig | CALMConfig, positions: int, flops_per_mac:
 def _aid_flops(cfg: CALMConfig) -> dict[str, float]:
     """Training FLOPs per step of the training aids (models/aids.py), averaged over the run: they are computed for
     the first ``aid_until`` of it. The frozen decoder of the decoder cross-entropy runs forward and passes the
-    gradient back to the head's sample (2 × forward); the aid heads are trained (3 ×)."""
+    gradient back to the head's sample (2 × forward); the aid heads are trained (3 ×); the head-mean regression
+    reuses the energy loss's samples (no matrix product)."""
     d, k, v = cfg.hidden_size, cfg.chunk_size, cfg.vocab_size
     t, share, out = TRAIN_MULTIPLIER * MAC, cfg.aid_until, {}
     if cfg.aux_token_weight > 0:
@@ -211,7 +212,7 @@ def _aid_flops(cfg: CALMConfig) -> dict[str, float]:
     if cfg.aux_latent_weight > 0:
         out["aux_latent_head"] = share * t * d * cfg.latent_size
     if cfg.decoder_ce_weight > 0:
-        out["decoder_ce"] = share * (t * _head_macs(cfg)[1] + 2 * MAC * _decoder_macs(cfg.autoencoder))
+        out["decoder_ce"] = share * 2 * MAC * _decoder_macs(cfg.autoencoder)
     return out
 
 

@@ -12,6 +12,10 @@ an exact resume). The aids:
   cross-entropy per token, as the baseline gets, dropped after training;
 - ``aux_latent_weight``: a linear map of the hidden state regresses the posterior mean of chunk i (mean squared
   error per latent dimension): a nearly free, dense target in latent space;
+- ``head_mean_weight``: the mean of the energy loss's N head samples regresses the posterior mean of chunk i
+  (squared error per latent dimension). Any distribution whose mean is the conditional mean of the latent
+  minimises it, the true one included, so unlike the next aid it does not bias the head; it gives the head a
+  direct, low-variance signal of where its samples belong;
 - ``decoder_ce_weight``: one head sample is decoded by the frozen decoder and the chunk's true tokens are
   scored by cross-entropy; the gradient reaches the head and the backbone through the sample (SONAR-LLM's
   token loss through a frozen decoder). It sharpens the head's distribution, so it is annealed.
@@ -61,6 +65,7 @@ class TrainingAids(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=config.initializer_range)
                 nn.init.zeros_(m.bias)
+        self.uses_samples = config.head_mean_weight > 0 or config.decoder_ce_weight > 0
         # the factor of the current training progress; a tensor, so a compiled step is not re-traced per value
         self.register_buffer("factor", torch.ones(()), persistent=False)
         self.active = True
@@ -72,13 +77,17 @@ class TrainingAids(nn.Module):
         self.active = f > 0
 
     def forward(self, model: CALM, hidden: torch.Tensor, chunks: torch.Tensor, mean: torch.Tensor,
-                mask: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """hidden (P, d) predicting the chunks (P, K) whose posterior means are mean (P, l); mask (P,) or None."""
+                mask: torch.Tensor | None, samples: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """hidden (P, d) predicting the chunks (P, K) whose posterior means are mean (P, l); mask (P,) or None;
+        samples (N, P, l): the energy loss's head draws (for the aids that read samples)."""
         cfg = self.config
         if cfg.aid_control == "shuffle":  # negative control: a random other position's chunk as the target
             perm = torch.randperm(chunks.shape[0], device=chunks.device)
             chunks, mean = chunks[perm], mean[perm]
         state = hidden.detach() if cfg.aid_control == "detach" else hidden
+        if samples is not None and cfg.aid_control == "detach":  # the control: no aid gradient reaches the backbone
+            samples = model.head(state, model.head.draw_noise(state))
         total = hidden.new_zeros((), dtype=torch.float32)
         metrics: dict[str, torch.Tensor] = {}
         targets = chunks if mask is None else chunks.masked_fill(~mask[:, None], -100)
@@ -94,8 +103,13 @@ class TrainingAids(nn.Module):
             mse = masked_mean(err, mask)
             total = total + cfg.aux_latent_weight * mse
             metrics["aux_latent_mse"] = mse.detach()
+        if cfg.head_mean_weight > 0:
+            err = F.mse_loss(samples.float().mean(0), mean.float(), reduction="none").mean(-1)
+            mse = masked_mean(err, mask)
+            total = total + cfg.head_mean_weight * mse
+            metrics["head_mean_mse"] = mse.detach()
         if cfg.decoder_ce_weight > 0:
-            z = model.head.sample(state)  # (P, l), differentiable in the head's weights and the state
+            z = samples[0]  # one of the energy loss's draws: differentiable in the head's weights and the state
             decoder = model.autoencoder.decoder
             slots = decoder.slot_hidden(decoder.expand(z.to(decoder.expand_layer.weight.dtype)))
             ce, acc = linear_cross_entropy(slots, decoder.output_weight, targets)

@@ -104,16 +104,21 @@ class CALM(nn.Module):
             raise ConfigError("t pins the flow/diffusion times; the energy head has none (pass noise only)")
         draws = {k: v for k, v in (("noise", noise), ("t", t)) if v is not None}
         mask = None if loss_mask is None else _chunk_mask(loss_mask, input_ids, self.config.chunk_size)
+        aiding = self.aids is not None and self.training and self.aids.active
+        samples = None
+        if aiding and self.aids.uses_samples:  # the energy loss's own draws serve the aids that read samples
+            samples = self.head(hidden, noise if noise is not None else self.head.draw_noise(hidden))
+            draws = {"samples": samples}
         loss = self.head.loss(hidden, targets, **draws, mask=mask)
         metrics = {f"{self.config.head}_loss": loss.detach()}
         if self.aids is not None and self.training:
             metrics["aid_factor"] = self.aids.factor.detach().clone()
-            if self.aids.active:
-                k = self.config.chunk_size
-                chunks = input_ids[:, k:].reshape(-1, k)  # (P, K): the chunks the hidden states predict
-                aid_loss, aid_metrics = self.aids(self, hidden, chunks, mean, mask)
-                loss = loss + aid_loss
-                metrics.update(aid_metrics)
+        if aiding:
+            k = self.config.chunk_size
+            chunks = input_ids[:, k:].reshape(-1, k)  # (P, K): the chunks the hidden states predict
+            aid_loss, aid_metrics = self.aids(self, hidden, chunks, mean, mask, samples)
+            loss = loss + aid_loss
+            metrics.update(aid_metrics)
         return ModelOutput(loss, metrics)
 
     def set_head_options(self, **options: Any) -> None:

@@ -103,12 +103,17 @@ class EnergyHead(nn.Module):
         return self(hidden, self.noise(lead, hidden.device, hidden.dtype, generator))
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor, noise: torch.Tensor | None = None,
-             mask: torch.Tensor | None = None) -> torch.Tensor:
+             mask: torch.Tensor | None = None, samples: torch.Tensor | None = None) -> torch.Tensor:
         """Negative energy score of num_samples draws at hidden (P, d) against targets (M, P, l), averaged
-        (over the positions ``mask`` (P,) marks, if given); ``noise`` (num_samples, P, noise_size) pins the draws."""
-        if noise is None:
-            noise = self.noise((self.num_samples, hidden.shape[0]), hidden.device, hidden.dtype)
-        return masked_mean(-energy_score(self(hidden, noise), targets, self.alpha), mask)
+        (over the positions ``mask`` (P,) marks, if given); ``noise`` (num_samples, P, noise_size) pins the draws,
+        ``samples`` (num_samples, P, l) are the draws themselves when the caller has made them (training aids)."""
+        if samples is None:
+            samples = self(hidden, self.draw_noise(hidden) if noise is None else noise)
+        return masked_mean(-energy_score(samples, targets, self.alpha), mask)
+
+    def draw_noise(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The noise of the num_samples training draws at every position of hidden (P, d)."""
+        return self.noise((self.num_samples, hidden.shape[0]), hidden.device, hidden.dtype)
 
     def configure(self, cfg: CALMConfig) -> None:
         """No sampling options: one network call per sample."""
