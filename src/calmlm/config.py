@@ -131,6 +131,8 @@ AID_CONTROLS = ("none", "detach", "shuffle")
 AID_WEIGHTS = ("aux_token_weight", "aux_latent_weight", "head_mean_weight", "decoder_ce_weight")
 AID_OPTIONS = (*AID_WEIGHTS, "aid_until", "aid_schedule", "aid_control")
 HEAD_SAMPLING_OPTIONS = ("flow_steps", "flow_solver", "diffusion_sample_steps")  # changeable after training
+NUM_SAMPLES = 8  # the energy head's model samples N per position (the reference's)
+NUM_TARGETS = {"energy": 100, "flow": 8, "diffusion": 8}  # posterior targets M per position (the reference's)
 
 
 @dataclass
@@ -152,7 +154,7 @@ class CALMConfig(BackboneConfig):
     # "xavier" (uniform, scaled by fan-in + fan-out, as the reference's flow/diffusion heads): learns the
     # context much sooner at small widths, where 0.02 is far below 1/sqrt(d) (docs/small_scale.md)
     num_head_blocks: int = 4  # residual MLP blocks of the generative head
-    num_samples: int = 8  # energy: N model samples per position; flow/diffusion: posterior targets per position
+    num_samples: int | None = None  # the energy head's N model samples per position (None: 8); other heads: None
     flow_steps: int = field(default=20, metadata={"metavar": "N", "help": "flow head: network calls per sample "
                                                   "(default 20; the midpoint solver takes N/2 steps)"})
     flow_solver: str = field(default="midpoint", metadata={"choices": FLOW_SOLVERS,
@@ -161,7 +163,7 @@ class CALMConfig(BackboneConfig):
         "metavar": "T", "help": "diffusion head: training timesteps of the cosine schedule (default 1000)"})
     diffusion_sample_steps: int = field(default=100, metadata={
         "metavar": "S", "help": "diffusion head: reverse steps of the respaced sampling chain (default 100)"})
-    num_targets: int = 100  # M targets drawn from the autoencoder posterior
+    num_targets: int | None = None  # every head's M posterior targets per position (None: NUM_TARGETS[head])
     energy_alpha: float = 1.0  # exponent of the distances in the energy score, in (0, 2)
     layer_norm_eps: float = 1e-6  # LayerNorms of the input compression and of the head
     # -- training aids (models/aids.py, docs/small_scale.md): training-only losses, never used at inference;
@@ -193,12 +195,21 @@ class CALMConfig(BackboneConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive(self, "chunk_size", "latent_size", "noise_size", "num_head_blocks", "num_samples", "num_targets",
-                  "flow_steps", "diffusion_steps", "diffusion_sample_steps")
         if self.head not in HEAD_TYPES:
             raise ConfigError(f"unknown generative head {self.head!r}; available: {', '.join(map(repr, HEAD_TYPES))}")
-        if self.head == "energy" and self.num_samples < 2:
-            raise ConfigError("num_samples must be >= 2: the energy score's diversity term needs two samples")
+        if self.head != "energy" and self.num_samples is not None:
+            raise ConfigError(f"num_samples={self.num_samples} is the energy head's number of model samples; the "
+                              f"{self.head} head trains on num_targets posterior targets per position (default "
+                              f"{NUM_TARGETS[self.head]}): give num_targets={self.num_samples} instead")
+        if self.head == "energy" and self.num_samples is None:
+            self.num_samples = NUM_SAMPLES
+        if self.num_targets is None:
+            self.num_targets = NUM_TARGETS[self.head]
+        _positive(self, "chunk_size", "latent_size", "noise_size", "num_head_blocks", "num_targets", "flow_steps",
+                  "diffusion_steps", "diffusion_sample_steps")
+        if self.head == "energy" and self.num_samples < 2:  # type: ignore[operator]
+            raise ConfigError(f"num_samples must be >= 2: the energy score's diversity term needs two samples, got "
+                              f"{self.num_samples}")
         if self.energy_head_init not in ("normal", "xavier"):
             raise ConfigError(f"unknown energy_head_init {self.energy_head_init!r}; use 'normal' or 'xavier'")
         if self.flow_solver not in FLOW_SOLVERS:
@@ -226,11 +237,44 @@ class CALMConfig(BackboneConfig):
             self.autoencoder = AutoencoderConfig.from_dict(self.autoencoder)
         check_compatible(self, self.autoencoder)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CALMConfig:
+        return super().from_dict(upgrade_config_dict(data))
+
+    def replace(self, **changes: Any) -> CALMConfig:
+        """A copy with ``changes``. Changing the head keeps the head's network calls per position in training unless
+        num_samples/num_targets are given: the energy head's N samples become the flow/diffusion head's M targets
+        and back (the reference has one ``num_samples`` for both); the energy head's M returns to its default."""
+        if changes.get("head", self.head) != self.head:
+            changes = {**head_draws(changes["head"], self.training_head_calls), **changes}
+        return super().replace(**changes)
+
+    @property
+    def training_head_calls(self) -> int:
+        """Network calls of the generative head per position in training: N (energy) or M (flow/diffusion)."""
+        return self.num_samples if self.head == "energy" else self.num_targets  # type: ignore[return-value]
 
     @property
     def uses_aids(self) -> bool:
         """Whether any training aid is on (models/aids.py)."""
         return any(getattr(self, n) > 0 for n in AID_WEIGHTS)
+
+
+def head_draws(head: str, calls: int | None) -> dict[str, int | None]:
+    """num_samples and num_targets of a ``head`` trained with ``calls`` network calls per position (None: its
+    defaults): the energy head's N model samples (its M stays the default), the flow/diffusion heads' M targets."""
+    if head == "energy":
+        return {"num_samples": calls, "num_targets": None}
+    return {"num_samples": None, "num_targets": calls}
+
+
+def upgrade_config_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict as older calmlm versions wrote it, in today's fields: a flow or diffusion CALM config's
+    ``num_samples`` was its number of posterior targets (now ``num_targets``; its ``num_targets`` went unused)."""
+    if data.get("kind", "calm") == "calm" and data.get("head") in ("flow", "diffusion") \
+            and data.get("num_samples") is not None:
+        return {**data, "num_targets": data["num_samples"], "num_samples": None}
+    return data
 
 
 def check_compatible(model: CALMConfig, ae: AutoencoderConfig) -> None:
@@ -317,6 +361,9 @@ def calm_preset(name: str, autoencoder: AutoencoderConfig | None = None, **overr
     """A CALM preset; its autoencoder defaults to the matching autoencoder preset (same K, l, vocab)."""
     values = _preset(CALM_PRESETS, name, "CALM")
     ae_name = values.pop("autoencoder")
+    head = overrides.get("head", "energy")
+    if head != "energy":  # the presets' draws are the energy head's: keep its calls per position (as replace does)
+        values.update(head_draws(head, values.pop("num_samples", None)))
     values.update(overrides)
     if autoencoder is None:
         ae_over = {k: values[k] for k in ("vocab_size", "chunk_size", "latent_size") if k in values}

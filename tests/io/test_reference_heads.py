@@ -73,6 +73,8 @@ def test_heads_are_told_apart(models) -> None:
         cfg = json.loads((HEADS_DIR / name / "config.json").read_text())
         assert model.config.num_head_blocks == cfg["num_mlp_layers"]
         assert model.config.latent_size == cfg["latent_size"]
+        # its flow/diffusion heads train on num_samples posterior targets: calmlm's num_targets
+        assert (model.config.num_targets, model.config.num_samples) == (cfg["num_samples"], None)
         # the reference's hard-coded options are calmlm's defaults
         assert (model.config.flow_steps, model.config.flow_solver) == (20, "midpoint")
         assert (model.config.diffusion_steps, model.config.diffusion_sample_steps) == (1000, 100)

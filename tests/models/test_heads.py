@@ -4,6 +4,7 @@ controls showing that a wrong sampler fails the same check, and CALM models with
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -287,10 +288,80 @@ def test_bad_head_options(over: dict, match: str) -> None:
 
 
 def test_flow_and_diffusion_allow_one_target() -> None:
-    """num_samples >= 2 is an energy-score requirement only."""
-    assert calm_preset("debug", head="flow", num_samples=1).num_samples == 1
+    """num_samples >= 2 is an energy-score requirement only; the other heads have no model samples."""
+    assert calm_preset("debug", head="flow", num_targets=1).num_targets == 1
     with pytest.raises(ConfigError, match="num_samples"):
         calm_preset("debug", num_samples=1)
+
+
+def test_each_head_has_its_reference_draws() -> None:
+    """num_samples is the energy head's N (none for the others); num_targets is every head's M, by default the
+    reference's: energy 8 / 100, flow and diffusion 8 targets."""
+    assert (calm_preset("debug").num_samples, calm_preset("debug").num_targets) == (8, 100)
+    for head in ("flow", "diffusion"):
+        cfg = calm_preset("debug", head=head)
+        assert (cfg.num_samples, cfg.num_targets, cfg.training_head_calls) == (None, 8, 8)
+    # the small preset's N (4) is its calls per position for every head; its M (25) is the energy head's
+    small = calm_preset("small")
+    assert (small.num_samples, small.num_targets) == (4, 25)
+    assert calm_preset("small", head="flow").num_targets == small.replace(head="flow").num_targets == 4
+    assert (small.replace(head="flow").replace(head="energy").num_samples,
+            small.replace(head="flow").replace(head="energy").num_targets) == (4, 100)
+    assert small.replace(head="diffusion", num_targets=16).num_targets == 16
+
+
+@pytest.mark.parametrize("head", ["flow", "diffusion"])
+def test_num_samples_with_a_flow_or_diffusion_head_is_one_line_error(head: str) -> None:
+    with pytest.raises(ConfigError, match="give num_targets=4 instead") as e:
+        calm_preset("debug", head=head, num_samples=4, num_targets=8)
+    assert "\n" not in str(e.value) and "energy head" in str(e.value)
+
+
+@pytest.mark.parametrize("head", ["flow", "diffusion"])
+def test_old_config_dicts_load_with_their_meaning(tmp_path, head: str) -> None:
+    """Older calmlm wrote every field; a flow/diffusion config's num_samples was its targets (num_targets=100 went
+    unused). Such a config.json loads as the same model, trained on the same targets."""
+    from calmlm.config import config_from_dict
+    from calmlm.io.checkpoint import save_model
+    from calmlm.io.loading import load
+
+    for old_n, old_m, new_m in ((8, 100, 8), (4, 25, 4), (1, 100, 1)):
+        cfg = calm_preset("debug", head=head, num_targets=new_m)
+        old = {**cfg.to_dict(), "num_samples": old_n, "num_targets": old_m}
+        assert config_from_dict(old) == cfg
+    torch.manual_seed(0)
+    model = CALM(calm_preset("debug", head=head))
+    save_model(model, tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_samples": 8, "num_targets": 100}))
+    loaded = load(tmp_path / "m")
+    assert loaded.config == model.config and loaded.head.num_targets == 8
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    torch.manual_seed(1)
+    want = model(ids).loss
+    torch.manual_seed(1)
+    assert torch.equal(loaded(ids).loss, want)  # same draws, same loss
+    # an energy config of either age is the same
+    energy = calm_preset("debug")
+    assert config_from_dict({**energy.to_dict(), "num_samples": 8, "num_targets": 100}) == energy
+
+
+@pytest.mark.parametrize("head", ["flow", "diffusion"])
+def test_flow_and_diffusion_losses_use_num_targets(head: str) -> None:
+    from calmlm.evaluation.flops import training_flops_per_token
+
+    torch.manual_seed(0)
+    model = CALM(calm_preset("debug", head=head, num_targets=3))
+    seen = []
+    loss = model.head.loss
+    model.head.loss = lambda hidden, targets, **kw: seen.append(targets.shape[0]) or loss(hidden, targets, **kw)
+    model(torch.randint(0, model.config.vocab_size, (2, 16)))
+    assert seen == [3]
+    # training FLOPs: one head call per target
+    flops = [training_flops_per_token(calm_preset("debug", head=head, num_targets=m)) for m in (3, 6, 9)]
+    head_flops = [f.components["generative_head"] for f in flops]
+    assert flops[0].notes["num_targets"] == 3 and "num_samples" not in flops[0].notes
+    assert math.isclose(head_flops[2] - head_flops[1], head_flops[1] - head_flops[0]) and head_flops[1] > head_flops[0]
 
 
 def test_flops_count_network_calls() -> None:

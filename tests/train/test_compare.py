@@ -1,7 +1,6 @@
 """`calm compare` on the debug presets: the JSON it writes, the FLOPs spacing of its points, exact resume."""
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -47,15 +46,6 @@ def test_budget_control_stops_and_evaluates():
         cmp.budget_control("flops", 10.0, 10.0, 6)
 
 
-def test_cost_to_reach_interpolates():
-    pts = [{"train_flops": 1e9, "train_seconds": 10.0, "brierlm": 2.0},
-           {"train_flops": 4e9, "train_seconds": 40.0, "brierlm": 6.0}]
-    r = cmp.cost_to_reach(pts, 4.0)
-    assert r["reached"] and math.isclose(r["train_flops"], 2e9) and math.isclose(r["train_seconds"], 25.0)
-    assert cmp.cost_to_reach(pts, 7.0)["reached"] is False
-    assert cmp.cost_to_reach(pts, 1.0)["at_or_before_first_point"]
-
-
 def test_config_errors():
     with pytest.raises(ConfigError, match="exactly one budget"):
         cmp.CompareConfig()
@@ -97,7 +87,7 @@ def test_tiny_compare_json_spacing_and_exact_resume(tmp_path, monkeypatch):
     config = lambda out: _config(out, chunk_sizes=(4,), autoencoder=(ae,), flops=2e9, points=3)  # noqa: E731
     full = cmp.Comparison(config(tmp_path / "full"), data, progress=False).run()
     out = json.loads((tmp_path / "full" / cmp.RESULT_FILE).read_text())
-    assert set(out["runs"]) == {"calm_k4", "baseline"}
+    assert out == json.loads(json.dumps(full.to_dict())) and set(out["runs"]) == {"calm_k4", "baseline"}
     _check_result(out, 3)
     for p in ("compare_flops.png", "compare_time.png"):
         assert (tmp_path / "full" / p).stat().st_size > 0
@@ -124,15 +114,16 @@ def test_tiny_compare_json_spacing_and_exact_resume(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="--resume"):
         cmp.Comparison(config(tmp_path / "cut"), data, progress=False).run()
     resumed = cmp.Comparison(config(tmp_path / "cut"), data, progress=False, resume=True).run()
-    for name in full["runs"]:
-        a = [(p["step"], p["brierlm"]) for p in sorted(full["runs"][name]["points"], key=lambda p: p["step"])]
-        b = [(p["step"], p["brierlm"]) for p in sorted(resumed["runs"][name]["points"], key=lambda p: p["step"])]
+    for name in full.runs:
+        a = [(p.step, p.brierlm) for p in sorted(full.runs[name].points, key=lambda p: p.step)]
+        b = [(p.step, p.brierlm) for p in sorted(resumed.runs[name].points, key=lambda p: p.step)]
         assert a == b, name
 
 
 @pytest.mark.slow
 def test_k_sweep_trains_one_autoencoder_per_chunk_size(tmp_path):
     out = cmp.Comparison(_config(tmp_path / "sweep", chunk_sizes=(2, 4)), _data(tmp_path), progress=False).run()
+    out = out.to_dict()
     assert set(out["runs"]) == {"calm_k2", "calm_k4", "baseline"}
     assert {out["runs"][n]["autoencoder"] for n in ("calm_k2", "calm_k4")} == {
         str(tmp_path / "sweep" / "autoencoder_k2"), str(tmp_path / "sweep" / "autoencoder_k4")}

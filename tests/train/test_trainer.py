@@ -304,3 +304,17 @@ def test_training_aids_are_kept_out_of_the_checkpoint_and_resume_exactly(tmp_pat
         assert not [k for k in f.keys() if k.startswith("aids.")]
     for k, v in plain.state_dict().items():
         assert torch.equal(v, b[k]), k
+
+
+def test_resume_reads_an_older_flow_checkpoint(tmp_path):
+    """A flow run saved by an older calmlm (num_samples=8 meaning its targets, num_targets=100 unused) resumes:
+    its config.json is read in today's fields, so it is the same model."""
+    data, val, cfg = Blocks(12, 16), Blocks(4, 16, seed=1), _cfg(tmp_path)
+
+    def flow(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return build_model(calm_preset("debug", head="flow"))
+    Trainer(flow(0), data, val, cfg).fit(stop_at=3)
+    path = Path(cfg.out_dir) / "checkpoint" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_samples": 8, "num_targets": 100}))
+    assert Trainer(flow(123), data, val, cfg, resume=True).fit()["step"] == 6

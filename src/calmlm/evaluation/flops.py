@@ -242,17 +242,18 @@ def inference_flops_per_token(config: AnyConfig, context_length: int | None = No
 def training_flops_per_token(config: AnyConfig, context_length: int | None = None) -> FlopsReport:
     """Forward + backward FLOPs per training token for sequences of ``context_length`` tokens.
 
-    Trained parts cost 3 × forward. For CALM the generative head runs num_samples times per position
-    (its hidden_embd once) and the frozen autoencoder encoder runs forward only on every target chunk."""
+    Trained parts cost 3 × forward. For CALM the generative head runs once per model sample (energy: num_samples)
+    or posterior target (flow/diffusion: num_targets) at every position, its condition embedding once, and the
+    frozen autoencoder encoder runs forward only on every target chunk."""
     cfg, k, ctx, pos = _lm_window(config, context_length)
     t = TRAIN_MULTIPLIER * MAC
     step = _step_flops(cfg, pos, t)
     notes: dict[str, Any] = {}
     if isinstance(cfg, CALMConfig):
         once, per_call = _head_macs(cfg)  # one call per model draw (energy) or per posterior target (flow/diffusion)
-        step["generative_head"] = t * (once + cfg.num_samples * per_call)
+        step["generative_head"] = t * (once + cfg.training_head_calls * per_call)
         step["autoencoder_encoder"] = MAC * _encoder_macs(cfg.autoencoder)  # frozen: forward only
-        notes["num_samples"] = cfg.num_samples
+        notes["num_samples" if cfg.head == "energy" else "num_targets"] = cfg.training_head_calls
         step.update(_aid_flops(cfg))
         if cfg.uses_aids:
             notes["aid_until"] = cfg.aid_until

@@ -280,6 +280,8 @@ def calm_config(cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]],
     _reject_unsupported(cfg, where)
     values = {**_calm_fields_from_weights(shapes), **_translate(cfg, CALM_FIELDS)}
     values["head"] = reference_head(cfg, shapes, where)  # the reference hard-codes the head's other options
+    if values["head"] != "energy" and "num_samples" in values:  # its flow/diffusion heads repeat each target
+        values["num_targets"] = values.pop("num_samples")  # num_samples times: our num_targets
     _vocab_from_weights(values, shapes, "transformer.embed_tokens.weight", where)
     if autoencoder is None:
         autoencoder = _build(AutoencoderConfig, autoencoder_fields_from_weights(shapes, prefix="ae_model."),

@@ -225,7 +225,7 @@ class FlowHead(nn.Module):
 
     def __init__(self, cfg: CALMConfig) -> None:
         super().__init__()
-        self.latent_size, self.num_targets = cfg.latent_size, cfg.num_samples
+        self.latent_size, self.num_targets = cfg.latent_size, cfg.num_targets
         self.net = FlowNet(cfg.latent_size, cfg.hidden_size, cfg.num_head_blocks, cfg.latent_size)
         self.configure(cfg)
 
@@ -298,7 +298,7 @@ class DiffusionHead(nn.Module):
 
     def __init__(self, cfg: CALMConfig) -> None:
         super().__init__()
-        self.latent_size, self.num_targets = cfg.latent_size, cfg.num_samples
+        self.latent_size, self.num_targets = cfg.latent_size, cfg.num_targets
         self.net = AdaLNMLP(cfg.latent_size, cfg.hidden_size, cfg.num_head_blocks, 2 * cfg.latent_size)
         self.configure(cfg)
 

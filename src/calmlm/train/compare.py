@@ -27,6 +27,7 @@ import torch.distributed as dist
 from . import workflows as wf
 from ..errors import ConfigError
 from ..evaluation.flops import autoencoder_training_flops_per_token, training_flops_per_token
+from .compare_records import Cost, Point, RunPlan, RunRecord, cost_to_reach, read_points
 from .distributed import is_distributed, rank_and_world, setup_distributed
 from .trainer import METRICS_FILE, Control, TrainConfig, read_metrics
 
@@ -122,36 +123,26 @@ def budget_control(unit: str, budget: float, flops_per_step: float, points: int,
     return timed, 10**9
 
 
-def _read_points(run_dir: Path, flops_per_token: float, offset_flops: float, offset_seconds: float) -> list[dict]:
-    points = {}  # on resume a point can be logged twice (once before the interruption): keep the last of each step
-    for rec in read_metrics(run_dir / METRICS_FILE):
-        if rec.get("type") != "eval" or "brierlm" not in rec and "val_loss" not in rec:
-            continue
-        tokens = rec.get("tokens", 0)
-        points[rec["step"]] = {"step": rec["step"], "tokens": tokens,
-                               "train_flops": offset_flops + flops_per_token * tokens,
-                               "train_seconds": offset_seconds + rec.get("train_seconds", 0.0),
-                               **{k: rec[k] for k in ("brierlm", "brier_1", "brier_2", "brier_3", "brier_4", "val_loss",
-                                                      "token_acc_sigma0", "token_acc_sigma0.3") if k in rec}}
-    return list(points.values())
+@dataclass
+class ComparisonResult:
+    """What ``compare.json`` holds: the settings, every finished run's record and the baseline's final point."""
 
+    config: CompareConfig
+    data: dict[str, Any]
+    block_size: int
+    runs: dict[str, RunRecord] = field(default_factory=dict)
+    baseline_final: Point | None = None  # once every run has finished
+    elapsed_minutes: float | None = None
+    plots: list[str] | None = None
 
-def cost_to_reach(points: list[dict], target: float) -> dict[str, Any]:
-    """FLOPs and seconds at which a run's BrierLM first reaches ``target``: interpolated between the two
-    evaluation points around the crossing (log-linear in FLOPs, linear in seconds). None when it never does."""
-    prev = None
-    for p in sorted(points, key=lambda p: p["train_flops"]):
-        if p.get("brierlm", -1.0) >= target:
-            if prev is None or prev["brierlm"] >= target:
-                return {"reached": True, "train_flops": p["train_flops"], "train_seconds": p["train_seconds"],
-                        "at_or_before_first_point": True}
-            w = (target - prev["brierlm"]) / (p["brierlm"] - prev["brierlm"])
-            lf = math.log(prev["train_flops"]) + w * (math.log(p["train_flops"]) - math.log(prev["train_flops"]))
-            secs = prev["train_seconds"] + w * (p["train_seconds"] - prev["train_seconds"])
-            return {"reached": True, "train_flops": math.exp(lf), "train_seconds": secs,
-                    "at_or_before_first_point": False}
-        prev = p
-    return {"reached": False, "train_flops": None, "train_seconds": None}
+    def to_dict(self) -> dict[str, Any]:
+        c = self.config
+        out = {"config": asdict(c), "data": self.data, "block_size": self.block_size, "budget_unit": c.unit,
+               "budget": c.budget, "runs": {name: run.to_dict() for name, run in self.runs.items()}}
+        if self.baseline_final is not None:
+            out["baseline_final"] = self.baseline_final.to_dict()
+        return out | {k: v for k, v in (("elapsed_minutes", self.elapsed_minutes), ("plots", self.plots))
+                      if v is not None}
 
 
 class Comparison:
@@ -205,59 +196,51 @@ class Comparison:
             out_dir=str(self.out / name), progress=self.progress)
 
     # -- the runs --------------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def run(self) -> ComparisonResult:
         c = self.cfg
         setup_distributed()  # under torchrun every rank takes part in every run
         self.out.mkdir(parents=True, exist_ok=True)
         tok = self._tokenizer()
-        block = self.data.block_size
-        result: dict[str, Any] = {"config": asdict(c), "data": self.data.record(), "block_size": block,
-                                  "budget_unit": c.unit, "budget": c.budget, "runs": {}}
-
-        base_cfg = wf.baseline_config(tok, block, c.preset)
-        base_fpt = training_flops_per_token(base_cfg, block).total
-        runs: list[tuple[str, dict[str, Any]]] = []
-        for k in c.chunk_sizes:
-            ae_path, ae_cost = self._autoencoder(k, tok)
-            ae = self._load_autoencoder(ae_path)
-            calm_cfg = wf.calm_config(ae.config, tok, block, c.preset)
-            fpt = training_flops_per_token(calm_cfg, block).total
-            runs.append((f"calm_k{k}", {"kind": "calm", "chunk_size": k, "autoencoder": ae_path,
-                                        "flops_per_token": fpt, "autoencoder_cost": ae_cost,
-                                        "autoencoder_flops_per_token": autoencoder_training_flops_per_token(ae.config),
-                                        "config": calm_cfg.to_dict()}))
-        runs.append(("baseline", {"kind": "baseline", "flops_per_token": base_fpt, "config": base_cfg.to_dict()}))
-
-        for name, info in runs:
-            offset = info.get("autoencoder_cost", {"train_flops": 0.0, "train_seconds": 0.0})
-            spent = offset["train_flops"] if c.unit == "flops" else offset["train_seconds"]
-            own = c.budget - spent
-            if own <= 0:
-                raise ConfigError(f"the K={info['chunk_size']} autoencoder already cost {spent:.3g} {c.unit}, the "
-                                  "whole budget; raise the budget or give a cheaper --autoencoder / lower --ae-share")
-            info["budget"] = own
-            self._train(name, info)
-            info["points"] = _read_points(self.out / name, info["flops_per_token"], offset["train_flops"],
-                                          offset["train_seconds"])
-            result["runs"][name] = info
+        result = ComparisonResult(c, self.data.record(), self.data.block_size)
+        for name, plan in self._plans(tok).items():
+            self._train(name, plan)
+            points = read_points(self.out / name, plan.flops_per_token, plan.autoencoder_cost or Cost())
+            result.runs[name] = RunRecord(plan, points)
             self.done_units += c.budget
             self._write(result)
 
-        final = max(result["runs"]["baseline"]["points"], key=lambda p: p["step"])
-        result["baseline_final"] = final
-        for name, info in result["runs"].items():
-            if info["kind"] == "calm":
-                reach = cost_to_reach(info["points"], final["brierlm"])
-                if reach["reached"]:
-                    reach["flops_ratio"] = reach["train_flops"] / final["train_flops"]
-                    reach["seconds_ratio"] = reach["train_seconds"] / max(final["train_seconds"], 1e-9)
-                info["to_reach_baseline"] = reach
-        result["elapsed_minutes"] = (time.perf_counter() - self.started) / 60
+        result.baseline_final = final = result.runs["baseline"].final
+        for run in result.runs.values():
+            if run.plan.kind == "calm":
+                run.to_reach_baseline = cost_to_reach(run.points, final)
+        result.elapsed_minutes = (time.perf_counter() - self.started) / 60
         self._write(result)
         if _is_rank0():
             self._plots(result)
             print(format_summary(result), flush=True)
         return result
+
+    def _plans(self, tok: Any) -> dict[str, RunPlan]:
+        """What each run trains: one CALM run per K (its autoencoder trained first, if not given), then the
+        baseline; a CALM run's own budget is what its autoencoder left."""
+        c, block = self.cfg, self.data.block_size
+        plans = {}
+        for k in c.chunk_sizes:
+            ae_path, ae_cost = self._autoencoder(k, tok)
+            ae = self._load_autoencoder(ae_path)
+            calm_cfg = wf.calm_config(ae.config, tok, block, c.preset)
+            spent = ae_cost.train_flops if c.unit == "flops" else ae_cost.train_seconds
+            if spent >= c.budget:
+                raise ConfigError(f"the K={k} autoencoder already cost {spent:.3g} {c.unit}, the whole budget; raise "
+                                  "the budget or give a cheaper --autoencoder / lower --ae-share")
+            plans[f"calm_k{k}"] = RunPlan(
+                kind="calm", chunk_size=k, autoencoder=ae_path, autoencoder_cost=ae_cost, config=calm_cfg,
+                flops_per_token=training_flops_per_token(calm_cfg, block).total, budget=c.budget - spent,
+                autoencoder_flops_per_token=autoencoder_training_flops_per_token(ae.config))
+        base_cfg = wf.baseline_config(tok, block, c.preset)
+        plans["baseline"] = RunPlan(kind="baseline", flops_per_token=training_flops_per_token(base_cfg, block).total,
+                                    config=base_cfg, budget=c.budget)
+        return plans
 
     def _tokenizer(self) -> Any:
         from ..data.tokenizer import Tokenizer
@@ -271,14 +254,14 @@ class Comparison:
         _barrier()
         return Tokenizer.load(path)
 
-    def _autoencoder(self, k: int, tok: Any) -> tuple[str, dict[str, float]]:
-        """Path of the K autoencoder and its training cost {"train_flops", "train_seconds"}."""
+    def _autoencoder(self, k: int, tok: Any) -> tuple[str, Cost]:
+        """Path of the K autoencoder and its training cost."""
         given = [p for p in self.cfg.autoencoder if self._load_autoencoder(p).config.chunk_size == k]
         if given:
             path = given[0]
             cost = autoencoder_cost(path, self._load_autoencoder(path).config)
-            self._say(f"K={k}: using the autoencoder {path} (cost {cost['train_flops']:.3g} FLOPs, "
-                      f"{cost['train_seconds'] / 60:.1f} min)")
+            self._say(f"K={k}: using the autoencoder {path} (cost {cost.train_flops:.3g} FLOPs, "
+                      f"{cost.train_seconds / 60:.1f} min)")
             return path, cost
         if self.cfg.autoencoder:
             raise ConfigError(f"none of the --autoencoder folders has K={k}; give one per chunk size")
@@ -297,22 +280,22 @@ class Comparison:
             _mark_finished(run_dir)
         return str(run_dir), autoencoder_cost(str(run_dir), ae_cfg)
 
-    def _train(self, name: str, info: dict[str, Any]) -> None:
-        """Train one CALM or baseline run on its own share of the budget, ``info["budget"]``."""
-        run_dir, budget = self.out / name, info["budget"]
+    def _train(self, name: str, plan: RunPlan) -> None:
+        """Train one CALM or baseline run on its own share of the budget, ``plan.budget``."""
+        run_dir, budget = self.out / name, plan.budget
         if _finished(run_dir):
             self._say(f"{name}: finished earlier, kept")
             return
-        tcfg = self._train_config(info["kind"], name)
-        per_step = info["flops_per_token"] * tcfg.batch_size * self.data.block_size
+        tcfg = self._train_config(plan.kind, name)
+        per_step = plan.flops_per_token * tcfg.batch_size * self.data.block_size
         report = self._point_reporter(name, self.cfg.budget - budget)
         control, cap = budget_control(self.cfg.unit, budget, per_step, self.cfg.points, on_point=report)
         tcfg = tcfg.replace(max_steps=cap)
         self._say(f"{name}: training on {budget:.3g} {self.cfg.unit}")
         common = dict(resume=self._resumable(run_dir), device=self.device, brier_tokens=self.cfg.brier_tokens,
                       control=control)
-        if info["kind"] == "calm":
-            wf.train_calm(self.data, tcfg, info["autoencoder"], self.cfg.preset, **common)
+        if plan.kind == "calm":
+            wf.train_calm(self.data, tcfg, plan.autoencoder, self.cfg.preset, **common)  # type: ignore[arg-type]
         else:
             # the autoencoders' tokenizer (train_baseline finds it in their run folder) or the one trained here
             tokenizer = self.cfg.autoencoder[0] if self.cfg.autoencoder else str(self.out / "tokenizer")
@@ -328,24 +311,25 @@ class Comparison:
             return True
         return False
 
-    def _write(self, result: dict[str, Any]) -> None:
+    def _write(self, result: ComparisonResult) -> None:
         if _is_rank0():
             tmp = self.out / (RESULT_FILE + ".tmp")
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
             os.replace(tmp, self.out / RESULT_FILE)
 
-    def _plots(self, result: dict[str, Any]) -> None:
+    def _plots(self, result: ComparisonResult) -> None:
         from ..evaluation.plotting import plot_compare
 
         try:
-            result["plots"] = [str(plot_compare(result, self.out / f"compare_{x}.png", x)) for x in ("flops", "time")]
+            data = result.to_dict()
+            result.plots = [str(plot_compare(data, self.out / f"compare_{x}.png", x)) for x in ("flops", "time")]
         except Exception as e:  # a missing font or backend must not lose the measurements
-            result["plots"] = []
+            result.plots = []
             self._say(f"(no plots: {e})")
         self._write(result)
 
 
-def autoencoder_cost(path: str, config: Any) -> dict[str, float]:
+def autoencoder_cost(path: str, config: Any) -> Cost:
     """Training FLOPs and seconds of the autoencoder (of ``config``) trained in the run folder ``path``, from
     its last training record."""
     run = Path(path).parent if Path(path).name == "checkpoint" else Path(path)
@@ -354,8 +338,8 @@ def autoencoder_cost(path: str, config: Any) -> dict[str, float]:
         raise ConfigError(f"{path} has no metrics.jsonl training record, so its training cost is unknown; "
                           "pass the run folder written by `calm train-ae`")
     tokens = last.get("tokens", 0)
-    return {"train_flops": autoencoder_training_flops_per_token(config) * tokens,
-            "train_seconds": last.get("train_seconds", last.get("elapsed_s", 0.0)), "tokens": tokens}
+    return Cost(autoencoder_training_flops_per_token(config) * tokens,
+                last.get("train_seconds", last.get("elapsed_s", 0.0)), tokens)
 
 
 def _finished(run_dir: Path) -> bool:
@@ -378,23 +362,23 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def format_summary(result: dict[str, Any]) -> str:
+def format_summary(result: ComparisonResult) -> str:
     """The comparison as a small table: final BrierLM, cost, and the cost to reach the baseline."""
-    base = result["baseline_final"]
+    assert result.baseline_final is not None, "the comparison has not finished"
     lines = [f"{'run':<10} {'final BrierLM':>13} {'train FLOPs':>12} {'train min':>9}  to reach the baseline's "
-             f"{base['brierlm']:.2f}"]
-    for name, info in result["runs"].items():
-        last = max(info["points"], key=lambda p: p["step"])
-        reach = info.get("to_reach_baseline")
+             f"{result.baseline_final.brierlm:.2f}"]
+    for name, run in result.runs.items():
+        last, reach = run.final, run.to_reach_baseline
         if reach is None:
             note = "-"
-        elif reach["reached"]:
-            note = (f"{reach['train_flops']:.3g} FLOPs ({100 * reach['flops_ratio']:.0f} % of the baseline's), "
-                    f"{reach['train_seconds'] / 60:.1f} min ({100 * reach['seconds_ratio']:.0f} %)")
+        elif reach.reached:
+            flops, secs = reach.train_flops or 0.0, reach.train_seconds or 0.0
+            note = (f"{flops:.3g} FLOPs ({100 * (reach.flops_ratio or 0.0):.0f} % of the baseline's), "
+                    f"{secs / 60:.1f} min ({100 * (reach.seconds_ratio or 0.0):.0f} %)")
         else:
             note = "not reached within the budget"
-        lines.append(f"{name:<10} {last['brierlm']:>13.2f} {last['train_flops']:>12.3g} "
-                     f"{last['train_seconds'] / 60:>9.1f}  {note}")
-    lines.append(f"(BrierLM on {result['config']['brier_tokens']} validation tokens in blocks of "
-                 f"{result['block_size']}; CALM's FLOPs and minutes include its autoencoder's training)")
+        lines.append(f"{name:<10} {last.brierlm:>13.2f} {last.train_flops:>12.3g} "
+                     f"{last.train_seconds / 60:>9.1f}  {note}")
+    lines.append(f"(BrierLM on {result.config.brier_tokens} validation tokens in blocks of "
+                 f"{result.block_size}; CALM's FLOPs and minutes include its autoencoder's training)")
     return "\n".join(lines)

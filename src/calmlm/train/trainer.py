@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import upgrade_config_dict
 from ..data.corpus import BlockSampler, iter_blocks, stack_blocks
 from ..devices import cpu_has_fast_bf16, resolve_device
 from ..errors import CheckpointError, ConfigError, DataError
@@ -427,7 +428,7 @@ class Trainer:
             raise CheckpointError(f"resume requested but there is no checkpoint at {directory} (looked for "
                                   f"{ckpt.CONFIG_FILE} and {ckpt.WEIGHTS_FILE} there); train without resume "
                                   "first, or point resume_from at a checkpoint directory")
-        saved = ckpt.read_config(directory)
+        saved = upgrade_config_dict(ckpt.read_config(directory))  # an older config.json in today's fields
         mine = self.model.config.to_dict() if hasattr(self.model, "config") else {}
         diff = sorted(k for k in mine if k in saved and saved[k] != mine[k])
         if saved.get("kind") != mine.get("kind") or diff:
