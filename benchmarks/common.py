@@ -20,14 +20,14 @@ from typing import Any
 
 import torch
 
+from calmlm import devices
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def device_name(device: torch.device | str = "cpu") -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    """The GPU's name, or the CPU model with threads, vector unit and AMX (calmlm.devices.device_name)."""
+    return devices.device_name(device)
 
 
 def _git(*args: str) -> str | None:

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from benchmarks.common import write_json  # noqa: E402
-from benchmarks.suite import RandomBlocks  # noqa: E402
+from calmlm.train.plan import RandomBlocks  # noqa: E402
 from calmlm.config import baseline_preset, calm_preset  # noqa: E402
 from calmlm.io.loading import load_model  # noqa: E402
 from calmlm.models import build_model  # noqa: E402

@@ -31,22 +31,10 @@ from benchmarks.common import device_name, environment, time_call, write_json  #
 from benchmarks.generation import build_pair, resolve_dtype, time_generation  # noqa: E402
 from calmlm.config import BaselineConfig, CALMConfig, baseline_preset, calm_preset  # noqa: E402
 from calmlm.evaluation.flops import count_parameters, training_flops_per_token  # noqa: E402
+from calmlm.devices import peak_bf16_tflops  # noqa: E402
 from calmlm.models import build_model  # noqa: E402
+from calmlm.train.plan import RandomBlocks  # noqa: E402
 from calmlm.train.trainer import TrainConfig, Trainer, resolve_precision  # noqa: E402
-
-# Dense (no sparsity) BF16 tensor-core peaks in TFLOPS, from the NVIDIA product datasheets. Matched as
-# substrings of torch.cuda.get_device_name in this order, so specific names come before their prefixes
-# ("H100 PCIe" before "H100", "L40S" before "L4"). The SXM H100 reports as e.g. "NVIDIA H100 80GB HBM3".
-PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.5),
-    ("H100", 989.4),  # SXM
-    ("H200", 989.4),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("A10G", 125.0),
-    ("L4", 121.0),
-]
 
 # Per-device defaults: the paper's Table 1 pair on a GPU, small presets that run in minutes on a CPU.
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -154,23 +142,8 @@ def peak_tflops(device: torch.device, bf16: bool, override: float | None) -> tup
 
 
 def lookup_peak(gpu_name: str) -> tuple[str, float] | None:
-    """The first PEAK_BF16_TFLOPS entry whose key occurs in ``gpu_name`` (case-insensitive)."""
-    return next(((k, v) for k, v in PEAK_BF16_TFLOPS if k.lower() in gpu_name.lower()), None)
-
-
-class RandomBlocks:
-    """Fixed random token blocks with the interface the Trainer reads (len, block_size, [i])."""
-
-    def __init__(self, num_blocks: int, block_size: int, vocab_size: int, seed: int = 0) -> None:
-        self.block_size = block_size
-        gen = torch.Generator().manual_seed(seed)
-        self.blocks = torch.randint(3, vocab_size, (num_blocks, block_size), generator=gen)
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.blocks[i]
+    """The dense bf16 peak of a GPU (calmlm.devices.PEAK_BF16_TFLOPS, also used by the quickstart's plan)."""
+    return peak_bf16_tflops(gpu_name)
 
 
 def bench_training_one(preset: str, config: CALMConfig | BaselineConfig, args: argparse.Namespace,

@@ -73,11 +73,17 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def cpu_capability() -> str:
-    """The vector instruction set PyTorch's CPU kernels use here ("AVX2", "AVX512", ...)."""
+    """The vector instruction set PyTorch's CPU kernels use here ("AVX2", "AVX512", ...), with "+bf16" where the
+    CPU has AVX-512 bf16 dot products (Zen 4, Cooper Lake and later) and PyTorch uses AVX-512."""
     try:
-        return str(torch.backends.cpu.get_cpu_capability())
+        isa = str(torch.backends.cpu.get_cpu_capability())
     except (AttributeError, RuntimeError):
         return "unknown"
+    try:
+        bf16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        bf16 = False
+    return f"{isa}+bf16" if bf16 and isa.startswith("AVX512") else isa
 
 
 def device_name(device: torch.device | str) -> str:
