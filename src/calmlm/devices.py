@@ -94,7 +94,7 @@ def device_name(device: torch.device | str) -> str:
     if device.type == "mps":
         return f"Apple MPS ({cpu_model()})"
     amx = ", AMX" if cpu_has_fast_bf16() else ", no AMX"
-    return f"{cpu_model()} ({torch.get_num_threads()} threads, {cpu_capability()}{amx})"
+    return f"CPU: {cpu_model()} ({torch.get_num_threads()} threads, {cpu_capability()}{amx})"
 
 
 def peak_bf16_tflops(name: str) -> tuple[str, float] | None:
