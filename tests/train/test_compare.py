@@ -144,8 +144,10 @@ def test_cli_compare_given_autoencoder_and_minutes(tmp_path, capsys):
                  "--batch-size", "4", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "to reach the baseline's" in printed and "calm_k4" in printed
+    assert "measured on CPU" in printed  # a time budget is planned on the machine first (threads, precision)
     out = json.loads((tmp_path / "cmp" / cmp.RESULT_FILE).read_text())
     assert out["budget_unit"] == "seconds" and set(out["runs"]) == {"calm_k4", "baseline"}
+    assert out["machine"]["precision"] in ("fp32", "bf16") and out["machine"]["size"] == "debug"
     calm = out["runs"]["calm_k4"]
     assert calm["autoencoder"] == str(ae) and calm["autoencoder_cost"]["tokens"] == 3 * 16 * 32
     assert all(p["train_seconds"] >= calm["autoencoder_cost"]["train_seconds"] for p in calm["points"])

@@ -134,6 +134,7 @@ class ComparisonResult:
     baseline_final: Point | None = None  # once every run has finished
     elapsed_minutes: float | None = None
     plots: list[str] | None = None
+    machine: dict[str, Any] | None = None  # a --minutes comparison's measured plan (train/plan.py)
 
     def to_dict(self) -> dict[str, Any]:
         c = self.config
@@ -141,8 +142,8 @@ class ComparisonResult:
                "budget": c.budget, "runs": {name: run.to_dict() for name, run in self.runs.items()}}
         if self.baseline_final is not None:
             out["baseline_final"] = self.baseline_final.to_dict()
-        return out | {k: v for k, v in (("elapsed_minutes", self.elapsed_minutes), ("plots", self.plots))
-                      if v is not None}
+        return out | {k: v for k, v in (("elapsed_minutes", self.elapsed_minutes), ("plots", self.plots),
+                                        ("machine", self.machine)) if v is not None}
 
 
 class Comparison:
@@ -160,6 +161,7 @@ class Comparison:
         self.done_units = 0.0
         self.total_units = config.budget * (1 + len(config.chunk_sizes))
         self._autoencoders: dict[str, Any] = {}
+        self.machine: Any = None  # the measured plan of a --minutes comparison (train/plan.py)
 
     def _load_autoencoder(self, path: str) -> Any:
         """Each autoencoder is read once: its K, tokenizer, config and cost are all needed."""
@@ -189,10 +191,13 @@ class Comparison:
         is_ae = kind == "autoencoder"
         names = ("batch_size",) if is_ae else ("lr", "warmup_steps", "batch_size")  # the autoencoder keeps its recipe
         over: dict[str, Any] = {n: getattr(c, n) for n in names if getattr(c, n) is not None}
-        if c.unit == "seconds":  # the number of steps is unknown in advance: no schedule can decay towards it
-            over["schedule"] = "constant"
+        precision = c.precision
+        if self.machine is not None:  # a --minutes budget: the measured precision and (on a GPU) batch
+            precision = self.machine.precision
+            if c.batch_size is None:
+                over["batch_size"] = self.machine.stages[kind].batch_size
         return recipe(kind, c.ae_preset if is_ae else c.preset).replace(
-            **over, eval_every=0, save_every=0, seed=c.seed, precision=c.precision, block_size=self.data.block_size,
+            **over, eval_every=0, save_every=0, seed=c.seed, precision=precision, block_size=self.data.block_size,
             out_dir=str(self.out / name), progress=self.progress)
 
     # -- the runs --------------------------------------------------------------------------------------
@@ -200,8 +205,18 @@ class Comparison:
         c = self.cfg
         setup_distributed()  # under torchrun every rank takes part in every run
         self.out.mkdir(parents=True, exist_ok=True)
+        if c.unit == "seconds" and not is_distributed():  # time budgets depend on the machine: measure it first
+            from ..devices import resolve_device
+            from .plan import plan_run
+
+            self.machine = plan_run(c.budget, c.budget, resolve_device(self.device), size=c.preset,
+                                    precision=c.precision, vocab_size=c.vocab_size, block_size=self.data.block_size)
+            m = self.machine
+            self._say(f"measured on {m.device_name}: precision {m.precision}, {m.threads} threads, batches "
+                      + ", ".join(f"{k} {s.batch_size} ({s.tokens_per_s:,.0f} tokens/s)" for k, s in m.stages.items()))
         tok = self._tokenizer()
-        result = ComparisonResult(c, self.data.record(), self.data.block_size)
+        result = ComparisonResult(c, self.data.record(), self.data.block_size,
+                                  machine=self.machine.to_dict() if self.machine is not None else None)
         for name, plan in self._plans(tok).items():
             self._train(name, plan)
             points = read_points(self.out / name, plan.flops_per_token, plan.autoencoder_cost or Cost())
