@@ -24,7 +24,8 @@ from typing import Any
 from ..errors import CalmError
 from ..train.workflows import DEFAULT_CACHE
 from . import training as tr
-from .common import evaluation_data, load_model_and_tokenizer
+from ..io.loading import load_model_and_tokenizer
+from .common import evaluation_data
 
 DEFAULT_BLOCK_SIZE = 1024  # the reference's evaluation default (train_calm.py --block_size)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from . import training as tr
-from .common import load_model_and_tokenizer
+from ..io.loading import load_model_and_tokenizer
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from ..config import CALM_PRESETS, preset_names
 from ..train import workflows as wf
 from ..train.recipes import recipe
-from ..train.trainer import last_eval
+from ..io.metrics import last_eval
 
 # Share of the training time for the autoencoder; CALM and the baseline split the rest equally.
 AE_SHARE = 0.36

@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import CalmError
-from ..io.loading import resolve
-from .common import load_model_and_tokenizer
+from ..io.loading import load_model_and_tokenizer, resolve
 
 
 def register(sub: argparse._SubParsersAction) -> None:

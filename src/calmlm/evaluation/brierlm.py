@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from ..data.corpus import iter_blocks, token_blocks
 from ..errors import ConfigError, DataError
-from ..train.distributed import all_reduce, rank_and_world
+from ..distributed import all_reduce, rank_and_world
 from .mode import eval_mode
 
 MAX_N = 4  # BrierLM combines Brier-1 .. Brier-4

@@ -82,6 +82,18 @@ def load_with_tokenizer(path: str | Path, device: str | torch.device = "cpu", dt
     return model, tok
 
 
+def load_model_and_tokenizer(path: str, device: str | None = None, tokenizer: str | None = None,
+                             dtype_name: str = "auto", purpose: str | None = None,
+                             kind: str | None = None) -> tuple[Any, Any]:
+    """:func:`load_with_tokenizer` with the commands' defaults: ``device`` None = CUDA when
+    available; ``dtype_name`` "stored", "auto" (bfloat16 on GPUs, the stored dtype on CPU) or a torch dtype."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype_name == "auto":
+        dtype_name = "bfloat16" if device.startswith("cuda") else "stored"
+    dtype = None if dtype_name == "stored" else getattr(torch, dtype_name)
+    return load_with_tokenizer(path, device, dtype, tokenizer, purpose=purpose, kind=kind)
+
+
 def resolve(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
     """A local folder for ``path_or_repo_id``: the path itself if it exists, else a Hub download."""
     path = Path(path_or_repo_id).expanduser()

@@ -19,9 +19,9 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
+from ..data.chat import chat_prompt, compile_chat_template
 from ..data.tokenizer import read_tokenizer_config
 from ..errors import CalmError, DataError
-from ..train.finetune import chat_prompt, compile_chat_template
 from .engine import Engine, Request
 from .schemas import ChatMessage, ChatRequest, CompletionRequest
 

@@ -27,8 +27,10 @@ import torch.distributed as dist
 from . import workflows as wf
 from ..errors import ConfigError
 from ..evaluation.flops import autoencoder_training_flops_per_token, training_flops_per_token
-from .distributed import is_distributed, rank_and_world, setup_distributed
-from .trainer import METRICS_FILE, Control, TrainConfig, read_metrics
+from ..distributed import is_distributed, rank_and_world
+from .distributed import setup_distributed
+from ..io.metrics import METRICS_FILE, read_metrics
+from .trainer import Control, TrainConfig
 
 RESULT_FILE = "compare.json"
 
