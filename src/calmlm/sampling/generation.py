@@ -88,8 +88,9 @@ def iter_generate(model: Any, input_ids: torch.Tensor | list[int] | list[list[in
     have (checked every ``stop_check_every`` steps; on GPUs the check reads a flag copied asynchronously
     at the previous check, so the decode loop never waits for the device).
 
-    ``compile=True`` runs the per-step computations through ``torch.compile``; later calls with the same
-    model reuse the compilation."""
+    ``compile=True`` decodes on a static KV cache, every step after the prompt through one compiled step
+    (:mod:`calmlm.sampling.step`; a CUDA graph on GPUs): the same tokens, faster once compiled; later calls with
+    the same model and shapes reuse the compilation. It needs the cache (``use_cache=True``)."""
     check_options(model, temperature, max_new_tokens, num_samples, sampler, pool_size)
     device = next(model.parameters()).device
     ids = _as_batch(input_ids, device).repeat_interleave(num_samples, dim=0)
@@ -201,10 +202,9 @@ def _calm_steps(model: Any, ids: torch.Tensor, max_new_tokens: int, temperature:
         return
     b = ids.shape[0]
     cache = model.backbone.new_cache(b, prompt_chunks + steps, static=compile) if use_cache else None
-    draw = chunk_sampler(model, compile)
 
-    def propose(hidden: torch.Tensor) -> torch.Tensor:
-        return next_chunk(model, hidden, temperature, sampler, pool_size, gen, draw)
+    def propose(hidden: torch.Tensor) -> torch.Tensor:  # eager: the prompt's chunk, data-dependent samplers
+        return next_chunk(model, hidden, temperature, sampler, pool_size, gen)
 
     step = None
     if compile and use_cache:

@@ -108,7 +108,8 @@ class Engine:
         if not 1 <= request.n <= self.max_batch_size:
             raise GenerationError(f"n must be between 1 and the server's --max-batch-size ({self.max_batch_size}), "
                                   f"got {request.n}")
-        check_options(self.model, request.temperature, request.max_tokens, request.n, request.sampler, request.pool_size)
+        check_options(self.model, request.temperature, request.max_tokens, request.n, request.sampler,
+                      request.pool_size)
         if request.logprobs is not None and (self.is_calm or not 0 <= request.logprobs <= 20):
             raise GenerationError("logprobs needs the baseline (CALM is likelihood-free) and 0 <= logprobs <= 20")
         if request.top_k is not None and request.top_k < 1:
