@@ -1,6 +1,6 @@
 """The one-command benchmark suite (benchmarks/suite.py) runs end to end at tiny sizes and reports sane numbers;
 benchmarks/code_size.py classifies lines correctly; benchmarks/sampler_revisions.py finds a revision's samplers
-identical to themselves."""
+identical to themselves; benchmarks/decode_revisions.py decodes HEAD's tokens with the working tree."""
 
 import json
 import math
@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `benchmarks` is a folder of scripts beside the package, not installed
 
-from benchmarks import code_size, sampler_revisions, suite  # noqa: E402
+from benchmarks import code_size, decode_revisions, sampler_revisions, suite  # noqa: E402
 
 
 def _positive(x: object) -> bool:
@@ -94,3 +94,13 @@ def test_sampler_revisions_against_head(tmp_path: Path) -> None:
         pytest.skip("the sampler module has uncommitted changes: HEAD is not the working tree")
     cases = sampler_revisions.main(["--base", "HEAD", "--repeats", "1", "--out", str(tmp_path / "ab.json")])["cases"]
     assert len(cases) == 5 and all(c["identical_output"] and c["base_ms"] > 0 for c in cases.values())
+
+
+def test_decode_revisions_against_head(tmp_path: Path) -> None:
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout: no revision to compare with")
+    rows = decode_revisions.main(["--base", "HEAD", "--preset", "debug", "--new-tokens", "8", "--prompt-len", "6",
+                                  "--repeats", "1", "--no-compile", "--out", str(tmp_path / "d.json")])["results"]
+    for kind in ("calm", "baseline"):
+        assert rows[kind]["identical_output"] == {"base": True, "new": True}
+        assert _positive(rows[kind]["new"]["tokens_per_s_cpu"]) and _positive(rows[kind]["new_over_base_wall"])

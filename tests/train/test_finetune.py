@@ -18,8 +18,9 @@ from calmlm.cli import main
 from calmlm.config import autoencoder_preset, baseline_preset, calm_preset
 from calmlm.data.corpus import stack_blocks
 from calmlm.errors import ConfigError, DataError, TokenizerError
-from calmlm.train.finetune import (SFTDataset, TokenizedExample, chat_prompt, exact_match, finetune, prompt_padding,
-                             read_examples, tokenize_examples)
+from calmlm.data.chat import chat_prompt
+from calmlm.train.finetune import (SFTDataset, TokenizedExample, exact_match, finetune, prompt_padding, read_examples,
+                                   tokenize_examples)
 from calmlm.sampling.generation import generate
 from calmlm.data.tokenizer import Tokenizer
 from calmlm.train.trainer import TrainConfig

@@ -16,8 +16,8 @@ from calmlm.io.loading import load_model
 from calmlm.config import autoencoder_preset, baseline_preset, calm_preset
 from calmlm.errors import CalmError, CheckpointError, ConfigError, DataError
 from calmlm.models import build_model
-from calmlm.train.trainer import (Trainer, TrainConfig, last_eval, lr_multiplier, param_groups, read_metrics,
-                                  train)
+from calmlm.io.metrics import read_metrics
+from calmlm.train.trainer import Trainer, TrainConfig, lr_multiplier, param_groups, train
 
 
 class Blocks:
@@ -258,18 +258,6 @@ def test_bf16_autocast_on_cpu(tmp_path):
     cfg = _cfg(tmp_path, precision="bf16", max_steps=2, eval_every=0)
     result = Trainer(_model("calm"), Blocks(8, 16), Blocks(2, 16), cfg).fit()
     assert math.isfinite(result["loss"]) and math.isfinite(result["val_loss"])
-
-
-def test_metrics_reader_skips_a_line_cut_by_a_crash(tmp_path):
-    """read_metrics / last_eval are the one reader of metrics.jsonl (trainer resume, compare, quickstart, model
-    cards): a last line cut mid-write is skipped, not an error."""
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"type": "eval", "step": 2, "val_loss": 3.0}\n{"type": "train", "step": 3, "loss": 2.5}\n'
-                    '{"type": "eval", "step": 4, "brierlm": 1.5}\n{"type": "eval", "st')
-    assert [r["step"] for r in read_metrics(path)] == [2, 3, 4]
-    assert last_eval(path)["step"] == 4 and last_eval(path, "val_loss")["step"] == 2
-    assert last_eval(tmp_path / "checkpoint", "brierlm")["brierlm"] == 1.5  # a checkpoint folder: the run's file
-    assert read_metrics(tmp_path / "missing.jsonl") == [] and last_eval(tmp_path / "other" / "run") is None
 
 
 def test_training_aids_are_kept_out_of_the_checkpoint_and_resume_exactly(tmp_path):

@@ -1,30 +1,15 @@
-"""What several commands share: a model with its tokenizer, the evaluation data."""
+"""What several commands share: the evaluation data."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..data.corpus import prepare_corpus
 from ..devices import resolve_device
 from ..errors import CalmError, DataError, TokenizerError
 from ..io.checkpoint import read_metadata
-from ..io.loading import load_with_tokenizer
 from ..train.workflows import DEFAULT_CACHE, DataOptions
-
-
-def load_model_and_tokenizer(path: str, device: str | None = None, tokenizer: str | None = None,
-                             dtype_name: str = "auto", purpose: str | None = None,
-                             kind: str | None = None) -> tuple[Any, Any]:
-    """:func:`calmlm.io.loading.load_with_tokenizer` with the commands' defaults: ``device`` None or "auto" = CUDA,
-    else MPS, else the CPU; ``dtype_name`` "stored", "auto" (bfloat16 on GPUs, the stored dtype on CPU) or a torch dtype."""
-    device = str(resolve_device(device))
-    if dtype_name == "auto":
-        dtype_name = "bfloat16" if device.startswith("cuda") else "stored"
-    dtype = None if dtype_name == "stored" else getattr(torch, dtype_name)
-    return load_with_tokenizer(path, device, dtype, tokenizer, purpose=purpose, kind=kind)
 
 
 def training_data_record(path: str) -> dict[str, Any] | None:

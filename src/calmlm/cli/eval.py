@@ -24,7 +24,8 @@ from typing import Any
 from ..errors import CalmError
 from ..train.workflows import DEFAULT_CACHE
 from . import training as tr
-from .common import evaluation_data, load_model_and_tokenizer
+from ..io.loading import load_model_and_tokenizer
+from .common import evaluation_data
 from .options import DEVICE_HELP
 
 DEFAULT_BLOCK_SIZE = 1024  # the reference's evaluation default (train_calm.py --block_size)
@@ -59,6 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_data_arguments(p)
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--compile", action="store_true", help="CALM: torch.compile the head and decoder that draw the "
+                   "samples (the same draws; compiling takes a while)")
     tr.add_head_args(p, sampling_only=True)
     p.set_defaults(func=run)
 
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     block_size = default_block_size(model, args.block_size)
     data, source = evaluation_data(args.model, model, tok, block_size, args.data, args.text_field, args.cache_dir)
     r = evaluate_brierlm(model, data, block_size, args.batch_size, args.max_tokens, seed=args.seed,
-                         progress=not args.no_progress and not args.json)
+                         progress=not args.no_progress and not args.json, compile=args.compile)
     print(json.dumps({"model": args.model, "data": source, **r}, indent=2) if args.json
           else format_report(r, args.model, source))
     return 0

@@ -6,7 +6,8 @@ import argparse
 import json
 
 from ..errors import CalmError
-from .common import evaluation_data, load_model_and_tokenizer
+from ..io.loading import load_model_and_tokenizer
+from .common import evaluation_data
 from .options import DEVICE_HELP
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from . import training as tr
-from .common import load_model_and_tokenizer
+from ..io.loading import load_model_and_tokenizer
 from .options import DEVICE_HELP
 
 
@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto = bfloat16 on GPUs, the stored dtype on CPU; bfloat16 is also ~3x faster on "
                         "CPUs with AMX (e.g. Sapphire Rapids) for T<1, where hundreds of latents are decoded per step")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (pays off on long generations)")
+                   help="decode on a static KV cache with the step compiled by torch.compile and, on GPUs, "
+                        "replayed as a CUDA graph (compiling takes a while: pays off on long generations)")
     tr.add_head_args(p, sampling_only=True)
     p.set_defaults(func=run)
 

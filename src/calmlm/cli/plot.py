@@ -8,7 +8,8 @@ import json
 from typing import Any
 
 from ..errors import CalmError
-from .common import evaluation_data, load_model_and_tokenizer
+from ..io.loading import load_model_and_tokenizer
+from .common import evaluation_data
 from .eval import add_data_arguments, default_block_size
 
 

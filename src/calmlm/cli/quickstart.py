@@ -25,7 +25,7 @@ from typing import Any
 from ..config import preset_names
 from ..train import workflows as wf
 from ..train.recipes import recipe
-from ..train.trainer import last_eval, read_metrics
+from ..io.metrics import last_eval, read_metrics
 from .options import DEVICE_HELP
 
 # Wall-clock kept back for evaluation and samples (seconds, at most a share of the budget): the autoencoder's

@@ -7,8 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import CalmError
-from ..io.loading import resolve
-from .common import load_model_and_tokenizer
+from ..io.loading import load_model_and_tokenizer, resolve
 from .options import DEVICE_HELP
 
 
@@ -32,11 +31,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer file/folder if the checkpoint has none")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float64"], default="auto",
                    help="auto = bfloat16 on GPUs, the stored dtype on CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="decode steps on static KV caches (one per batch-size and length bucket), compiled with "
+                        "torch.compile and, on GPUs, replayed as CUDA graphs; each new bucket compiles first")
     p.set_defaults(func=run)
 
 
 def build_server(model_path: str, device: str | None = None, tokenizer: str | None = None, dtype: str = "auto",
-                 max_batch_size: int = 32, served_model_name: str | None = None, batch_wait_ms: float = 2.0):
+                 max_batch_size: int = 32, served_model_name: str | None = None, batch_wait_ms: float = 2.0,
+                 compile: bool = False):
     """Load the checkpoint and wrap it in a :class:`calmlm.serve.app.Server` (also used by the tests)."""
     try:
         import fastapi  # noqa: F401
@@ -51,7 +54,7 @@ def build_server(model_path: str, device: str | None = None, tokenizer: str | No
     name = served_model_name or served_name(model_path)
     template = read_chat_template(Path(tokenizer) if tokenizer and Path(tokenizer).is_dir() else folder)
     return Server(model, tok, name, max_batch_size=max_batch_size, chat_template=template,
-                  batch_wait=batch_wait_ms / 1000)
+                  batch_wait=batch_wait_ms / 1000, compile=compile)
 
 
 def served_name(model_path: str) -> str:
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from ..serve.app import create_app
 
     server = build_server(args.model, args.device, args.tokenizer, args.dtype, args.max_batch_size,
-                          args.served_model_name, args.batch_wait_ms)
+                          args.served_model_name, args.batch_wait_ms, args.compile)
     print(f"serving {'CALM' if server.is_calm else 'baseline'} model {server.model_name!r} on "
           f"http://{args.host}:{args.port}/v1 (max batch {args.max_batch_size} sequences)", flush=True)
     try:

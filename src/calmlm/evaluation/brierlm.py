@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 
 from ..data.corpus import iter_blocks, token_blocks
 from ..errors import ConfigError, DataError
-from ..train.distributed import all_reduce, rank_and_world
+from ..sampling.generation import chunk_sampler
+from ..distributed import all_reduce, rank_and_world
 from .mode import eval_mode
 
 MAX_N = 4  # BrierLM combines Brier-1 .. Brier-4
@@ -78,11 +79,11 @@ class Continuations:
     """:class:`Continuable` for a CALM or baseline model: every position of a block continues at once through
     the backbone's own forward, over the block's KV cache with a tree-shaped attention mask."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, compile: bool = False) -> None:
         self.model, self.kind = model, model.config.kind
         self.chunk_size = int(model.config.chunk_size) if self.kind == "calm" else 1
-        if self.kind == "calm":  # scored from two samples of the next chunk
-            self.sample_chunks = model.sample_chunks
+        if self.kind == "calm":  # scored from two samples of the next chunk (compile: head + decoder compiled)
+            self.sample_chunks = chunk_sampler(model, compile)
         else:  # scored with exact next-token probabilities
             self.head = model.lm_head
 
@@ -99,7 +100,7 @@ class Continuations:
         s, b, n, k = chunks.shape
         if state.steps == 0:  # one copy of the block per sample, room for every step Brier-MAX_N can take
             state.cache = state.cache.repeat(s, (MAX_N - 1) * n)
-        if state.cache.k.shape[1] != s * b or n != state.cache.length // (state.steps + 1):
+        if state.cache.batch_size != s * b or n != state.cache.length // (state.steps + 1):
             raise ValueError(f"continuation input {tuple(chunks.shape)} does not match the cached block")
         state.steps += 1
         device = chunks.device
@@ -119,11 +120,11 @@ def _unwrap(model: Any) -> Any:
         model = inner
 
 
-def continuable(model: Any) -> tuple[Any, str]:
+def continuable(model: Any, compile: bool = False) -> tuple[Any, str]:
     """(the :class:`Continuable` to score, "calm" or "baseline") for a model or a Continuable stand-in."""
     model = _unwrap(model)
     if getattr(getattr(model, "config", None), "kind", None) in ("calm", "baseline"):
-        view = Continuations(model)
+        view = Continuations(model, compile)
         return view, view.kind
     if hasattr(model, "start") and hasattr(model, "extend"):
         if hasattr(model, "sample_chunks"):
@@ -284,21 +285,22 @@ def _device_of(model: Any) -> torch.device:
 @torch.no_grad()
 def evaluate_brierlm(model: Any, data: Any, block_size: int | None = None, batch_size: int = 8,
                      max_tokens: int | None = None, seed: int = 0, generator: torch.Generator | None = None,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, compile: bool = False) -> dict[str, Any]:
     """BrierLM of a CALM or baseline model (or a :class:`Continuable`) on ``data``.
 
     ``data``: a dataset of (L,) token blocks such as :class:`calmlm.data.corpus.TokenDataset` or a token tensor
     (blocks, L), read by :func:`calmlm.data.corpus.token_blocks` (re-cut to ``block_size`` when that differs).
     ``max_tokens`` keeps the first ``max_tokens // L`` blocks. Under ``torch.distributed`` each rank takes
     blocks rank, rank+world, ... and the sums are all-reduced, so every rank returns the same result. ``seed``
-    (or ``generator``) makes the draws reproducible; rank r uses seed + r.
+    (or ``generator``) makes the draws reproducible; rank r uses seed + r. ``compile``: CALM's head and decoder
+    through ``torch.compile`` (the same draws).
 
     Returns brier_1..4, brierlm, accuracy_n/collision_n (the two terms, Brier-n = 2·acc - coll),
     chunk_accuracy/chunk_collision (CALM: whole next chunk; baseline: next token), count_n (positions),
     num_positions, num_tokens, num_blocks, block_size, chunk_size, kind and the raw sums. Always report
     block_size and num_tokens with the score: BrierLM depends on the context length (~30 %)."""
     base = _unwrap(model)
-    view, kind = continuable(base)
+    view, kind = continuable(base, compile)
     blocks, length = token_blocks(data, block_size)
     num_blocks = len(blocks)
     if max_tokens is not None:
@@ -375,7 +377,7 @@ def accuracy_diversity(model: Any, data: Any, temperatures: Sequence[float], poo
     position, for every N in ``pool_sizes``; two independent pools give the two samples. Returns one point per
     (T, N): temperature, pool_size (None for plain sampling), accuracy, collision, positions."""
     base = _unwrap(model)
-    view, kind = continuable(base)
+    view, kind = continuable(base, compile)
     blocks, length = token_blocks(data, block_size)
     num_blocks = len(blocks) if max_tokens is None else min(len(blocks), max(1, max_tokens // length))
     if num_blocks == 0:

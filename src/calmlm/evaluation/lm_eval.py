@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import CalmError
+from ..io.loading import load_model_and_tokenizer
 from ..serve.engine import Engine, Request
 
 try:
@@ -45,8 +46,6 @@ class CalmLMEval(LM):
                  max_gen_toks: int = 256, seed: int = 1234, calm_sampler: str = "batch", calm_pool_size: int = 200,
                  greedy_temperature: float = 0.5, tokenizer: str | None = None, **_: Any) -> None:
         super().__init__()
-        from ..cli.common import load_model_and_tokenizer
-
         if device and device.startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's command line passes device=cuda:0 unless told otherwise
             warnings.warn(f"device {device!r} requested but CUDA is not available; running on the CPU", stacklevel=2)

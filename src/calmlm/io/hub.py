@@ -16,7 +16,7 @@ from typing import Any
 
 from .checkpoint import is_checkpoint, native_weights, read_config, read_metadata
 from .loading import detect_format, looks_like_repo_id
-from ..train.trainer import last_eval
+from .metrics import last_eval
 from ..errors import CheckpointError
 
 CARD_FILE = "README.md"

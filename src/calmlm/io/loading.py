@@ -24,6 +24,7 @@ from torch import nn
 
 from .checkpoint import KIND_NAMES, WeightFiles, model_config, native_weights, read_json
 from .reference import translate
+from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError, TokenizerError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -80,6 +81,18 @@ def load_with_tokenizer(path: str | Path, device: str | torch.device = "cpu", dt
         raise TokenizerError(f"{path} holds no tokenizer; pass --tokenizer PATH (tokenizer.json or tokenizer.model, "
                              "the tokenizer the model was trained with)")
     return model, tok
+
+
+def load_model_and_tokenizer(path: str, device: str | None = None, tokenizer: str | None = None,
+                             dtype_name: str = "auto", purpose: str | None = None,
+                             kind: str | None = None) -> tuple[Any, Any]:
+    """:func:`load_with_tokenizer` with the commands' defaults: ``device`` None or "auto" = CUDA, else MPS, else
+    the CPU; ``dtype_name`` "stored", "auto" (bfloat16 on GPUs, the stored dtype on CPU) or a torch dtype."""
+    device = str(resolve_device(device))
+    if dtype_name == "auto":
+        dtype_name = "bfloat16" if device.startswith("cuda") else "stored"
+    dtype = None if dtype_name == "stored" else getattr(torch, dtype_name)
+    return load_with_tokenizer(path, device, dtype, tokenizer, purpose=purpose, kind=kind)
 
 
 def resolve(path_or_repo_id: str | Path, revision: str | None = None) -> Path:

@@ -12,6 +12,7 @@ rejection sampler (``sampler="exact"``). The baseline uses ordinary softmax temp
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 
 from ..errors import GenerationError
 from . import temperature as sampling
+from .step import StaticStep, compile_frozen
 
 
 def prompt_padding(length: int, k: int) -> int:
@@ -44,7 +46,7 @@ def padded_prompt(prompt: list[int], config: Any, eos_id: int | None) -> list[in
     return prompt or [start_token(config, eos_id)]
 
 
-def _validate(model: Any, temperature: float, max_new_tokens: int, num_samples: int, sampler: str,
+def check_options(model: Any, temperature: float, max_new_tokens: int, num_samples: int, sampler: str,
               pool_size: int) -> None:
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -86,9 +88,10 @@ def iter_generate(model: Any, input_ids: torch.Tensor | list[int] | list[list[in
     have (checked every ``stop_check_every`` steps; on GPUs the check reads a flag copied asynchronously
     at the previous check, so the decode loop never waits for the device).
 
-    ``compile=True`` runs the per-step computations through ``torch.compile``; later calls with the same
-    model reuse the compilation."""
-    _validate(model, temperature, max_new_tokens, num_samples, sampler, pool_size)
+    ``compile=True`` decodes on a static KV cache, every step after the prompt through one compiled step
+    (:mod:`calmlm.sampling.step`; a CUDA graph on GPUs): the same tokens, faster once compiled; later calls with
+    the same model and shapes reuse the compilation. It needs the cache (``use_cache=True``)."""
+    check_options(model, temperature, max_new_tokens, num_samples, sampler, pool_size)
     device = next(model.parameters()).device
     ids = _as_batch(input_ids, device).repeat_interleave(num_samples, dim=0)
     eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
@@ -117,7 +120,7 @@ def generate(model: Any, input_ids: torch.Tensor | list[int] | list[list[int]], 
     return torch.cat(pieces, dim=1)[:, : prompt.shape[1] + max_new_tokens]
 
 
-def _stop_after_eos(tokens: torch.Tensor, done: torch.Tensor, eos: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def stop_after_eos(tokens: torch.Tensor, done: torch.Tensor, eos: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad with EOS after a sequence's first EOS; return the tokens and the updated done flags."""
     if eos is None:
         return tokens, done
@@ -127,20 +130,14 @@ def _stop_after_eos(tokens: torch.Tensor, done: torch.Tensor, eos: int | None) -
     return tokens, done | is_eos.any(-1)
 
 
-def _maybe_compile(fn: Callable[..., Any], compile: bool) -> Callable[..., Any]:
-    # Dynamo caches compiled code per code object and guards on the closure (the model), so wrapping
-    # afresh on every generate call reuses earlier compilations (tested). Only deterministic functions are
-    # compiled: random draws stay eager with the caller's generator, so both paths make the same draws.
-    return torch.compile(fn) if compile else fn
-
-
 def _head_and_decode(model: Any, hidden: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return model.decode_latents(model.head(hidden, noise))
 
 
-def _chunk_sampler(model: Any, compile: bool) -> Callable[..., torch.Tensor]:
+def chunk_sampler(model: Any, compile: bool) -> Callable[..., torch.Tensor]:
     """``model.sample_chunks`` with the noise drawn eagerly and head + decoder optionally compiled (the same
-    draws as the eager sampler for the same generator)."""
+    draws as the eager sampler for the same generator). Dynamo keeps the compilation per code object and
+    guards on the model, so a later call reuses it."""
     if not compile:
         return model.sample_chunks
     decode = torch.compile(_head_and_decode)
@@ -151,6 +148,38 @@ def _chunk_sampler(model: Any, compile: bool) -> Callable[..., torch.Tensor]:
         return decode(model, hidden, model.head.noise(lead, hidden.device, hidden.dtype, generator))
 
     return sample
+
+
+# -- the decode steps (module-level functions: dynamo reuses their compilation across calls) ----------------
+
+def calm_hidden(model: Any, cache: Any, ids: torch.Tensor) -> torch.Tensor:
+    """New ids (B, T*K) -> CALM's hidden state (B, d) after them."""
+    return model.hidden_states(ids, cache)[:, -1]
+
+
+def baseline_logits(model: Any, cache: Any, ids: torch.Tensor) -> torch.Tensor:
+    """New ids (B, T) -> the baseline's next-token logits (B, V) after them (the LM head at the last only)."""
+    return model.lm_head(model.hidden_states(ids, cache)[:, -1])
+
+
+def _calm_chunks(model: Any, cache: Any, ids: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The whole CALM step: backbone, head (on the given noise) and decoder -> chunks (..., B, K)."""
+    return _head_and_decode(model, calm_hidden(model, cache, ids), noise)
+
+
+def _calm_latents(model: Any, cache: Any, ids: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """CALM's step up to the head: backbone and head (on the given noise) -> latents (..., B, l)."""
+    return model.head(calm_hidden(model, cache, ids), noise)
+
+
+def _decode_latents(model: Any, z: torch.Tensor) -> torch.Tensor:
+    return model.decode_latents(z)
+
+
+def _baseline_tokens(model: Any, cache: Any, temperature: float, top_k: int | None, ids: torch.Tensor,
+                     race: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole baseline step: backbone, LM head and the sampler (on the given race noise) -> (B, 1)."""
+    return race_sample(baseline_logits(model, cache, ids), temperature, top_k, race)[:, None]
 
 
 def _calm_steps(model: Any, ids: torch.Tensor, max_new_tokens: int, temperature: float, sampler: str,
@@ -171,34 +200,72 @@ def _calm_steps(model: Any, ids: torch.Tensor, max_new_tokens: int, temperature:
                               f"tokens; at most {(context - prompt_chunks) * k} new tokens fit after this prompt")
     if steps == 0:
         return
-    cache = model.backbone.new_cache(ids.shape[0], prompt_chunks + steps) if use_cache else None
-    draw = _chunk_sampler(model, compile)
-    yield from _decode_loop(_maybe_compile(lambda x, c: model.hidden_states(x, c)[:, -1], compile),
-                            lambda h: _next_chunk(model, h, temperature, sampler, pool_size, gen, draw),
-                            ids, steps, eos, cache, stop_check_every)
+    b = ids.shape[0]
+    cache = model.backbone.new_cache(b, prompt_chunks + steps, static=compile) if use_cache else None
+
+    def propose(hidden: torch.Tensor) -> torch.Tensor:  # eager: the prompt's chunk, data-dependent samplers
+        return next_chunk(model, hidden, temperature, sampler, pool_size, gen)
+
+    step = None
+    if compile and use_cache:
+        step = _calm_static_step(model, cache, b, temperature, sampler, pool_size, gen, propose)
+    forward = functools.partial(calm_hidden, model, cache)
+    yield from _decode_loop(forward, propose, ids, steps, eos, stop_check_every, use_cache, step)
 
 
-def _decode_loop(forward: Callable[[torch.Tensor, Any], torch.Tensor], propose: Callable[[torch.Tensor], torch.Tensor],
-                 ids: torch.Tensor, steps: int, eos: int | None, cache: Any,
-                 stop_check_every: int) -> Iterator[torch.Tensor]:
-    """The decode loop shared by both families: ``forward(new_ids, cache)`` gives the state at the last
-    position (CALM hidden state, baseline logits), ``propose(state)`` the next (B, k) tokens. Without a
-    cache every step recomputes the whole sequence (the reference path the tests compare against)."""
+def _calm_static_step(model: Any, cache: Any, b: int, temperature: float, sampler: str, pool_size: int,
+                      gen: torch.Generator | None,
+                      propose: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """CALM's decode step on the static cache: the whole step (backbone, head, decoder) at T = 1 and, on GPUs,
+    for the batch sampler's pool (then its sampler runs eagerly); the backbone only for the samplers whose
+    sizes depend on the data (the exact sampler; the batch sampler on CPU)."""
+    dtype = next(model.parameters()).dtype
+    pool = (pool_size,) if temperature < 1 and sampler == "batch" and cache.k[0].device.type != "cpu" else ()
+    if temperature < 1 and not pool:
+        hidden = StaticStep(calm_hidden, cache, (model, cache))
+        return lambda new: propose(hidden(new))
+    if cache.k[0].device.type == "cpu":  # no graphs; the frozen decoder compiled apart, its weights pre-packed
+        latents, decode = StaticStep(_calm_latents, cache, (model, cache)), compile_frozen(_decode_latents)
+
+        def chunks(new: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+            return decode(model, latents(new, noise))
+    else:
+        chunks = StaticStep(_calm_chunks, cache, (model, cache))
+
+    def step(new: torch.Tensor) -> torch.Tensor:
+        out = chunks(new, model.head.noise((*pool, b), new.device, dtype, gen))
+        if not pool:
+            return out
+        return sampling.batch_temperature_sample(out.transpose(0, 1), temperature, generator=gen,
+                                                 num_values=model.config.vocab_size)
+
+    return step
+
+
+def _decode_loop(forward: Callable[[torch.Tensor], torch.Tensor], propose: Callable[[torch.Tensor], torch.Tensor],
+                 ids: torch.Tensor, steps: int, eos: int | None, stop_check_every: int, cached: bool = True,
+                 step: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+    """The decode loop shared by both families: ``forward(ids)`` gives the state at the last position (CALM
+    hidden state, baseline logits), ``propose(state)`` the next (B, k) tokens. With a cache ``forward`` reads
+    only the new ids; without one every step recomputes the whole sequence (the reference path the tests
+    compare against). ``step(new)``, when given, does a decode step's forward and proposal in one (the static,
+    compiled step); the prompt always goes through ``forward`` and ``propose``."""
     seq = ids
-    state = forward(ids, cache)
+    new = propose(forward(ids))
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     all_done = _AsyncFlag(ids.device)
-    for step in range(steps):
-        new, done = _stop_after_eos(propose(state), done, eos)
-        yield new
-        check_stop = eos is not None and (step + 1) % stop_check_every == 0
-        if step == steps - 1 or (check_stop and all_done.update(done.all())):
-            return
-        if cache is not None:
-            state = forward(new, cache)
-        else:
+    for i in range(steps):
+        if i and step is not None:
+            new = step(new)
+        elif i and cached:
+            new = propose(forward(new))
+        elif i:
             seq = torch.cat([seq, new], dim=1)
-            state = forward(seq, None)
+            new = propose(forward(seq))
+        new, done = stop_after_eos(new, done, eos)
+        yield new
+        if eos is not None and (i + 1) % stop_check_every == 0 and all_done.update(done.all()):
+            return
 
 
 class _AsyncFlag:
@@ -226,8 +293,10 @@ class _AsyncFlag:
         return previous
 
 
-def _next_chunk(model: Any, hidden: torch.Tensor, temperature: float, sampler: str, pool_size: int,
-                gen: torch.Generator | None, sample_chunks: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+def next_chunk(model: Any, hidden: torch.Tensor, temperature: float, sampler: str, pool_size: int,
+               gen: torch.Generator | None, sample_chunks: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    """CALM's next chunk (B, K) at every hidden state (B, d): one draw at T = 1, else the batch approximation
+    over ``pool_size`` draws or the exact sampler. ``sample_chunks``: the chunk sampler (default the model's)."""
     sample_chunks = sample_chunks or model.sample_chunks
     if temperature == 1.0:
         return sample_chunks(hidden, generator=gen)
@@ -266,23 +335,44 @@ def _baseline_steps(model: Any, ids: torch.Tensor, max_new_tokens: int, temperat
                               f"tokens; at most {context - ids.shape[1]} new tokens fit")
     if max_new_tokens == 0:
         return
-    cache = model.backbone.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens) if use_cache else None
-    yield from _decode_loop(_maybe_compile(lambda x, c: model.logits(x, c)[:, -1], compile),
+    b = ids.shape[0]
+    cache = model.backbone.new_cache(b, ids.shape[1] + max_new_tokens, static=compile) if use_cache else None
+    step = None
+    if compile and use_cache:  # the whole step: backbone, LM head and sampler (its noise drawn eagerly)
+        tokens = StaticStep(_baseline_tokens, cache, (model, cache, temperature, top_k))
+
+        def step(new: torch.Tensor) -> torch.Tensor:
+            if temperature == 0:  # greedy: no noise
+                return tokens(new)
+            return tokens(new, race_noise((b, cfg.vocab_size), new.device, gen))
+    yield from _decode_loop(functools.partial(baseline_logits, model, cache),
                             lambda logits: sample_logits(logits, temperature, top_k, gen)[:, None],
-                            ids, max_new_tokens, eos, cache, stop_check_every)
+                            ids, max_new_tokens, eos, stop_check_every, use_cache, step)
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, V) logits -> (B,) ids; temperature 0 is greedy."""
+    race = race_noise(logits.shape, logits.device, generator) if temperature else None
+    return race_sample(logits, temperature, top_k, race)
+
+
+def race_noise(shape: tuple[int, ...] | torch.Size, device: torch.device,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """The Exp(1) draws :func:`race_sample` needs, one per logit (float32)."""
+    return torch.empty(shape, dtype=torch.float32, device=device).exponential_(generator=generator)
+
+
+def race_sample(logits: torch.Tensor, temperature: float, top_k: int | None,
+                race: torch.Tensor | None) -> torch.Tensor:
+    """(B, V) logits -> (B,) ids drawn from softmax(logits / T) over the top ``top_k``, given the race noise
+    (:func:`race_noise`; None for greedy, T = 0). Exponential race: argmax p_i / E_i with E_i ~ Exp(1) is an
+    exact draw from p, and unlike torch.multinomial it never synchronises with the host on GPUs."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) is an exact draw from p, and unlike
-    # torch.multinomial it never synchronises with the host on GPUs.
     probs = torch.softmax(logits, dim=-1)
-    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
-    return (probs / race).argmax(-1)
+    return (probs / race.clamp_min(torch.finfo(probs.dtype).tiny)).argmax(-1)

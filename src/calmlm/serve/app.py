@@ -19,9 +19,9 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
+from ..data.chat import chat_prompt, compile_chat_template
 from ..data.tokenizer import read_tokenizer_config
 from ..errors import CalmError, DataError
-from ..train.finetune import chat_prompt, compile_chat_template
 from .engine import Engine, Request
 from .schemas import ChatMessage, ChatRequest, CompletionRequest
 
@@ -55,13 +55,13 @@ class Server:
     """The model, its tokenizer and the engine, and the OpenAI request handling on top of them."""
 
     def __init__(self, model: Any, tokenizer: Any, model_name: str, max_batch_size: int = 32,
-                 chat_template: str | None = None, batch_wait: float = 0.002) -> None:
+                 chat_template: str | None = None, batch_wait: float = 0.002, compile: bool = False) -> None:
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.is_calm = model.config.kind == "calm"
         if model.config.eos_token_id is None:  # the engine stops on the tokenizer's EOS, as `calm generate`
             model.config.eos_token_id = tokenizer.eos_id
         self.eos = model.config.eos_token_id
-        self.engine = Engine(model, max_batch_size, batch_wait)
+        self.engine = Engine(model, max_batch_size, batch_wait, compile)
         self.created = int(time.time())
         self.chat_template = chat_template
         if chat_template is not None:

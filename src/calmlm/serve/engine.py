@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from ..models.transformer import left_padding
 from ..errors import GenerationError
-from ..sampling.generation import (_next_chunk, _stop_after_eos, _validate, padded_prompt, sample_logits,
-                                  start_token)
+from ..sampling.generation import (baseline_logits, calm_hidden, check_options, next_chunk, padded_prompt,
+                                   sample_logits, start_token, stop_after_eos)
+from ..sampling.step import StaticStep
 
 # Called from the worker thread with each step's Step, then once with None when the request is finished, or
 # with an exception when it failed.
@@ -67,12 +67,16 @@ class Request:
 class Engine:
     """Owns the model; ``submit`` queues a request, a daemon thread decodes batches of them."""
 
-    def __init__(self, model: Any, max_batch_size: int = 32, batch_wait: float = 0.0) -> None:
+    def __init__(self, model: Any, max_batch_size: int = 32, batch_wait: float = 0.0, compile: bool = False) -> None:
         if max_batch_size < 1:
             raise GenerationError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model
         self.max_batch_size = max_batch_size
         self.batch_wait = batch_wait  # seconds a new batch waits for more requests after its first one
+        # compile: decode steps on static caches, one per (rows, positions) bucket, kept with their compiled
+        # (and on CUDA, graph-captured) step; prefills stay eager
+        self.compile = compile
+        self._buckets: dict[tuple[int, int], tuple[Any, StaticStep]] = {}
         self.is_calm = model.config.kind == "calm"
         self.k = model.config.chunk_size if self.is_calm else 1
         self.eos = model.config.eos_token_id
@@ -104,7 +108,8 @@ class Engine:
         if not 1 <= request.n <= self.max_batch_size:
             raise GenerationError(f"n must be between 1 and the server's --max-batch-size ({self.max_batch_size}), "
                                   f"got {request.n}")
-        _validate(self.model, request.temperature, request.max_tokens, request.n, request.sampler, request.pool_size)
+        check_options(self.model, request.temperature, request.max_tokens, request.n, request.sampler,
+                      request.pool_size)
         if request.logprobs is not None and (self.is_calm or not 0 <= request.logprobs <= 20):
             raise GenerationError("logprobs needs the baseline (CALM is likelihood-free) and 0 <= logprobs <= 20")
         if request.top_k is not None and request.top_k < 1:
@@ -171,12 +176,23 @@ class Engine:
         """Backbone positions a prompt takes: CALM chunks or baseline tokens; an empty prompt still takes one."""
         return max(1, math.ceil(prompt_len / self.k))
 
-    def _forward(self, ids: torch.Tensor, cache: Any, pad: torch.Tensor) -> torch.Tensor:
-        """New ids (B, T) -> the state at the last position: CALM hidden state (B, d), baseline logits (B, V)."""
-        m = self.model
-        x = m.embed_chunks(ids) if self.is_calm else m.backbone.embed_tokens(ids)
-        hidden = m.backbone(x, cache, *left_padding(pad, cache.length, x.shape[1]))[:, -1:]
-        return hidden[:, 0] if self.is_calm else m.lm_head(hidden)[:, 0]
+    def _bucket(self, rows: int, positions: int) -> tuple[Any, StaticStep]:
+        """The cleared static cache and the decode step of the smallest bucket holding ``rows`` sequences of up to
+        ``positions`` cache positions (powers of two; rows capped at the batch size). Right-aligned rows can need
+        more cache positions than the context: a long prompt beside a long answer."""
+        key = min(_power_of_two(rows), self.max_batch_size), max(16, _power_of_two(positions))
+        if key not in self._buckets:
+            cache = self.model.backbone.new_cache(*key, static=True)
+            self._buckets[key] = cache, StaticStep(calm_hidden if self.is_calm else baseline_logits, cache,
+                                                   (self.model, cache))
+        cache, step = self._buckets[key]
+        cache.clear()
+        return cache, step
+
+    def _forward(self, ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        """New ids (B, T) -> the state at the last position: CALM hidden state (B, d), baseline logits (B, V). The
+        cache lays out each row's left padding (``KVCache.pad``)."""
+        return (calm_hidden if self.is_calm else baseline_logits)(self.model, cache, ids)
 
     def _propose(self, active: list[_Live], state: torch.Tensor) -> list[torch.Tensor]:
         """Each live request's next tokens (n, K), drawn with its own generator. CALM requests at T=1 share
@@ -197,7 +213,7 @@ class Engine:
             r, s = live.request, state[live.rows]
             try:
                 if self.is_calm:
-                    out[i] = _next_chunk(m, s, r.temperature, r.sampler, r.pool_size, live.gen)
+                    out[i] = next_chunk(m, s, r.temperature, r.sampler, r.pool_size, live.gen)
                 else:
                     out[i] = sample_logits(s, r.temperature, r.top_k, live.gen)[:, None]
                     if r.logprobs is not None:
@@ -209,18 +225,19 @@ class Engine:
 
 
 class _Batch:
-    """The running batch: live requests, their KV cache (B, ..., L, ...) with a common length L, each row's
-    left padding ``pad`` (B,) and the state to sample the next tokens from (B, d) or (B, V).
+    """The running batch: live requests, their KV cache (one row per sequence, right-aligned, each row's left
+    padding in the cache) and the state to sample the next tokens from, (B, d) or (B, V).
 
-    Continuous batching: between two decode steps, queued requests are prefilled on their own and joined to
-    the batch by left-padding whichever side has the shorter cache; finished requests' rows are dropped and
-    padding columns no row needs any more are trimmed. Padding shifts a row's cache, never its positions."""
+    Continuous batching: between two decode steps, queued requests are prefilled on their own and admitted to the
+    batch's cache (``KVCache.admit``); finished requests' rows are evicted (``KVCache.evict``). Padding shifts a
+    row's cache, never its positions."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.live: list[_Live] = []
         self.cache: Any = None
-        self.pad = self.state = torch.empty(0)
+        self.decode: StaticStep | None = None  # with Engine(compile=True): the static cache's step
+        self.state = torch.empty(0)
 
     @torch.no_grad()
     def run(self, requests: list[Request]) -> None:
@@ -252,35 +269,41 @@ class _Batch:
             pads += [(width - len(p)) // e.k] * x.request.n
         ids = torch.tensor(rows, dtype=torch.long, device=e.device)
         pad = torch.tensor(pads, dtype=torch.long, device=e.device)
-        if self.cache is None:  # a fresh batch: prefill straight into a cache with room for every step
-            self.cache = e.model.backbone.new_cache(ids.shape[0], width // e.k + remaining)
-            self.state, self.pad = e._forward(ids, self.cache, pad), pad
-        else:  # join: prefill alone, then copy both caches into one, right-aligned at the longer length
-            cache = e.model.backbone.new_cache(ids.shape[0], width // e.k)
-            state = e._forward(ids, cache, pad)
-            length = max(self.cache.length, cache.length)
-            merged = e.model.backbone.new_cache(len(self.pad) + len(pad), length + remaining)
-            old_rows = len(self.pad)
-            for part, at in ((self.cache, slice(0, old_rows)), (cache, slice(old_rows, None))):
-                shift = length - part.length
-                merged.k[:, at, :, shift:length] = part.k[:, :, :, :part.length]
-                merged.v[:, at, :, shift:length] = part.v[:, :, :, :part.length]
-            merged.length = length
-            self.pad = torch.cat([self.pad + (length - self.cache.length), pad + (length - cache.length)])
-            self.state, self.cache = torch.cat([self.state, state]), merged
+        fresh = self.cache is None
+        # A fresh batch is prefilled straight into a cache with room for every step, joiners alone; compiled
+        # steps need the batch in a static cache, which takes the prefilled rows (in a larger bucket if need be).
+        direct = fresh and not e.compile
+        cache = e.model.backbone.new_cache(len(rows), width // e.k + (remaining if direct else 0), pad=pad)
+        state = e._forward(ids, cache)
+        if e.compile:
+            parts = [cache] if fresh else [self.cache, cache]
+            rows_needed, length = sum(p.rows for p in parts), max(p.length for p in parts) + remaining
+            if fresh or rows_needed > self.cache.batch_size or length > self.cache.max_len:
+                target, self.decode = e._bucket(rows_needed, length)
+                for part in parts:
+                    target.admit(part)
+                self.cache = target
+            else:
+                self.cache.admit(cache)
+        elif fresh:
+            self.cache = cache
+        else:
+            self.cache.admit(cache, room=remaining)
+        self.state = state if fresh else torch.cat([self.state, state])
+        if not fresh:
             e.joined += len(new)
         self._reindex()
         e.batches += 1
-        e.largest_batch = max(e.largest_batch, len(self.pad))
+        e.largest_batch = max(e.largest_batch, self.cache.rows)
 
     def step(self) -> None:
         """Sample every live request's next tokens, hand them out, drop finished requests, feed the rest."""
         e = self.engine
         e.steps += 1
-        e.rows_stepped += len(self.pad)
+        e.rows_stepped += self.cache.rows
         new = []
         for x, tokens in zip(self.live, e._propose(self.live, self.state)):
-            tokens, x.done = _stop_after_eos(tokens, x.done, e.eos)
+            tokens, x.done = stop_after_eos(tokens, x.done, e.eos)
             new.append(tokens)
         # One device-to-host copy per step for every request's tokens and EOS flags.
         host = torch.cat([torch.cat([t, x.done[:, None].long()], 1) for t, x in zip(new, self.live)]).tolist()
@@ -300,18 +323,18 @@ class _Batch:
         if not keep:
             self.live, self.cache = [], None
             return
-        if len(keep) < len(self.live):  # drop finished requests' rows, then padding columns no row needs
+        if len(keep) < len(self.live):  # drop finished requests' rows (and padding no row needs any more)
             index = torch.cat([torch.arange(x.rows.start, x.rows.stop, device=e.device) for x in keep])
-            self.pad, self.state = self.pad[index], self.state[index]
-            c = self.cache
-            c.k, c.v = c.k[:, index], c.v[:, index]
-            trim = int(self.pad.min())
-            if trim:
-                c.k, c.v = c.k[:, :, :, trim:], c.v[:, :, :, trim:]
-                c.max_len, c.length, self.pad = c.max_len - trim, c.length - trim, self.pad - trim
+            self.cache.evict(index)
+            self.state = self.state[index]
             self.live = keep
             self._reindex()
-        self.state = e._forward(torch.cat(feed), self.cache, self.pad)
+        feed = torch.cat(feed)
+        if e.compile:  # vacant rows of the bucket decode a dummy token, all padding
+            feed = torch.cat([feed, feed.new_zeros(self.cache.batch_size - len(feed), feed.shape[1])])
+            self.state = self.decode(feed)[:self.cache.rows]
+        else:
+            self.state = e._forward(feed, self.cache)
 
     def _reindex(self) -> None:
         start = 0
@@ -333,6 +356,10 @@ class _Live:
         self.error: Exception | None = None
         self.step = 0  # decode steps done
         self.logprobs: Logprobs | None = None  # of the last step
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> Logprobs:

@@ -27,9 +27,11 @@ import torch.distributed as dist
 from . import workflows as wf
 from ..errors import ConfigError
 from ..evaluation.flops import autoencoder_training_flops_per_token, training_flops_per_token
+from ..distributed import is_distributed, rank_and_world
+from ..io.metrics import METRICS_FILE, read_metrics
 from .compare_records import Cost, Point, RunPlan, RunRecord, cost_to_reach, read_points
-from .distributed import is_distributed, rank_and_world, setup_distributed
-from .trainer import METRICS_FILE, Control, TrainConfig, read_metrics
+from .distributed import setup_distributed
+from .trainer import Control, TrainConfig
 
 RESULT_FILE = "compare.json"
 

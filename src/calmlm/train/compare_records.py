@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import BaselineConfig, CALMConfig
-from .trainer import METRICS_FILE, read_metrics
+from ..io.metrics import METRICS_FILE, read_metrics
 
 # the evaluation scores a point keeps
 SCORES = ("brierlm", "brier_1", "brier_2", "brier_3", "brier_4", "val_loss", "token_acc_sigma0", "token_acc_sigma0.3")

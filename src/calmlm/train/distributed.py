@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..devices import available
+from ..distributed import all_reduce, is_distributed, rank_and_world  # noqa: F401  (the trainer imports them here)
 
 
 @dataclass
@@ -60,23 +61,6 @@ def setup_distributed() -> DistInfo:
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank_and_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
-
-
-def all_reduce(vec: torch.Tensor, mean: bool = False) -> torch.Tensor:
-    """Sum (or average) ``vec`` over the ranks, in place; the identity in a single process."""
-    if is_distributed():
-        dist.all_reduce(vec)
-        if mean:
-            vec /= dist.get_world_size()
-    return vec
 
 
 # -- FSDP2 -------------------------------------------------------------------------------------------------

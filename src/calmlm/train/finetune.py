@@ -2,7 +2,7 @@
 
 Data: JSON Lines (or one JSON array) whose rows are either ``{"prompt": ..., "completion": ...}`` or chat
 ``{"messages": [{"role": ..., "content": ...}, ...]}`` ending with an assistant message (the formats TRL and
-litgpt accept). A chat row becomes a prompt with :func:`chat_prompt` (every message before the last one as
+litgpt accept). A chat row becomes a prompt with :func:`calmlm.data.chat.chat_prompt` (every message before the last one as
 ``Role: content`` lines, then ``Assistant:``) and the last assistant message, after a space, as the completion;
 when the tokenizer has a ``chat_template``, that template renders the prompt and the reply follows as is.
 
@@ -27,14 +27,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
+from ..data.chat import chat_prompt
 from ..errors import ConfigError, DataError
 from ..sampling.generation import padded_prompt, prompt_padding  # noqa: F401  (prompt_padding: re-exported)
 
@@ -54,34 +54,6 @@ class TokenizedExample:
 
 
 # -- reading ---------------------------------------------------------------------------------------------
-
-def _raise_exception(message: str) -> NoReturn:
-    raise ValueError(message)
-
-
-@lru_cache(maxsize=8)
-def compile_chat_template(template: str) -> Any:
-    """A Jinja chat template compiled once, in a sandbox with Hugging Face's ``raise_exception`` global."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment()
-    env.globals["raise_exception"] = _raise_exception
-    return env.from_string(template)
-
-
-def chat_prompt(messages: Sequence[Mapping[str, Any]], template: str | None = None, tokenizer: Any = None) -> str:
-    """The prompt of a chat before the assistant's reply (module docstring), rendered by the tokenizer's Jinja
-    ``template`` with ``add_generation_prompt=True`` when given; ``calm serve`` builds its prompts with it too.
-    Raises DataError when the template refuses the messages (e.g. by ``raise_exception``)."""
-    if template is None:
-        return "".join(f"{str(m['role']).capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
-    specials = {f"{r}_token": getattr(tokenizer, f"{r}_token", None) or "" for r in ("bos", "eos", "pad")}
-    compiled = compile_chat_template(template)
-    try:
-        return compiled.render(messages=list(messages), add_generation_prompt=True, **specials)
-    except Exception as e:  # e.g. a template that raises on roles it does not support
-        raise DataError(f"the model's chat template refused these messages: {e}") from None
-
 
 def _example(row: Any, source: str, template: str | None = None, tokenizer: Any = None) -> Example:
     if not isinstance(row, dict):

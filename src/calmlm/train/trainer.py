@@ -38,6 +38,7 @@ from ..evaluation.mode import eval_mode
 from ..io import checkpoint as ckpt
 from ..io.loading import full_state_dict, unique_tensors
 from ..models.aids import TRAINING_ONLY_PREFIX
+from ..io.metrics import METRICS_FILE, read_metrics
 from .distributed import Parallel, all_reduce, rank_and_world
 
 EvaluateFn = Callable[[nn.Module, Any], dict[str, float]]
@@ -45,7 +46,6 @@ EvaluateFn = Callable[[nn.Module, Any], dict[str, float]]
 # (e.g. `calm compare`'s log-spaced points and training-time budget), checked after every optimizer step.
 Control = Callable[[int, float], tuple[bool, bool]]
 CHECKPOINT_DIR = "checkpoint"
-METRICS_FILE = "metrics.jsonl"
 TRAIN_CONFIG_FILE = "train_config.json"
 RUN_FILE = "run.json"  # what produced the run: code version, resolved train and model configs, data record
 
@@ -122,30 +122,6 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl (none when it does not exist); a line cut by a crash is skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def last_eval(path: Path, key: str | None = None) -> dict[str, Any] | None:
-    """The last evaluation record (holding ``key``, if given) of a run's metrics.jsonl, or None. ``path``: the
-    metrics.jsonl file, or a run or checkpoint folder (its metrics.jsonl, else the one in the folder above)."""
-    files = [path] if path.is_file() else [path / METRICS_FILE, path.parent / METRICS_FILE]
-    for metrics in files:
-        evals = [r for r in read_metrics(metrics) if r.get("type") == "eval" and (key is None or key in r)]
-        if evals:
-            return evals[-1]
-    return None
 
 
 def training_progress(step: int, config: TrainConfig, train_seconds: float = 0.0) -> float:
