@@ -115,9 +115,12 @@ def test_config_checks_and_flops() -> None:
         calm_preset("debug", head="flow", decoder_ce_weight=0.1)
     with pytest.raises(ConfigError, match="head_mean_weight needs the energy head"):
         calm_preset("debug", head="diffusion", head_mean_weight=0.1)
-    plain = training_flops_per_token(calm_preset("small"), 256)
-    aided = training_flops_per_token(calm_preset("small", aux_token_weight=1.0), 256)
-    half = training_flops_per_token(calm_preset("small", aux_token_weight=1.0, aid_until=0.5), 256)
+    off = dict(aux_latent_weight=0.0)  # the small preset's own aid off
+    plain = training_flops_per_token(calm_preset("small", **off), 256)
+    aided = training_flops_per_token(calm_preset("small", aux_token_weight=1.0, **off), 256)
+    half = training_flops_per_token(calm_preset("small", aux_token_weight=1.0, aid_until=0.5, **off), 256)
+    latent = training_flops_per_token(calm_preset("small"), 256).components["aux_latent_head"]
+    assert latent == pytest.approx(6 * 256 * 64 / 4) and latent < 0.003 * plain.total  # nearly free
     extra = aided.components["aux_token_head"]
     d, k, v = 256, 4, 8192
     assert extra == pytest.approx(6 * (d * k * d + k * d * v) / k)  # per token: trained 3x, 2 FLOPs per MAC
