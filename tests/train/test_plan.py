@@ -15,7 +15,8 @@ from calmlm.train.plan import (AE_FLOOR, AE_MAX_SHARE, AE_TARGET, expected_accur
 
 
 def fake_machine(ae: float, calm: float, baseline: float, bf16: float = 1.0, base_cost: float = 4.0,
-                 saturate: int = 16, threads: dict[int, float] | None = None, calls: list | None = None):
+                 saturate: int = 16, threads: dict[int, float] | None = None, calls: list | None = None,
+                 long_blocks: float = 1.0):
     """A measuring function: tokens/s of each model, bf16 speed-up, the base preset's cost, the batch where the
     device saturates and a speed factor per thread count (the test sets the thread count through set_threads)."""
     state = {"threads": 1}
@@ -26,7 +27,8 @@ def fake_machine(ae: float, calm: float, baseline: float, bf16: float = 1.0, bas
         speed = {"autoencoder": ae, "calm": calm, "baseline": baseline}[kind]
         speed *= (1.45 if vocab == 4096 else 1.0) * (bf16 if precision == "bf16" else 1.0)
         speed /= base_cost if size == "base" else 1.0
-        speed *= min(batch, saturate) / 16 * (threads or {}).get(state["threads"], 1.0)
+        speed *= min(batch * block // 256, saturate) / 16 * (threads or {}).get(state["threads"], 1.0)
+        speed *= long_blocks if block > 256 else 1.0
         return speed
 
     def set_threads(n):
@@ -106,3 +108,15 @@ def test_autoencoder_stops_once_its_target_is_reached(tmp_path: Path):
     with metrics.open("a") as f:
         f.write(json.dumps({"type": "eval", "step": 20, "token_acc_sigma0": 0.996}) + "\n")
     assert control(20, 2.0) == (True, False) and control(21, 2.1) == (False, True)
+
+
+def test_a_gpu_takes_longer_blocks_only_where_they_train_faster():
+    same = _plan(fake_machine(ae=4e5, calm=6e5, baseline=5e5, bf16=2.5, saturate=64), device="cuda")
+    faster = _plan(fake_machine(ae=4e5, calm=6e5, baseline=5e5, bf16=2.5, saturate=64, long_blocks=1.3),
+                   device="cuda")
+    assert same.block_size == 256 and faster.block_size == 1024
+    assert faster.stages["baseline"].batch_size == 16 and faster.stages["baseline"].tokens_per_step == 16 * 1024
+    cpu = _plan(fake_machine(ae=3900, calm=6000, baseline=3500, long_blocks=1.3))
+    assert cpu.block_size == 256  # a CPU keeps the quickstart's block; fixed blocks are never replanned
+    assert _plan(fake_machine(ae=4e5, calm=6e5, baseline=5e5, long_blocks=1.3), device="cuda",
+                 block_size=512).block_size == 512

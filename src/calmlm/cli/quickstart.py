@@ -50,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab-size", type=int, default=None,
                    help="BPE vocabulary (default: measured: 8192, or 4096 where the autoencoder would not reach its "
                         "target in time with 8192)")
-    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--block-size", type=int, default=None,
+                   help="tokens per block, also BrierLM's context (default: 256; on a GPU longer where measured faster)")
     p.add_argument("--brier-tokens", type=int, default=16384, help="validation tokens scored by BrierLM")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: measured (bf16 autocast where it trains faster, e.g. CUDA and AMX CPUs)")
@@ -84,8 +85,6 @@ def run(args: argparse.Namespace) -> int:
     budget = args.minutes * 60
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    opts = wf.DataOptions(data=args.data, block_size=args.block_size, seed=args.seed,
-                          cache_dir=str(out / "token_cache"))
     device = resolve_device(args.device)
 
     def left() -> float:
@@ -97,10 +96,13 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_run(budget, left() - ae_reserve - models_reserve - min(TOKENIZE_S, TOKENIZE_SHARE * budget), device,
                     size=args.size, precision=args.precision, vocab_size=args.vocab_size, block_size=args.block_size)
 
+    opts = wf.DataOptions(data=args.data, block_size=plan.block_size, seed=args.seed,
+                          cache_dir=str(out / "token_cache"))
+
     def cfg(kind: str, seconds: float) -> Any:
         stage = plan.stages[kind]
         return recipe(kind, stage.preset, max_steps=10**7, eval_every=0, save_every=0, seed=args.seed,
-                      block_size=args.block_size, precision=plan.precision, batch_size=stage.batch_size,
+                      block_size=plan.block_size, precision=plan.precision, batch_size=stage.batch_size,
                       time_budget_s=max(seconds, 1.0), out_dir=str(out / kind), progress=not args.no_progress)
 
     _stage("2/6 tokenizer + autoencoder")
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     _stage("5/6 evaluation (BrierLM on the validation split, at the end of training)")
     summary: dict[str, Any] = {"minutes_budget": args.minutes, "precision": plan.precision, "device": plan.device_name,
                                "corpus": "default (Python standard library)" if args.data is None else args.data,
-                               "block_size": args.block_size, "plan": plan.to_dict(), "autoencoder": ae_report,
+                               "block_size": plan.block_size, "plan": plan.to_dict(), "autoencoder": ae_report,
                                "stages": {}, "models": {}}
     for kind, stage in plan.stages.items():  # what each stage achieved against what the plan measured
         last = next((r for r in reversed(read_metrics(out / kind / "metrics.jsonl")) if r.get("type") == "train"), {})

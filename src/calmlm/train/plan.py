@@ -30,7 +30,10 @@ from .trainer import TrainConfig, Trainer
 KINDS = ("autoencoder", "calm", "baseline")
 VOCAB_SIZES = (8192, 4096)  # the quickstart's BPE sizes, largest first: a smaller one is cheaper to learn and run
 LM_SIZES = ("small", "base")  # the sizes `--size auto` chooses from, smallest first
-GPU_BATCHES = (16, 32, 64, 128)  # blocks per step tried on an accelerator
+GPU_BATCHES = (16, 32, 64, 128)  # blocks of 256 tokens per step tried on an accelerator (fewer, longer blocks alike)
+BLOCK_SIZE = 256  # tokens per block, the BrierLM context the quickstart reports (docs/small_scale.md)
+GPU_BLOCKS = (256, 1024)  # tried on an accelerator when the block size is left to the plan
+BLOCK_MARGIN = 1.1  # a longer block must train this much faster (it also changes what BrierLM measures)
 AE_TARGET = 0.995  # token accuracy (sigma 0) the autoencoder trains for; it stops when it gets there
 AE_FLOOR = 0.99  # below this the plan warns up front: the README's promise
 AE_MAX_SHARE = 0.5  # most of the training time the autoencoder may take
@@ -267,33 +270,35 @@ def _ae_preset(size: str) -> str:
 
 
 def plan_run(budget_s: float, train_s: float, device: torch.device, *, size: str = "auto", precision: str = "auto",
-             vocab_size: int | None = None, block_size: int = 256, measure: MeasureFn | None = None,
+             vocab_size: int | None = None, block_size: int | None = None, measure: MeasureFn | None = None,
              threads: tuple[int, ...] | None = None, set_threads: Callable[[int], None] = torch.set_num_threads,
              name: str | None = None) -> Plan:
     """Measure the candidates on ``device`` and plan ``train_s`` seconds of training (of a ``budget_s`` run)
     for the autoencoder, CALM and the baseline. ``size``/``precision``/``vocab_size`` fix a choice instead of
-    measuring it; ``threads`` are the CPU thread counts to try (default: what PyTorch uses and every logical CPU);
+    measuring it; ``block_size`` None: 256 tokens, or on an accelerator a longer block where it trains at least
+    BLOCK_MARGIN faster; ``threads`` are the CPU thread counts to try (default: what PyTorch uses and every logical CPU);
     ``measure`` and ``name`` stand in for the device in tests."""
     start = time.perf_counter()
     measure = measure or measure_on(device)
     plan = Plan(device=device.type, device_name=name or device_name(device), cpu=cpu_model(), precision="fp32", threads=0,
                 vocab_size=vocab_size or VOCAB_SIZES[0], size=LM_SIZES[0] if size == "auto" else size,
-                block_size=block_size, budget_minutes=budget_s / 60)
+                block_size=block_size or BLOCK_SIZE, budget_minutes=budget_s / 60)
     memo: dict[tuple[Any, ...], float] = {}
 
     def tps(kind: str, size_: str, prec: str, batch: int) -> float:
-        key = (kind, size_, plan.vocab_size, prec, batch, plan.threads)
+        key = (kind, size_, plan.vocab_size, prec, batch, plan.block_size, plan.threads)
         if key not in memo:
-            memo[key] = measure(kind, size_, plan.vocab_size, prec, batch, block_size)
-            plan.measurements.append(Measurement(kind, size_, plan.vocab_size, prec, plan.threads, batch, block_size,
-                                                 memo[key]))
+            memo[key] = measure(kind, size_, plan.vocab_size, prec, batch, plan.block_size)
+            plan.measurements.append(Measurement(kind, size_, plan.vocab_size, prec, plan.threads, batch,
+                                                 plan.block_size, memo[key]))
         return memo[key]
 
     def batch_for(kind: str, size_: str) -> int:
         """The recipe's batch on a CPU; on an accelerator the smallest batch within 90 % of the best tokens/s."""
         if device.type == "cpu":
             return recipe(kind, _ae_preset(size_) if kind == "autoencoder" else size_).batch_size
-        speeds = {b: tps(kind, size_, plan.precision, b) for b in GPU_BATCHES}
+        blocks = sorted({max(1, b * 256 // plan.block_size) for b in GPU_BATCHES})
+        speeds = {b: tps(kind, size_, plan.precision, b) for b in blocks}
         return min(b for b, s in speeds.items() if s >= BATCH_SATURATION * max(speeds.values()))
 
     # 1. threads (CPU): what PyTorch chose and every logical CPU, if they differ
@@ -314,6 +319,17 @@ def plan_run(budget_s: float, train_s: float, device: torch.device, *, size: str
         b = batch_for("autoencoder", plan.size)
         faster = tps("autoencoder", plan.size, "bf16", b) >= BF16_MARGIN * tps("autoencoder", plan.size, "fp32", b)
         plan.precision = "bf16" if faster else "fp32"
+    # 3. block size on an accelerator: a longer block where the baseline (whose attention grows most with it) trains
+    #    measurably faster at the same tokens per step
+    if block_size is None and device.type != "cpu":
+        batch = batch_for("baseline", plan.size)
+        short, tokens = tps("baseline", plan.size, plan.precision, batch), batch * plan.block_size
+        for longer in GPU_BLOCKS[1:]:
+            plan.block_size = longer
+            if tps("baseline", plan.size, plan.precision, max(1, tokens // longer)) < BLOCK_MARGIN * short:
+                plan.block_size = BLOCK_SIZE
+                break
+
     def stages_at(size_: str) -> Plan:
         """The plan at ``size_`` (and the current vocabulary), split."""
         trial = Plan(**{**asdict(plan), "stages": {}, "measurements": []})
@@ -321,22 +337,23 @@ def plan_run(budget_s: float, train_s: float, device: torch.device, *, size: str
         for kind in KINDS:
             b = batch_for(kind, size_)
             speed = tps(kind, size_, plan.precision, b)
-            cfg = model_config(kind, size_, plan.vocab_size, block_size)
+            cfg = model_config(kind, size_, plan.vocab_size, plan.block_size)
             fpt = (autoencoder_training_flops_per_token(cfg) if kind == "autoencoder"
-                   else training_flops_per_token(cfg, block_size).total)
-            trial.stages[kind] = Stage(kind, _ae_preset(size_) if kind == "autoencoder" else size_, b, b * block_size,
+                   else training_flops_per_token(cfg, plan.block_size).total)
+            trial.stages[kind] = Stage(kind, _ae_preset(size_) if kind == "autoencoder" else size_, b,
+                                       b * plan.block_size,
                                        speed, fpt, _mfu(plan, speed, fpt),
                                        target=AE_TARGET if kind == "autoencoder" else None)
         trial.split(train_s)
         return trial
 
     sizes = LM_SIZES if size == "auto" else (size,)
-    # 3. vocabulary: the largest with which the smallest size meets every target (else the smallest vocabulary)
+    # 4. vocabulary: the largest with which the smallest size meets every target (else the smallest vocabulary)
     for vocab in (vocab_size,) if vocab_size else VOCAB_SIZES:
         plan.vocab_size = vocab
         if not stages_at(sizes[0]).warnings:
             break
-    # 4. size: the largest whose LMs both still get SIZE_UP_STEPS steps
+    # 5. size: the largest whose LMs both still get SIZE_UP_STEPS steps
     for size_ in sizes:
         trial = stages_at(size_)
         enough = min(s.expected_steps for k, s in trial.stages.items() if k != "autoencoder") >= SIZE_UP_STEPS
