@@ -28,8 +28,6 @@ backbone and its embedding (the aid heads still learn), "shuffle" scores each po
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,9 +35,6 @@ from torch import nn
 from ..config import CALMConfig
 from .layers import RMSNorm
 from .losses import linear_cross_entropy, masked_mean
-
-if TYPE_CHECKING:
-    from .calm import CALM
 
 TRAINING_ONLY_PREFIX = "aids."  # parameters under this name are kept out of the checkpoint's weights
 
@@ -76,10 +71,11 @@ class TrainingAids(nn.Module):
         self.factor.fill_(f)
         self.active = f > 0
 
-    def forward(self, model: CALM, hidden: torch.Tensor, chunks: torch.Tensor, mean: torch.Tensor,
+    def forward(self, model: nn.Module, hidden: torch.Tensor, chunks: torch.Tensor, mean: torch.Tensor,
                 mask: torch.Tensor | None, samples: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """hidden (P, d) predicting the chunks (P, K) whose posterior means are mean (P, l); mask (P,) or None;
+        """For the CALM ``model`` (its embedding, head and frozen decoder): hidden (P, d) predicting the chunks (P, K)
+        whose posterior means are mean (P, l); mask (P,) or None;
         samples (N, P, l): the energy loss's head draws (for the aids that read samples)."""
         cfg = self.config
         if cfg.aid_control == "shuffle":  # negative control: a random other position's chunk as the target
