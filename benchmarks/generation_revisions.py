@@ -4,8 +4,8 @@ with ``git archive``) and from the working tree, alternately, ``--rounds`` times
 Each run times CALM and the baseline in one process, so its CALM / baseline ratio is robust to how busy the
 machine is; alternating the revisions spreads any drift over both. Reports the median ratio of each
 revision per (batch, temperature) and writes every run. Arguments after ``--`` go to generation.py. Usage:
-    python benchmarks/generation_revisions.py --base REV [--rounds 2] [--out FILE] -- --calm-preset small
-        --baseline-preset small --temperatures 0.5 --batches 1,8
+    python benchmarks/generation_revisions.py --base REV [--rounds 2] [--threads N] [--out FILE] --
+        --calm-preset small --baseline-preset small --temperatures 0.5 --batches 1,8
 """
 
 from __future__ import annotations
@@ -33,12 +33,20 @@ def export(rev: str, folder: Path) -> Path:
     return folder
 
 
-def run(tree: Path, args: list[str], out: Path) -> list[dict]:
+def run(tree: Path, args: list[str], out: Path, threads: int | None) -> list[dict]:
     """generation.py of ``tree`` with its own package; its result rows."""
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     subprocess.run([sys.executable, str(tree / "benchmarks" / "generation.py"), *args, "--out", str(out)],
                    cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())["results"]
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -47,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="git revision to compare the working tree with")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the runs (default: torch's own choice)")
     parser.add_argument("--out", type=Path, default=REPO / "bench_out" / "generation_revisions.json")
     args = parser.parse_args(ours)
     runs: dict[str, list[list[dict]]] = {"base": [], "new": []}
@@ -54,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         trees = {"base": export(args.base, Path(tmp) / "base"), "new": REPO}
         for _ in range(args.rounds):
             for name, tree in trees.items():
-                rows = run(tree, passed, Path(tmp) / f"{name}.json")
+                rows = run(tree, passed, Path(tmp) / f"{name}.json", args.threads)
                 runs[name].append(rows)
                 for row in rows:
                     print(name, json.dumps(row), flush=True)
@@ -69,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=REPO, capture_output=True, text=True)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
-    result = {"cpu_model": cpu, "base": args.base, "base_commit": commit.stdout.strip(), "generation_args": passed,
+    result = {"cpu_model": cpu, "threads": args.threads or torch_threads(), "base": args.base, "base_commit": commit.stdout.strip(), "generation_args": passed,
               "rounds": args.rounds, "summary": summary, "runs": runs}
     write_json(args.out, result)
     return result

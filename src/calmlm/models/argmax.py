@@ -23,7 +23,8 @@ import torch
 
 _BLOCK = 64  # the candidate search looks at blocks of this many tokens
 _Q = 127  # symmetric int8 range
-_SAFETY = 1.0 + 1e-6  # covers the float64 rounding in the bound's own arithmetic (relative ~1e-13)
+_U = 2.0**-24  # float32 unit roundoff
+_SAFETY = 1.001  # covers the rounding of the bound's own float32 arithmetic (norms: relative <= d u)
 
 
 class ArgmaxScreen:
@@ -38,7 +39,7 @@ class ArgmaxScreen:
         w64 = w.double()
         self.scale = float(w64.abs().max().clamp_min(1e-30)) / _Q  # s_W (one scale: the screen stays integer)
         q = (w64 / self.scale).round().clamp(-_Q, _Q)
-        self.err_norm = float((w64 - self.scale * q).norm(dim=1).max())  # max_v |f_v|
+        self.err_norm = float((w64 - self.scale * q).norm(dim=1).max())  # max_v |f_v| (float64: exact enough)
         self.weight_norm = float(w64.norm(dim=1).max())  # max_v |W_v|
         # Rows padded to whole blocks with copies of row 0: they never beat the real maximum, map back to 0.
         pad = -vocab % _BLOCK
@@ -68,10 +69,11 @@ class ArgmaxScreen:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(M, d) float32 -> (M,) int64 argmax of x @ W.T."""
         num = x.shape[0]
-        x64 = x.double()
-        scale = x64.abs().amax(1, keepdim=True).clamp_min(1e-30) / _Q  # (M, 1) s_x
-        q = (x64 / scale).round().clamp(-_Q, _Q)
-        err = (x64 - scale * q).norm(dim=1, keepdim=True)  # |e_x|
+        scale = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_min(1e-30) / _Q  # (M, 1) s_x
+        q = torch.div(x, scale).round_().clamp_(-_Q, _Q)  # integers, exact in float32
+        # |e_x|, e_x = x - s_x q computed in float32: each entry within 2u(|x_k| + |e_k|) of the true one
+        x_norm = x.norm(dim=1, keepdim=True)
+        err = torch.addcmul(x, scale, q, value=-1).norm(dim=1, keepdim=True) * (1 + 3 * _U) + 2 * _U * x_norm
         bound = (scale * q.norm(dim=1, keepdim=True) * self.err_norm + err * self.weight_norm) * _SAFETY
         ints = torch._int_mm(q.to(torch.int8), self.qweight_t)  # (M, V') exact q_x·q_v
         blocks = ints.view(num, -1, _BLOCK)
@@ -91,12 +93,13 @@ class ArgmaxScreen:
         row = row[which]
         token = block[which] * _BLOCK + offset
         token = torch.where(token < self.vocab, token, 0)  # padding rows are copies of row 0
-        out = self._largest(x, row, token, num)
+        out = self._largest(x, x_norm[:, 0], row, token, num)
         if bool(flat.any()):
             out[flat] = fast_argmax(x[flat] @ self.weight.t())
         return out
 
-    def _largest(self, x: torch.Tensor, row: torch.Tensor, token: torch.Tensor, num: int) -> torch.Tensor:
+    def _largest(self, x: torch.Tensor, x_norm: torch.Tensor, row: torch.Tensor, token: torch.Tensor,
+                 num: int) -> torch.Tensor:
         """The candidate with the largest exact logit x[row]·W[token] at each row, ties to the lowest token.
 
         Float32 logits decide wherever the best leads the rest by more than twice their rounding bound
@@ -112,7 +115,7 @@ class ArgmaxScreen:
         logit = (x.index_select(0, row) * weights).sum(1).double()
         d = x.shape[1]
         gamma = d * 2.0**-24 / (1 - d * 2.0**-24)
-        slack = 2 * gamma * x.norm(dim=1).double() * self.weight_norm * _SAFETY  # twice the rounding bound
+        slack = 2 * gamma * x_norm.double() * self.weight_norm * _SAFETY  # twice the rounding bound
         best = torch.full((num,), -torch.inf, dtype=torch.float64).scatter_reduce(0, row, logit, "amax")
         close = logit >= best[row] - slack[row]  # could be the largest
         redo = close & (torch.bincount(row[close], minlength=num) > 1)[row]  # rows with a close race
