@@ -1,5 +1,6 @@
-"""Generation speed of two git revisions, side by side: ``benchmarks/generation.py`` run from ``--base`` (exported
-with ``git archive``) and from the working tree, alternately, ``--rounds`` times each.
+"""Generation speed of two git revisions, side by side: the working tree's ``benchmarks/generation.py`` run with the
+package of ``--base`` (exported with ``git archive``) and with the working tree's, alternately, ``--rounds`` times
+each.
 
 Each run times CALM and the baseline in one process, so its CALM / baseline ratio is robust to how busy the
 machine is; alternating the revisions spreads any drift over both. Reports the median ratio of each
@@ -34,12 +35,12 @@ def export(rev: str, folder: Path) -> Path:
 
 
 def run(tree: Path, args: list[str], out: Path, threads: int | None) -> list[dict]:
-    """generation.py of ``tree`` with its own package; its result rows."""
+    """generation.py with the package of ``tree``; its result rows."""
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    subprocess.run([sys.executable, str(tree / "benchmarks" / "generation.py"), *args, "--out", str(out)],
-                   cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "generation.py"), *args, "--out", str(out)],
+                   cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())["results"]
 
 

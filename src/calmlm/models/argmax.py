@@ -23,6 +23,7 @@ import torch
 
 _BLOCK = 64  # the candidate search looks at blocks of this many tokens
 _Q = 127  # symmetric int8 range
+_MAX_CANDIDATES = 512  # a row with more is decoded in float32 (re-scoring them would cost as much)
 _U = 2.0**-24  # float32 unit roundoff
 _SAFETY = 1.001  # covers the rounding of the bound's own float32 arithmetic (norms: relative <= d u)
 
@@ -52,11 +53,13 @@ class ArgmaxScreen:
 
     @classmethod
     def for_weight(cls, weight: torch.Tensor) -> "ArgmaxScreen":
-        """The screen of ``weight``, rebuilt when the weight changes (in-place updates bump its version)."""
+        """The screen of ``weight``, rebuilt when the weight changes: new storage, or an in-place update
+        (which bumps its version; writes through ``weight.data`` do not, and are not seen). A cached screen
+        holds its weight's storage, so a freed weight's address is not reused while cached (two at most)."""
         key = (weight.data_ptr(), weight._version, tuple(weight.shape))
         screen = cls._cache.get(key)
         if screen is None:
-            if len(cls._cache) >= 8:
+            if len(cls._cache) >= 2:
                 cls._cache.clear()
             screen = cls._cache[key] = cls(weight)
         return screen
@@ -83,16 +86,16 @@ class ArgmaxScreen:
         slack = (2 * bound / (scale * self.scale)).floor().clamp_max(2**31 - 1).to(torch.int64)
         threshold = top - slack  # (M, 1)
         row, block = (block_max >= threshold).nonzero(as_tuple=True)
-        # A row whose logits are too flat for the screen to narrow them down is decoded in float32.
-        flat = torch.bincount(row, minlength=num) > block_max.shape[1] // 2
-        if bool(flat.any()):
-            keep = ~flat[row]
-            row, block = row[keep], block[keep]
         inside = blocks[row, block] >= threshold[row]  # (C, B)
         which, offset = inside.nonzero(as_tuple=True)
         row = row[which]
         token = block[which] * _BLOCK + offset
         token = torch.where(token < self.vocab, token, 0)  # padding rows are copies of row 0
+        # A row whose logits are too flat for the screen to narrow them down is decoded in float32.
+        flat = torch.bincount(row, minlength=num) > _MAX_CANDIDATES
+        if bool(flat.any()):
+            keep = ~flat[row]
+            row, token = row[keep], token[keep]
         out = self._largest(x, x_norm[:, 0], row, token, num)
         if bool(flat.any()):
             out[flat] = fast_argmax(x[flat] @ self.weight.t())
