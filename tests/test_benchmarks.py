@@ -1,6 +1,7 @@
 """The one-command benchmark suite (benchmarks/suite.py) runs end to end at tiny sizes and reports sane numbers;
 benchmarks/code_size.py classifies lines correctly; benchmarks/sampler_revisions.py finds a revision's samplers
-identical to themselves; benchmarks/decode_revisions.py decodes HEAD's tokens with the working tree."""
+identical to themselves; benchmarks/decode_revisions.py decodes HEAD's tokens with the working tree;
+benchmarks/generation_revisions.py times two revisions side by side."""
 
 import json
 import math
@@ -13,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `benchmarks` is a folder of scripts beside the package, not installed
 
-from benchmarks import code_size, decode_revisions, sampler_revisions, suite  # noqa: E402
+from benchmarks import code_size, decode_revisions, generation_revisions, sampler_revisions, suite  # noqa: E402
 
 
 def _positive(x: object) -> bool:
@@ -104,3 +105,16 @@ def test_decode_revisions_against_head(tmp_path: Path) -> None:
     for kind in ("calm", "baseline"):
         assert rows[kind]["identical_output"] == {"base": True, "new": True}
         assert _positive(rows[kind]["new"]["tokens_per_s_cpu"]) and _positive(rows[kind]["new_over_base_wall"])
+
+
+def test_generation_revisions_debug_presets(tmp_path: Path) -> None:
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout: no revision to compare with")
+    result = generation_revisions.main(["--base", "HEAD", "--rounds", "1", "--threads", "1", "--out",
+                                        str(tmp_path / "gen.json"), "--", "--calm-preset", "debug",
+                                        "--baseline-preset", "debug", "--batches", "1", "--temperatures", "1.0,0.5",
+                                        "--new-tokens", "8", "--prompt-len", "8", "--repeats", "1", "--pool-size", "8",
+                                        "--device", "cpu", "--clock", "process"])
+    assert [(r["batch"], r["temperature"]) for r in result["summary"]] == [(1, 1.0), (1, 0.5)]
+    assert all(_positive(r[k]) for r in result["summary"] for k in ("calm_over_baseline_base", "calm_over_baseline_new"))
+    assert json.loads((tmp_path / "gen.json").read_text())["threads"] == 1

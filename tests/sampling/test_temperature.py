@@ -536,3 +536,112 @@ def test_known_value_range_packs_without_looking_at_the_data(num_values: int, di
     assert torch.equal(counts, by_pairs.gather(1, perm))
     u = torch.rand(5, generator=g, dtype=torch.float64)
     assert torch.equal(sampling._sample_torch(rows, 0.5, u, num_values), sampling._sample_torch(rows, 0.5, u))
+
+
+# ------------------------------------------------------------------------------------------------
+# the batch approximation on a pool compared on demand (lazy_batch_temperature_choice)
+# ------------------------------------------------------------------------------------------------
+
+
+class TensorPool:
+    """A QueryPool over a materialised pool [P, N] or [P, N, D]; records what the sampler looked at."""
+
+    def __init__(self, pool: torch.Tensor) -> None:
+        self.pool = pool
+        self.rows = pool.reshape(pool.shape[0] * pool.shape[1], -1)
+        self.num_positions, self.pool_size = pool.shape[0], pool.shape[1]
+        self.compared = torch.zeros(self.rows.shape[0], dtype=torch.bool)  # entries ever compared
+        self.counted: list[int] = []  # positions passed to keys(), per call
+
+    def same(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        self.compared[a] = True
+        self.compared[b] = True
+        return (self.rows[a] == self.rows[b]).all(-1)
+
+    def keys(self, positions: torch.Tensor) -> torch.Tensor:
+        self.counted.append(positions.numel())
+        return self.pool[positions]
+
+
+def lazy_sample(pool_row: torch.Tensor, temperature: float, positions: int, seed: int, **kw) -> tuple[torch.Tensor, TensorPool]:
+    pool = TensorPool(pool_row.unsqueeze(0).expand(positions, *pool_row.shape))
+    pick = sampling.lazy_batch_temperature_choice(pool, temperature, torch.Generator().manual_seed(seed), **kw)
+    return pool_row[pick], pool
+
+
+def value_probs(pool_row: torch.Tensor, temperature: float, num_values: int) -> torch.Tensor:
+    """The rule's probability of each value 0..num_values-1 for a pool of scalar values."""
+    probs = sampling._selection_probs(pool_row[None], temperature)[0]
+    return torch.zeros(num_values, dtype=torch.float64).scatter_add_(0, pool_row, probs)
+
+
+@pytest.mark.parametrize("tries_per_round,max_rounds", [(8, 4), (4, 1), (0, 0)])
+@pytest.mark.parametrize("temperature", [0.5, 1 / 3])
+def test_lazy_choice_has_the_rules_distribution(temperature: float, tries_per_round: int, max_rounds: int) -> None:
+    """Tries of n entries until n distinct equal ones, then (if none succeeded) counting the whole pool: the
+    drawn values follow the rule's selection probabilities, whether the tries decide most positions (4 rounds of 8),
+    some of them (one round of 4: the rest counted), or none (none: counting only)."""
+    pool_row = zipf(torch.Generator().manual_seed(90), (40,))  # counts 1 to 8
+    probs = value_probs(pool_row, temperature, NUM)
+    out, pool = lazy_sample(pool_row, temperature, 40_000, seed=91, tries_per_round=tries_per_round,
+                            max_rounds=max_rounds)
+    stat, threshold = chi2(torch.bincount(out, minlength=NUM), probs)
+    assert stat < threshold
+    counted = sum(pool.counted)
+    if max_rounds == 1 and temperature == 0.5:
+        assert 0.1 * 40_000 < counted < 0.9 * 40_000  # tries and counting both decide many positions
+    assert (counted == 40_000) == (max_rounds == 0)
+    # the same statistic rejects tuples drawn without the distinct-entries condition (weights c^n, not
+    # c(c-1)...(c-n+1))
+    n = round(1 / temperature)
+    counts = torch.bincount(pool_row, minlength=NUM).double()
+    wrong = counts**n / (counts**n).sum()
+    assert chi2(torch.bincount(out, minlength=NUM), wrong)[0] > threshold
+
+
+def test_lazy_choice_falls_back_like_the_rule() -> None:
+    """No value repeated n times: no try can succeed, and counting applies the rule's fallback."""
+    distinct = torch.randperm(200, generator=torch.Generator().manual_seed(92)) * 3
+    out, pool = lazy_sample(distinct, 0.5, 40_000, seed=93)
+    stat, threshold = chi2(torch.bincount(out, minlength=600)[distinct], torch.full((200,), 1 / 200))
+    assert stat < threshold and sum(pool.counted) == 40_000
+    assert pool.compared.view(40_000, 200).sum(1).max() <= 2 * 32  # n x tries_per_round x max_rounds, at most
+    pairs = torch.tensor([0, 4, 1, 2, 0, 3, 1])  # n = 3, largest count 2: values 0 and 1 equally
+    out, _ = lazy_sample(pairs, 1 / 3, 20_000, seed=94)
+    assert set(out.unique().tolist()) == {0, 1}
+    assert abs(float((out == 0).double().mean()) - 0.5) < 5.33 * math.sqrt(0.25 / 20_000)
+
+
+def test_lazy_choice_non_integer_temperature_counts_the_pool() -> None:
+    pool_row = zipf(torch.Generator().manual_seed(95), (200,))
+    out, pool = lazy_sample(pool_row, 0.37, 40_000, seed=96)
+    stat, threshold = chi2(torch.bincount(out, minlength=NUM), value_probs(pool_row, 0.37, NUM))
+    assert stat < threshold
+    assert pool.counted == [40_000] and not pool.compared.any()
+
+
+def test_lazy_choice_settles_a_concentrated_pool_without_counting() -> None:
+    """A pool where one chunk is 60 % of the draws is decided by the tries alone (one round of 32: the chance
+    that none succeeds is 0.64^32 < 1e-6 per position); rows are compared whole (K ids)."""
+    g = torch.Generator().manual_seed(97)
+    rows = torch.randint(0, 50, (30, 4), generator=g)
+    rows[1] = rows[0]
+    rows[1, 3] += 1  # shares 3 of 4 ids with row 0
+    pick = torch.where(torch.rand(500, 200, generator=g) < 0.6, 0, torch.randint(1, 30, (500, 200), generator=g))
+    pool = TensorPool(rows[pick])  # [500, 200, 4]
+    choice = sampling.lazy_batch_temperature_choice(pool, 0.5, torch.Generator().manual_seed(98))
+    assert not pool.counted
+    assert pool.compared.view(500, 200).sum(1).max() <= 2 * 32
+    chosen = pick[torch.arange(500), choice]
+    assert float((chosen == 0).double().mean()) > 0.9  # 0.6^2 against at most 0.4 * 0.07 for the others
+
+
+def test_lazy_choice_is_reproducible_and_checks_its_options() -> None:
+    pool_row = zipf(torch.Generator().manual_seed(99), (200,))
+    a, _ = lazy_sample(pool_row, 0.5, 64, seed=100)
+    b, _ = lazy_sample(pool_row, 0.5, 64, seed=100)
+    assert torch.equal(a, b)
+    out, pool = lazy_sample(pool_row, 1.0, 64, seed=100)  # T = 1: a uniform entry, nothing compared
+    assert not pool.compared.any() and not pool.counted
+    with pytest.raises(GenerationError, match="tries_per_round"):
+        lazy_sample(pool_row, 0.5, 4, seed=0, tries_per_round=-1)

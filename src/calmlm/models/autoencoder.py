@@ -16,6 +16,7 @@ from ..config import AutoencoderConfig
 from ..errors import ConfigError
 from .layers import ModelOutput, ResidualMLP, RMSNorm, init_linear_and_embedding
 from .losses import linear_cross_entropy
+from .argmax import ArgmaxScreen, fast_argmax
 
 
 class Encoder(nn.Module):
@@ -61,15 +62,33 @@ class Decoder(nn.Module):
 
     def expand(self, z: torch.Tensor) -> torch.Tensor:
         """(..., l) latents -> (..., K, d): the shared trunk, up to one hidden vector per token slot."""
+        return self.expand_layer(self.trunk(z)).unflatten(-1, (self.chunk_size, -1))
+
+    def trunk(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., l) latents -> (..., d): the layers before the expansion into K slots."""
         x = self.latent_to_hidden(z)
         for layer in self.decoder_layers[: len(self.decoder_layers) // 2]:
             x = layer(x)
-        return self.expand_layer(x).unflatten(-1, (self.chunk_size, -1))
+        return x
+
+    def expand_slot(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        """(..., d) trunk outputs -> (..., d) the vectors of token slot ``slot`` alone: a K-th of ``expand``."""
+        d = x.shape[-1]
+        rows = slice(slot * d, (slot + 1) * d)
+        return F.linear(x, self.expand_layer.weight[rows], self.expand_layer.bias[rows])
 
     def slot_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d) slot vectors -> (..., V) logits. Position-wise (no mixing between slots), so any subset
         of slots can be decoded on its own."""
         return F.linear(self.slot_hidden(x), self.output_weight)
+
+    def slot_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, d) slot vectors -> (M,) token ids, the argmax of their logits. On CPU in float32 through an exact
+        int8 screen (models/argmax.py): the same tokens at a fraction of the cost of the V-way logits."""
+        hidden = self.slot_hidden(x)
+        if ArgmaxScreen.supports(hidden, self.output_weight) and bool(hidden.isfinite().all()):
+            return ArgmaxScreen.for_weight(self.output_weight)(hidden)
+        return fast_argmax(F.linear(hidden, self.output_weight))
 
     def slot_hidden(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d) slot vectors -> (..., d) final normed states, the input of the tied output projection."""
@@ -125,36 +144,6 @@ class Autoencoder(nn.Module):
             out[i:i + rows] = fast_argmax(logits).view(-1, k)
         return out.view(*lead, k)
 
-    @torch.no_grad()
-    def decode_pool_keys(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, N, l) pools of latents -> (B, N, K) rows whose equality pattern within each pool is exactly
-        that of the decoded chunks, at a fraction of the cost when the pool is diverse.
-
-        Temperature sampling from a pool only needs to know which draws decode to the same chunk. Slots are
-        decoded one at a time, and only for draws whose decoded prefix is still shared with another draw
-        of the same pool: once a prefix is unique, so is the chunk, and its remaining slots are filled with
-        a placeholder < 0 unique to that draw. Entries >= 0 are the decoded token ids. Decode the chosen
-        draws fully afterwards (:meth:`decode_tokens`)."""
-        b, n, _ = z.shape
-        k, vocab = self.config.chunk_size, self.config.vocab_size
-        slots = self.decoder.expand(self._decoder_input(z).reshape(b * n, -1))  # (R, K, d), cheap next to the logits
-        rows = torch.arange(b * n, device=z.device)
-        keys = -1 - rows[:, None].repeat(1, k)  # placeholders, unique per draw
-        group = rows // n  # draws are compared within their own pool only
-        active = rows
-        for j in range(k):
-            tokens = fast_argmax(self.decoder.slot_logits(slots[active, j]))
-            keys[active, j] = tokens
-            if j == k - 1:
-                break
-            # Dense ids of (group, prefix) keep the key small whatever V and K are.
-            _, group, counts = torch.unique(group * vocab + tokens, return_inverse=True, return_counts=True)
-            shared = counts[group] > 1
-            active, group = active[shared], group[shared]
-            if active.numel() == 0:
-                break
-        return keys.view(b, n, k)
-
     def _decoder_input(self, z: torch.Tensor) -> torch.Tensor:
         """Latents in the decoder's dtype: a CALM head may run in another precision than the frozen decoder."""
         return z.to(self.decoder.expand_layer.weight.dtype)
@@ -194,25 +183,3 @@ class Autoencoder(nn.Module):
 def kl_per_dim(mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, std^2) || N(0, 1)) per dimension: 0.5 * (mean^2 + std^2 - 1) - log_std."""
     return 0.5 * (mean.pow(2) + torch.exp(2 * log_std) - 1) - log_std
-
-
-def fast_argmax(logits: torch.Tensor, block: int = 64) -> torch.Tensor:
-    """``logits.argmax(-1)`` for 2-D logits, ties resolved to the lowest index as argmax does.
-
-    On CPU, ``argmax`` over a long last dimension is several times slower than ``amax`` (it is not
-    vectorised the same way), so we take the max of each block of ``block`` columns, pick the first best
-    block, and the first best column inside it. Elsewhere plain argmax is already fast."""
-    if logits.device.type != "cpu" or logits.dim() != 2 or logits.shape[-1] < 4 * block:
-        return logits.argmax(-1)
-    rows, vocab = logits.shape
-    main = vocab - vocab % block
-    blocks = logits[:, :main].unflatten(-1, (-1, block))  # (rows, nb, block); a view when vocab % block == 0
-    best_block = blocks.amax(-1).argmax(-1)  # (rows,)
-    inside = blocks[torch.arange(rows, device=logits.device), best_block].argmax(-1)
-    idx = best_block * block + inside
-    if main < vocab:  # a ragged tail wins only if strictly larger (it comes later)
-        tail = logits[:, main:]
-        tail_val, tail_idx = tail.max(-1)
-        head_val = logits.gather(-1, idx[:, None])[:, 0]
-        idx = torch.where(tail_val > head_val, tail_idx + main, idx)
-    return idx

@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from .aids import TrainingAids
 from .heads import HEADS
 from .layers import ModelOutput, init_linear_and_embedding
+from .pool import DrawPool
 from .losses import posterior_targets
 
 
@@ -76,6 +77,11 @@ class CALM(nn.Module):
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """(..., l) -> (..., K) token ids (argmax of the frozen decoder)."""
         return self.autoencoder.decode_tokens(z)
+
+    def draw_pool(self, hidden: torch.Tensor, pool_size: int, generator: torch.Generator | None = None) -> DrawPool:
+        """hidden (B, d) -> ``pool_size`` draws of the next chunk at each position (the latents of
+        ``sample_latents(hidden, pool_size, generator)``), decoded only as far as a temperature sampler needs."""
+        return DrawPool(self.autoencoder.decoder, self.sample_latents(hidden, pool_size, generator).transpose(0, 1))
 
     def sample_chunks(self, hidden: torch.Tensor, num_samples: int | None = None,
                       generator: torch.Generator | None = None) -> torch.Tensor:

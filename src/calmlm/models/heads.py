@@ -39,8 +39,13 @@ class ResidualBlock(nn.Module):
         self.down_proj = nn.Linear(d, d)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        c = c.expand(*x.shape[:-1], c.shape[-1])
-        gate, up = self.linears(torch.cat([self.in_ln(x), c], dim=-1)).chunk(2, dim=-1)
+        # linears[0] acts on concat(LayerNorm(x), c); its c half is applied to c as given (one row per hidden
+        # state) and broadcast over the samples that share it, not once per sample: the same product, split.
+        first, d = self.linears[0], x.shape[-1]
+        h = F.linear(self.in_ln(x), first.weight[:, :d], first.bias) + F.linear(c, first.weight[:, d:])
+        for layer in list(self.linears)[1:]:
+            h = layer(h)
+        gate, up = h.chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
 
 

@@ -302,12 +302,11 @@ def next_chunk(model: Any, hidden: torch.Tensor, temperature: float, sampler: st
         return sample_chunks(hidden, generator=gen)
     if sampler == "batch":
         if hidden.device.type == "cpu":
-            # Decode only as much of each draw as telling the chunks apart needs, then the chosen draws
-            # in full. (Data-dependent sizes: on GPUs the full pool is decoded, without synchronising.)
-            z = model.sample_latents(hidden, pool_size, gen).transpose(0, 1)  # (B, N, l)
-            keys = model.autoencoder.decode_pool_keys(z)
-            pick = sampling.batch_temperature_choice(keys, temperature, generator=gen)
-            return model.decode_latents(z[torch.arange(z.shape[0], device=z.device), pick])
+            # Draw and decode only the draws, and slots, the choice compares (models/pool.py). (Data-dependent
+            # sizes: on GPUs the full pool is decoded, without synchronising.)
+            pool = model.draw_pool(hidden, pool_size, gen)
+            pick = sampling.lazy_batch_temperature_choice(pool, temperature, generator=gen)
+            return pool.chunks(torch.arange(hidden.shape[0]) * pool_size + pick)
         pool = sample_chunks(hidden, num_samples=pool_size, generator=gen).transpose(0, 1)  # (B, N, K)
         return sampling.batch_temperature_sample(pool, temperature, generator=gen, num_values=model.config.vocab_size)
 

@@ -9,6 +9,8 @@ samples from P_T(x) ∝ P(x)^(1/T) with T in (0, 1]. Write 1/T = n + α with an 
   vectorised over positions; still exact.
 * :func:`batch_temperature_sample` - Algorithm 2, the batch approximation: choose among a fixed
   pool of N draws per position by their repetition counts (consistent as N → ∞, no rejection loop).
+* :func:`lazy_batch_temperature_choice` - the same choice from a pool compared on demand (:class:`QueryPool`):
+  random tuples of draws first, counting only if none matches; the same distribution.
 * :func:`expected_exact_draws` - the expected cost of Algorithm 1 for a known distribution.
 
 Why Algorithm 1 is exact. Stage 1 draws n samples and goes on only when they are all equal, which
@@ -25,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Hashable, Sequence
+from typing import Protocol
 
 import numpy
 import torch
@@ -32,8 +35,9 @@ from torch import Tensor
 
 from ..errors import GenerationError
 
-__all__ = ["batch_temperature_choice", "batch_temperature_sample", "exact_temperature_sample",
-           "exact_temperature_sample_batch", "expected_exact_draws", "split_inverse_temperature"]
+__all__ = ["QueryPool", "batch_temperature_choice", "batch_temperature_sample", "exact_temperature_sample",
+           "exact_temperature_sample_batch", "expected_exact_draws", "lazy_batch_temperature_choice",
+           "split_inverse_temperature"]
 
 # 1/T within this relative distance of an integer is that integer: 1/0.5 and 1/(1/3) must give α = 0
 # exactly, or Algorithm 1 would run a pointless (and costly) factory for α ≈ 4e-16.
@@ -536,3 +540,70 @@ def batch_temperature_choice(pool: Tensor, temperature: float, generator: torch.
     if key is not None:
         return torch.from_numpy(_sample_numpy(key, n, alpha, u.numpy()))
     return _sample_torch(pool, temperature, u, num_values).to(pool.device)
+
+
+# Batch approximation on a pool compared on demand ---------------------------------------------
+
+
+class QueryPool(Protocol):
+    """N draws at each of P positions whose equality is found on demand; entry ``p * N + i`` is draw i of
+    position p (e.g. ``models.pool.DrawPool``, which decodes a chunk only as far as comparing it needs)."""
+
+    num_positions: int
+    pool_size: int
+
+    def same(self, a: Tensor, b: Tensor) -> Tensor:
+        """[M] bool: entries a[m] and b[m] (of one position) are equal."""
+
+    def keys(self, positions: Tensor) -> Tensor:
+        """[len(positions), N, ...] rows with the equality pattern of those positions' pools."""
+
+
+def lazy_batch_temperature_choice(pool: QueryPool, temperature: float, generator: torch.Generator | None = None,
+                                  tries_per_round: int = 32, max_rounds: int = 1) -> Tensor:
+    """The pool index [P] chosen at each position by :func:`batch_temperature_sample`'s rule, with the same
+    distribution, from a pool whose entries are compared on demand: random tuples first, counting if needed.
+
+    For an integer 1/T = n the rule picks a distinct value x with probability ∝ c(c-1)···(c-n+1), c its count
+    in the pool: N^n times the probability that n entries drawn uniformly with replacement are distinct and
+    all equal x. So each try draws n entries, and the first try (in a fixed order) whose entries are distinct
+    and equal gives the sample. The tries are i.i.d. given the pool, and the first success in a predetermined
+    order of i.i.d. trials is distributed as one trial conditioned on success: the rule's distribution.
+
+    Each round makes ``tries_per_round`` tries per open position. A position without a success after
+    ``max_rounds`` rounds counts its whole pool instead (:func:`batch_temperature_choice` on ``pool.keys``).
+    That is exact too: whether to stop depends only on tries already made, never on later ones, and the
+    count-based choice has the rule's distribution whatever they were. A pool where a chunk repeats often
+    (predictable text) is settled by a few comparisons, without counting the rest; in an all-distinct pool
+    (the rule's fallback: a uniform entry) the tries fail and the pool is counted, which reuses what they
+    decoded. Non-integer 1/T (weights that count no tuples) always counts the pool; n = 1 is a uniform entry,
+    nothing compared. Randomness comes from ``generator`` (CPU).
+    """
+    n, alpha = split_inverse_temperature(temperature)
+    num_p, num_n = pool.num_positions, pool.pool_size
+    for name, value in {"tries_per_round": tries_per_round, "max_rounds": max_rounds}.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise GenerationError(f"{name} must be a non-negative integer, got {value!r}")
+    if n == 1 and alpha == 0.0:  # τ = 1: every entry has weight 1
+        return torch.randint(num_n, (num_p,), generator=generator)
+    choice = torch.zeros(num_p, dtype=torch.long)
+    open_ = torch.arange(num_p)  # positions without a sample yet
+    for _ in range(max_rounds if alpha == 0.0 else 0):
+        if not open_.numel():
+            break
+        tries = torch.randint(num_n, (open_.numel(), tries_per_round, n), generator=generator)
+        ordered = tries.sort(-1).values
+        alive = (ordered[..., 1:] != ordered[..., :-1]).all(-1)  # [P', tries] n distinct entries
+        entries = tries + (open_ * num_n)[:, None, None]
+        for k in range(1, n):  # entry k against entry 0, only while all earlier ones matched
+            where = alive.nonzero(as_tuple=True)
+            if not where[0].numel():
+                break
+            alive[where] = pool.same(entries[..., 0][where], entries[..., k][where]).cpu()
+        won = alive.any(1)
+        first = alive.to(torch.uint8).argmax(1)
+        choice[open_[won]] = tries[won, first[won], 0]
+        open_ = open_[~won]
+    if open_.numel():
+        choice[open_] = batch_temperature_choice(pool.keys(open_), temperature, generator).cpu()
+    return choice
