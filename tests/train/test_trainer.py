@@ -66,11 +66,25 @@ def test_lr_schedule_follows_the_time_budget():
                       time_budget_s=100.0)
     assert lr_multiplier(2, cfg, train_seconds=90.0) == 0.75
     assert lr_multiplier(50, cfg, train_seconds=0.0) == pytest.approx(1.0, abs=1e-9)
-    assert lr_multiplier(50, cfg, train_seconds=50.0) == pytest.approx(0.55)
+    # 50 steps in 52 s: warm-up took ~4.16 s, the cosine is halfway at (100 + 4.16) / 2 s
+    assert lr_multiplier(50, cfg, train_seconds=(100 + 52 * 4 / 50) / 2) == pytest.approx(0.55, abs=0.01)
     assert lr_multiplier(50, cfg, train_seconds=150.0) == pytest.approx(0.1)
     by_steps = cfg.replace(max_steps=20)
     assert lr_multiplier(20, by_steps, train_seconds=1.0) == pytest.approx(0.1)
     assert lr_multiplier(50, cfg.replace(schedule="constant"), train_seconds=99.0) == 1.0
+
+
+def test_time_budgeted_cosine_is_continuous_after_a_long_warm_up():
+    """Warm-up that takes a third of a short budget: the cosine starts from the peak where warm-up ends (the
+    clock used to count warm-up's seconds as cosine progress, so the LR jumped down by a fifth)."""
+    cfg = TrainConfig(lr=1.0, warmup_steps=100, max_steps=10**7, min_lr_ratio=0.0, schedule="cosine",
+                      time_budget_s=150.0)
+    step_s = 0.5  # 100 warm-up steps take 50 s of the 150
+    factors = [lr_multiplier(s, cfg, train_seconds=(s + 1) * step_s) for s in range(99, 300)]
+    assert factors[0] == 1.0 and factors[1] == pytest.approx(1.0, abs=1e-3)
+    assert max(abs(a - b) for a, b in zip(factors, factors[1:])) < 0.02  # no jump anywhere
+    assert factors[100] == pytest.approx(0.5, abs=0.01)  # halfway between warm-up's end and the budget
+    assert factors[-1] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_weight_decay_groups_exclude_norms_biases_and_frozen():
@@ -306,3 +320,16 @@ def test_resume_reads_an_older_flow_checkpoint(tmp_path):
     path = Path(cfg.out_dir) / "checkpoint" / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "num_samples": 8, "num_targets": 100}))
     assert Trainer(flow(123), data, val, cfg, resume=True).fit()["step"] == 6
+
+
+def test_wsd_schedule_holds_the_peak_then_decays_linearly():
+    """wsd: the peak LR until the last decay_fraction of the run (by steps or by the budget's clock), then a
+    straight line to min_lr_ratio; a decay_fraction outside (0, 1] is a one-line config error."""
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    assert lr_multiplier(4, cfg) == 0.5
+    assert [lr_multiplier(s, cfg) for s in (10, 50, 90)] == pytest.approx([1.0, 1.0, 1.0])
+    assert lr_multiplier(100, cfg) == pytest.approx(0.5) and lr_multiplier(110, cfg) == pytest.approx(0.0)
+    timed = cfg.replace(max_steps=10**7, time_budget_s=110.0)  # one second per step: the same line by the clock
+    assert lr_multiplier(100, timed, train_seconds=100.0) == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="decay_fraction"):
+        TrainConfig(decay_fraction=0.0)

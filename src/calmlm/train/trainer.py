@@ -59,10 +59,13 @@ class TrainConfig:
     """Optimisation and run settings; the training commands' flags are generated from these fields."""
 
     lr: float = _field(3e-4, "peak learning rate")
-    min_lr_ratio: float = _field(0.1, "the cosine schedule decays to lr * min_lr_ratio at max_steps (or at the "
-                                      "end of the time budget, whichever comes first)")
+    min_lr_ratio: float = _field(0.1, "the cosine and wsd schedules decay to lr * min_lr_ratio at max_steps (or "
+                                      "at the end of the time budget, whichever comes first)")
     warmup_steps: int = _field(0, "linear warm-up from lr/warmup_steps to lr")
-    schedule: str = _field("cosine", "LR after warm-up", choices=("constant", "cosine"))
+    schedule: str = _field("cosine", "LR after warm-up: constant, cosine, or wsd (constant, then linear to "
+                                     "min_lr_ratio over the last decay_fraction of the run)",
+                           choices=("constant", "cosine", "wsd"))
+    decay_fraction: float = _field(0.2, "wsd: the share of the run (after warm-up) over which the LR decays")
     weight_decay: float = _field(0.1, "AdamW decay on >=2-D weights (matrices, embeddings); never on norms, "
                                       "biases or frozen parameters")
     betas: tuple[float, float] = _field((0.9, 0.95), "AdamW betas")
@@ -101,6 +104,8 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         for f in fields(self):  # the fields with a fixed set of values
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -134,7 +139,7 @@ def training_progress(step: int, config: TrainConfig, train_seconds: float = 0.0
 
 
 def lr_multiplier(step: int, config: TrainConfig, train_seconds: float = 0.0) -> float:
-    """LR factor for optimizer step ``step`` (0-based): linear warm-up, then constant or cosine to min_lr_ratio,
+    """LR factor for optimizer step ``step`` (0-based): linear warm-up, then constant, cosine or wsd to min_lr_ratio,
     reached at step == max_steps or, with a time budget, when ``train_seconds`` (the budget's clock) reach it
     (whichever is first), so a time-budgeted run anneals by its end however many steps it gets."""
     if step < config.warmup_steps:
@@ -142,8 +147,14 @@ def lr_multiplier(step: int, config: TrainConfig, train_seconds: float = 0.0) ->
     if config.schedule == "constant":
         return 1.0
     progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
-    if config.time_budget_s:
-        progress = max(progress, min(1.0, train_seconds / config.time_budget_s))
+    if config.time_budget_s and train_seconds > 0:
+        # the clock's cosine starts where warm-up ended, as the step count's does (else the LR jumps down at the
+        # end of a warm-up that took a large part of a short budget); warm-up's seconds are estimated from the
+        # mean step time, so the factor stays a function of (step, seconds) and a resumed run follows it exactly
+        warmup_s = train_seconds * config.warmup_steps / max(step, 1)
+        progress = max(progress, min(1.0, (train_seconds - warmup_s) / max(config.time_budget_s - warmup_s, 1e-9)))
+    if config.schedule == "wsd":  # warm-up, stable, decay: the peak LR as long as the run allows
+        return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * min(1.0, (1.0 - progress) / config.decay_fraction)
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
