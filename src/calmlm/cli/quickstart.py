@@ -24,7 +24,7 @@ from typing import Any
 
 from ..config import preset_names
 from ..train import workflows as wf
-from ..train.recipes import recipe
+from ..train.recipes import TARGET_STOPPED_AE, recipe
 from ..io.metrics import last_eval, read_metrics
 from .options import DEVICE_HELP
 
@@ -99,11 +99,12 @@ def run(args: argparse.Namespace) -> int:
     opts = wf.DataOptions(data=args.data, block_size=plan.block_size, seed=args.seed,
                           cache_dir=str(out / "token_cache"))
 
-    def cfg(kind: str, seconds: float) -> Any:
+    def cfg(kind: str, seconds: float, **overrides: Any) -> Any:
         stage = plan.stages[kind]
         return recipe(kind, stage.preset, max_steps=10**7, eval_every=0, save_every=0, seed=args.seed,
                       block_size=plan.block_size, precision=plan.precision, batch_size=stage.batch_size,
-                      time_budget_s=max(seconds, 1.0), out_dir=str(out / kind), progress=not args.no_progress)
+                      time_budget_s=max(seconds, 1.0), out_dir=str(out / kind), progress=not args.no_progress,
+                      **overrides)
 
     _stage("2/6 tokenizer + autoencoder")
     tok = wf.get_tokenizer(None, opts, plan.vocab_size, out / "autoencoder")  # where train_autoencoder looks for it
@@ -111,8 +112,9 @@ def run(args: argparse.Namespace) -> int:
     plan.split(left() - ae_reserve - models_reserve)
     print(plan.format(), flush=True)
     ae = plan.stages["autoencoder"]
-    check_every = max(25, ae.expected_steps // 20)  # accuracy checks cost about 5 % of the stage
-    wf.train_autoencoder(opts, cfg("autoencoder", ae.minutes * 60), preset=ae.preset, device=str(device),
+    check_every = max(25, ae.expected_steps // 20)
+    wf.train_autoencoder(opts, cfg("autoencoder", ae.minutes * 60, **TARGET_STOPPED_AE), preset=ae.preset,
+                         device=str(device),
                          control=target_control(out / "autoencoder" / "metrics.jsonl", check_every, ae.target))
     ae_report = evaluate_autoencoder(load(out / "autoencoder", kind="autoencoder", device=str(device)), val,
                                      max_blocks=200)

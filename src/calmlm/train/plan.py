@@ -223,10 +223,11 @@ class Plan:
                 f"on this machine; it gets {ae.minutes:.1f} min and should reach about "
                 f"{100 * ae.expected_accuracy:.1f} %" if need_ae_s else
                 f"the autoencoder's measured learning curve never reaches {100 * AE_FLOOR:.0f} %")
-        lm_steps = min(s.expected_steps for s in lms)
-        if lm_steps < MIN_LM_STEPS:
-            self.warnings.append(f"CALM and the baseline get about {lm_steps:,} steps each, fewer than "
-                                 f"{MIN_LM_STEPS:,}: expect samples that hardly look like the corpus")
+        few = [k for k, s in self.stages.items() if k != "autoencoder" and s.expected_steps < MIN_LM_STEPS]
+        if few:
+            steps = " and ".join(f"{self.stages[k].expected_steps:,}" for k in few)
+            self.warnings.append(f"{' and '.join(few)} {'get' if len(few) > 1 else 'gets'} about {steps} steps, "
+                                 f"fewer than {MIN_LM_STEPS:,}: expect samples that hardly look like the corpus")
         if self.warnings:
             # the least training time T in which the floor fits the autoencoder's share (T >= 2 t_floor) and each
             # LM gets its steps though the autoencoder takes min(T / 2, t_target) (T - that >= 2 t_lm)
