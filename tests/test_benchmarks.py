@@ -118,3 +118,29 @@ def test_generation_revisions_debug_presets(tmp_path: Path) -> None:
     assert [(r["batch"], r["temperature"]) for r in result["summary"]] == [(1, 1.0), (1, 0.5)]
     assert all(_positive(r[k]) for r in result["summary"] for k in ("calm_over_baseline_base", "calm_over_baseline_new"))
     assert json.loads((tmp_path / "gen.json").read_text())["threads"] == 1
+
+
+def test_training_aids_commands_parse_and_runs_collect(tmp_path: Path) -> None:
+    """benchmarks/training_aids.py: every variant's `calm train` command is one the CLI accepts, with the aid
+    fields it names; a finished run folder is read into evaluations and a step cost."""
+    import argparse
+
+    from benchmarks import training_aids
+    from calmlm.cli import build_parser
+
+    args = argparse.Namespace(
+        autoencoder="ae", runs=str(tmp_path), preset="small", steps=8, eval_every=4, brier_tokens=64, seed=1)
+    for variant, aids in training_aids.VARIANTS.items():
+        cmd = training_aids.command(args, variant)
+        parsed = build_parser().parse_args(cmd[1:])
+        assert all(getattr(parsed, k) == v for k, v in aids.items()), variant
+        assert (parsed.max_steps, parsed.seed, parsed.out) == (8, 1, str(tmp_path / variant))
+    run = tmp_path / "plain"
+    run.mkdir()
+    rows = [{"type": "train", "step": 4}, {"type": "eval", "step": 4, "tokens": 10, "brierlm": 1.0, "brier_1": 0.1,
+             "val_energy_loss": 3.0, "train_seconds": 2.0},
+            {"type": "eval", "step": 8, "tokens": 20, "brierlm": 2.0, "brier_1": 0.2, "val_energy_loss": 2.5,
+             "train_seconds": 6.0}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    got = training_aids.collect(run)
+    assert [e["brierlm"] for e in got["evals"]] == [1.0, 2.0] and got["seconds_per_step"] == 0.75
