@@ -5,7 +5,8 @@ Runs are compared at equal optimizer steps (same seed, data order and validation
 wall-clock is only comparable within runs that ran side by side, so ``--parallel`` runs go together, one thread
 each. Usage:
     python benchmarks/training_aids.py --autoencoder runs/ae [--variants plain lat1 lat1_detach ...]
-        [--preset small] [--steps 400] [--eval-every 200] [--brier-tokens 16384] [--seed 0] [--parallel 2]
+        [--preset small] [--steps 400] [--eval-every 200] [--brier-tokens 16384] [--seed 0] [--split-seed 0]
+        [--parallel 2]
         [--runs runs/aids] [--out bench_out/training_aids.json]
 ``--collect`` only reads finished run folders under ``--runs`` (named after their variants) into the JSON.
 """
@@ -43,7 +44,8 @@ def command(args: argparse.Namespace, variant: str) -> list[str]:
     return ["calm", "train", "--autoencoder", args.autoencoder, "--out", str(Path(args.runs) / variant),
             "--preset", args.preset, "--max-steps", str(args.steps), "--eval-every", str(args.eval_every),
             "--save-every", "0", "--brier-tokens", str(args.brier_tokens), "--precision", "fp32",
-            "--seed", str(args.seed), "--device", "cpu", "--no-progress", *flags]
+            "--seed", str(args.seed), "--split-seed", str(args.split_seed), "--device", "cpu", "--no-progress",
+            *flags]
 
 
 def collect(run: Path) -> dict[str, Any]:
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--brier-tokens", type=int, default=16384)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--split-seed", type=int, default=0, help="validation split's seed, fixed across training seeds")
     p.add_argument("--parallel", type=int, default=2, help="runs side by side, one thread each")
     p.add_argument("--runs", default="bench_out/aids")
     p.add_argument("--collect", action="store_true", help="only read the finished runs")
@@ -86,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         r["step_cost_vs_plain"] = r["seconds_per_step"] / plain["seconds_per_step"] if plain else None
     path = write_json(args.out, {"benchmark": "training_aids", "autoencoder": args.autoencoder,
                                  "preset": args.preset, "steps": args.steps, "seed": args.seed,
+                                 "split_seed": args.split_seed,
                                  "brier_tokens": args.brier_tokens, "runs": runs})
     for v, r in runs.items():
         e = r["evals"][-1]

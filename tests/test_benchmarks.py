@@ -129,12 +129,12 @@ def test_training_aids_commands_parse_and_runs_collect(tmp_path: Path) -> None:
     from calmlm.cli import build_parser
 
     args = argparse.Namespace(
-        autoencoder="ae", runs=str(tmp_path), preset="small", steps=8, eval_every=4, brier_tokens=64, seed=1)
+        autoencoder="ae", runs=str(tmp_path), preset="small", steps=8, eval_every=4, brier_tokens=64, seed=1, split_seed=0)
     for variant, aids in training_aids.VARIANTS.items():
         cmd = training_aids.command(args, variant)
         parsed = build_parser().parse_args(cmd[1:])
         assert all(getattr(parsed, k) == v for k, v in aids.items()), variant
-        assert (parsed.max_steps, parsed.seed, parsed.out) == (8, 1, str(tmp_path / variant))
+        assert (parsed.max_steps, parsed.seed, parsed.split_seed, parsed.out) == (8, 1, 0, str(tmp_path / variant))
     run = tmp_path / "plain"
     run.mkdir()
     rows = [{"type": "train", "step": 4}, {"type": "eval", "step": 4, "tokens": 10, "brierlm": 1.0, "brier_1": 0.1,

@@ -78,7 +78,7 @@ class TrainConfig:
     eval_batches: int = _field(20, "validation micro-batches per evaluation (of batch_size blocks, all ranks)")
     save_every: int = _field(500, "checkpoint every N steps; 0: only at the end")
     log_every: int = _field(10, "log training metrics every N steps")
-    seed: int = _field(0, "random seed (also of the validation split)")
+    seed: int = _field(0, "random seed (also of the validation split, unless --split-seed)")
     block_size: int | None = _field(None, "tokens per block; None: taken from the data")
     precision: str = _field("auto", "auto: bf16 autocast on CUDA and on CPUs with AMX, else fp32",
                             choices=("auto", "fp32", "bf16"))

@@ -31,19 +31,27 @@ class DataOptions:
     text_field: str = field(default="text", metadata={"help": "JSON field holding the text", "show_default": False})
     block_size: int = field(default=256, metadata={"help": "tokens per training block", "show_default": False})
     seed: int = 0
+    split_seed: int | None = field(default=None, metadata={
+        "help": "seed of the validation split (default: --seed); fix it to compare runs of other training seeds "
+                "on the same validation tokens"})
     cache_dir: str = field(default=DEFAULT_CACHE, metadata={"help": "where tokenised corpora are cached",
                                                             "show_default": False})
+
+    @property
+    def split(self) -> int:
+        """The seed that picks the validation documents."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def record(self) -> dict[str, Any]:
         """What ``calm eval`` needs to rebuild the validation split."""
         return {"spec": self.data, "val_data": self.val_data, "val_fraction": self.val_fraction,
-                "seed": self.seed, "text_field": self.text_field, "cache_dir": self.cache_dir}
+                "seed": self.split, "text_field": self.text_field, "cache_dir": self.cache_dir}
 
 
 def prepare_data(opts: DataOptions, tokenizer: Any) -> tuple[Any, Any, dict[str, Any]]:
     from ..data.corpus import prepare_corpus
     train, val, info = prepare_corpus(opts.data, tokenizer, opts.cache_dir, opts.block_size, opts.val_fraction,
-                                      opts.seed, val_data=opts.val_data, text_field=opts.text_field)
+                                      opts.split, val_data=opts.val_data, text_field=opts.text_field)
     if val is None:
         raise ConfigError("training needs validation data: give --val-data or a --val-fraction above 0")
     return train, val, info
@@ -60,7 +68,7 @@ def get_tokenizer(path: str | None, opts: DataOptions, vocab_size: int, out_dir:
     if (saved / "tokenizer.json").exists():
         return Tokenizer.load(saved)
     corpus = open_corpus(opts.data, opts.text_field)
-    docs = (d for d in corpus if opts.val_data or not is_validation(d, opts.seed, opts.val_fraction))
+    docs = (d for d in corpus if opts.val_data or not is_validation(d, opts.split, opts.val_fraction))
     tok = train_tokenizer(docs, vocab_size=vocab_size)
     tok.save(saved)
     return tok
