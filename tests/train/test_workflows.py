@@ -23,6 +23,8 @@ def test_autoencoder_accuracy_checks_read_blocks_spread_over_the_split(monkeypat
     assert seen["rows"] == list(range(0, 100, 10))
     autoencoder_eval_fn(max_blocks=32)(None, val[:5])  # a split smaller than max_blocks: every block once
     assert seen["rows"] == [0, 1, 2, 3, 4]
+    autoencoder_eval_fn(max_blocks=32)(None, val[:63])  # between 1x and 2x max_blocks: still spread to the end
+    assert seen["rows"] == list(range(0, 63, 2))
 
 
 def test_split_seed_keeps_the_validation_split_of_another_training_seed(tmp_path):
